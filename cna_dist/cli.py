@@ -1,0 +1,144 @@
+"""`cna-dist`: a thin click layer. Exit 0 success, 2 bad input, 1 failure at run time (spec §2)."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from cna_dist.errors import BadInput
+
+
+def handled(fn: Callable) -> Callable:
+    """Map BadInput to exit 2 and any other failure to exit 1, each with a one-line message."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except BadInput as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+        except (click.exceptions.Exit, click.ClickException, SystemExit):
+            raise
+        except Exception as exc:  # noqa: BLE001 - the CLI's last line of defence: report, exit 1
+            click.echo(f"failed: {type(exc).__name__}: {exc}", err=True)
+            sys.exit(1)
+
+    return wrapper
+
+
+@click.group()
+@click.version_option(package_name="cna-dist")
+def main() -> None:
+    """Mine Contrastive Neuron Attribution circuits, publish them, steer with them."""
+
+
+@main.command()
+@click.argument("manifest", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--check-remote", is_flag=True, help="Also open remote URIs (model, prompts).")
+@handled
+def validate(manifest: Path, check_remote: bool) -> None:
+    """Check MANIFEST's schema and every local path it names; write nothing."""
+    from cna_dist import manifest as manifestmod
+    from cna_dist.validate import validate as run_validate
+
+    checked = run_validate(manifestmod.load(manifest), check_remote=check_remote)
+    counts = ", ".join(f"{k}: {len(p.texts)}" for k, p in checked.prompts.items())
+    model = (f"{checked.model.architecture} {checked.model.n_layers}x{checked.model.intermediate_size}"
+             if checked.model else "not opened (remote)")
+    click.echo(f"ok: {manifest} (model {model}; prompts {counts or 'not opened (remote)'})")
+    for uri in checked.skipped_remote:
+        click.echo(f"  not opened: {uri} (use --check-remote)")
+
+
+@main.command()
+@click.argument("manifest", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@handled
+def mine(manifest: Path, quiet: bool) -> None:
+    """Capture, reduce and publish MANIFEST's circuit; prints the circuit URI last."""
+    from cna_dist import manifest as manifestmod
+    from cna_dist.pipeline import mine as run_mine
+
+    result = run_mine(manifestmod.load(manifest), progress=not quiet)
+    click.echo(result.circuit.summary())
+    if result.published.status == "unchanged":
+        click.echo(f"unchanged, v{result.published.version}")
+    click.echo(result.published.uri)
+
+
+@main.command()
+@click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), default=Path("cna-demo"),
+              show_default=True, help="Folder for the model, prompts, manifest, store and registry.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@handled
+def demo(out: Path, quiet: bool) -> None:
+    """Build a planted model, mine its circuit and show what it found; no GPU, no network."""
+    from cna_dist.demo import run_demo
+
+    run_demo(out, progress=not quiet, echo=click.echo)
+
+
+@main.command()
+@click.argument("uri")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@handled
+def inspect(uri: str, as_json: bool) -> None:
+    """Summarise a circuit file."""
+    from cna_dist import circuit as circuitmod
+
+    c = circuitmod.load(uri)
+    if as_json:
+        click.echo(json.dumps({"name": c.name, "version": c.version, "neurons": len(c.neurons),
+                               "universal": len(c.universal), "per_layer": c.stats.get("per_layer", {})}))
+    else:
+        click.echo(c.summary())
+
+
+@main.command("export-ref")
+@click.argument("uri")
+@click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
+@handled
+def export_ref(uri: str, out: Path) -> None:
+    """Write circuit URI in the reference implementation's JSON format (NeuronSteerer Circuit.load)."""
+    from cna_dist import circuit as circuitmod
+
+    out.write_text(json.dumps(circuitmod.to_reference(circuitmod.load(uri)), indent=2) + "\n")
+    click.echo(str(out))
+
+
+@main.command("import-ref")
+@click.argument("file", type=click.Path(dir_okay=False, exists=True, path_type=Path))
+@click.option("--name", required=True, help="Circuit name (a slug).")
+@click.option("--model", "model_uri", required=True, help="The checkpoint the circuit belongs to.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True)
+@handled
+def import_ref(file: Path, name: str, model_uri: str, out: Path) -> None:
+    """Convert a reference-format circuit into a cna-circuit/1 file."""
+    import re
+
+    from cna_dist import circuit as circuitmod
+    from cna_dist import model as modelmod
+
+    if not re.match(r"^[A-Za-z0-9._-]+$", name):
+        raise BadInput(f"not a slug: {name!r}", field="--name")
+    info = modelmod.inspect(model_uri)
+    ref = circuitmod.ModelRef(uri=model_uri, architecture=info.architecture, n_layers=info.n_layers,
+                              intermediate_size=info.intermediate_size, fingerprint=modelmod.fingerprint(model_uri))
+    try:
+        data = json.loads(file.read_text())
+    except json.JSONDecodeError as exc:
+        raise BadInput(f"not valid JSON ({exc.msg})", source=str(file)) from None
+    c = circuitmod.from_reference(data, str(file), name=name, model=ref)
+    out.write_text(c.to_json())
+    click.echo(str(out))
+
+
+if __name__ == "__main__":
+    main()

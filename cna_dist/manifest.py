@@ -1,0 +1,170 @@
+"""The job manifest: one YAML file, validated completely before any work starts (spec §2)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from cna_dist import uri as urimod
+from cna_dist.errors import BadInput
+
+SLUG = r"^[A-Za-z0-9._-]+$"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSpec(Strict):
+    uri: str
+    revision: str | None = None
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    trust_remote_code: bool = False
+    chat_template: bool | None = None  # None: use it when the tokenizer has one
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+    gpus_per_replica: int = Field(0, ge=0)
+    max_memory_per_gpu: str | None = None
+
+
+class PromptSet(Strict):
+    uri: str
+    field: str | None = None  # for .jsonl/.json objects; default "prompt"
+    limit: int | None = Field(None, ge=1)
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+
+
+def _promptset_from_str(value: Any) -> Any:
+    return {"uri": value} if isinstance(value, str) else value
+
+
+class Prompts(Strict):
+    positive: PromptSet
+    negative: PromptSet
+    diverse: PromptSet | None = None
+    eval: PromptSet | None = None
+
+    _coerce = field_validator("positive", "negative", "diverse", "eval", mode="before")(
+        classmethod(lambda cls, v: _promptset_from_str(v)))
+
+
+class Select(Strict):
+    top_k: int | None = Field(None, ge=1)
+    top_fraction: float | None = Field(None, gt=0, le=1)
+    exclude_layers: list[int] = Field(default_factory=lambda: [0, 1])
+
+    @field_validator("exclude_layers")
+    @classmethod
+    def _non_negative(cls, v: list[int]) -> list[int]:
+        bad = [x for x in v if x < 0]
+        if bad:
+            raise ValueError(f"layer indices must be >= 0, got {bad}")
+        return sorted(set(v))
+
+    @model_validator(mode="after")
+    def _one_of(self) -> Select:
+        if self.top_k is not None and self.top_fraction is not None:
+            raise ValueError("give top_k or top_fraction, not both")
+        return self
+
+    def k_for(self, n_layers: int, intermediate_size: int) -> int:
+        if self.top_k is not None:
+            return self.top_k
+        fraction = 0.001 if self.top_fraction is None else self.top_fraction
+        return max(1, int(fraction * n_layers * intermediate_size))
+
+
+class Universal(Strict):
+    top_fraction: float = Field(0.001, gt=0, le=1)
+    threshold: float = Field(0.8, gt=0, le=1)
+    scope: Literal["global", "per_layer"] = "global"
+
+
+class Capture(Strict):
+    dtype: Literal["float16", "float32"] = "float16"
+    token_budget: int = Field(8192, ge=1)
+    max_batch_size: int = Field(64, ge=1)
+    max_length: int | None = Field(None, ge=1)  # prompts longer than this are an error, not truncated
+
+
+class Output(Strict):
+    store: str
+    registry: str
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+
+
+class Manifest(Strict):
+    name: str = Field(pattern=SLUG)
+    model: ModelSpec
+    prompts: Prompts
+    select: Select = Field(default_factory=Select)
+    universal: Universal = Field(default_factory=Universal)
+    capture: Capture = Field(default_factory=Capture)
+    output: Output
+
+    # Set by load(): where relative paths resolve and what the messages name. Not part of the YAML.
+    source: str = Field("<manifest>", exclude=True)
+
+    def prompt_sets(self) -> dict[str, PromptSet]:
+        sets = {"positive": self.prompts.positive, "negative": self.prompts.negative}
+        if self.prompts.diverse is not None:
+            sets["diverse"] = self.prompts.diverse
+        return sets
+
+
+def _describe(error: dict[str, Any]) -> tuple[str, str]:
+    field = ".".join(str(p) for p in error["loc"]) or "<root>"
+    value = error.get("input")
+    if error["type"] == "extra_forbidden":
+        return field, "unknown key"
+    if error["type"] == "missing":
+        return field, "required key is missing"
+    return field, f"{error['msg']} (got {value!r})"
+
+
+def parse(data: Any, source: str) -> Manifest:
+    if not isinstance(data, dict):
+        raise BadInput(f"expected a mapping at the top level, got {type(data).__name__}", source=source)
+    if "source" in data:
+        raise BadInput("unknown key", source=source, field="source")
+    data = {**data, "source": source}
+    try:
+        manifest = Manifest.model_validate(data)
+    except ValidationError as exc:
+        field, message = _describe(exc.errors()[0])
+        more = len(exc.errors()) - 1
+        suffix = f" (and {more} more error{'s' if more > 1 else ''})" if more else ""
+        raise BadInput(message + suffix, source=source, field=field) from None
+    return manifest
+
+
+def load(path: str | Path) -> Manifest:
+    """Read, validate and resolve relative URIs against the manifest's folder."""
+    path = Path(path)
+    source = str(path)
+    if not path.is_file():
+        raise BadInput("manifest file does not exist", source=source)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise BadInput(f"not valid YAML: {exc}", source=source) from None
+    manifest = parse(raw, source)
+    return resolve_uris(manifest, path.parent.resolve())
+
+
+def resolve_uris(manifest: Manifest, base: Path) -> Manifest:
+    """Relative local paths resolve against `base`; every protocol must be one fsspec knows."""
+    m = manifest.model_copy(deep=True)
+    checks: list[tuple[str, Any, str]] = [("model.uri", m.model, "uri"), ("output.store", m.output, "store"),
+                                          ("output.registry", m.output, "registry")]
+    for set_name in ("positive", "negative", "diverse", "eval"):
+        ps = getattr(m.prompts, set_name)
+        if ps is not None:
+            checks.append((f"prompts.{set_name}.uri", ps, "uri"))
+    for field, obj, attr in checks:
+        value = getattr(obj, attr)
+        urimod.check_protocol(value, source=m.source, field=field)
+        setattr(obj, attr, urimod.resolve(value, base))
+    return m

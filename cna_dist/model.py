@@ -1,0 +1,188 @@
+"""Model checkpoints: check, localise, fingerprint, load through transformers, find the MLP layers."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cna_dist import uri as urimod
+from cna_dist.errors import BadInput
+
+SUPPORTED = {"llama", "qwen2", "mistral"}
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the rest of the pipeline needs to know about a checkpoint, read from config.json alone."""
+
+    architecture: str
+    model_type: str
+    n_layers: int
+    intermediate_size: int
+    hidden_size: int
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("CNA_DIST_CACHE", Path.home() / ".cache" / "cna-dist"))
+
+
+def read_config(uri: str, storage_options: dict[str, Any] | None = None, field: str = "model.uri") -> dict:
+    fs, path = urimod.filesystem(uri, storage_options)
+    config_path = path.rstrip("/") + "/config.json"
+    try:
+        if not fs.isdir(path):
+            raise BadInput("model folder does not exist", source=uri, field=field)
+        with fs.open(config_path, "rb") as f:
+            config = json.loads(f.read())
+    except FileNotFoundError:
+        raise BadInput("not a checkpoint folder: no config.json", source=uri, field=field) from None
+    except json.JSONDecodeError as exc:
+        raise BadInput(f"config.json is not valid JSON ({exc.msg})", source=uri, field=field) from None
+    names = [Path(p).name for p in fs.ls(path, detail=False)]
+    if not any(n.endswith(WEIGHT_SUFFIXES) for n in names):
+        raise BadInput("not a checkpoint folder: no *.safetensors or *.bin weights", source=uri, field=field)
+    if not any(n in names for n in TOKENIZER_FILES):
+        raise BadInput("not a checkpoint folder: no tokenizer files", source=uri, field=field)
+    return config
+
+
+def info_from_config(config: dict, uri: str) -> ModelInfo:
+    model_type = config.get("model_type")
+    if model_type not in SUPPORTED:
+        raise BadInput(f"unsupported model_type {model_type!r}; cna-dist knows {sorted(SUPPORTED)} "
+                       "(decoder layers at model.layers[i].mlp.down_proj)", source=uri, field="model_type")
+    try:
+        return ModelInfo(architecture=(config.get("architectures") or [model_type])[0], model_type=model_type,
+                         n_layers=int(config["num_hidden_layers"]),
+                         intermediate_size=int(config["intermediate_size"]),
+                         hidden_size=int(config["hidden_size"]))
+    except KeyError as exc:
+        raise BadInput(f"config.json lacks {exc.args[0]!r}", source=uri, field=exc.args[0]) from None
+
+
+def inspect(uri: str, storage_options: dict[str, Any] | None = None) -> ModelInfo:
+    return info_from_config(read_config(uri, storage_options), uri)
+
+
+def _file_sha256(fs: Any, path: str) -> str:
+    digest = hashlib.sha256()
+    with fs.open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def fingerprint(uri: str, storage_options: dict[str, Any] | None = None) -> str:
+    """Content hash of a checkpoint: config plus every weight file's hash (ETag on object stores).
+
+    Local hashes are cached by (path, size, mtime) so a 145 GB checkpoint is read once per node.
+    """
+    fs, path = urimod.filesystem(uri, storage_options)
+    cache_file = cache_dir() / "file-hashes.json"
+    cache: dict[str, str] = json.loads(cache_file.read_text()) if cache_file.exists() else {}
+    digest = hashlib.sha256()
+    with fs.open(path.rstrip("/") + "/config.json", "rb") as f:
+        digest.update(json.dumps(json.loads(f.read()), sort_keys=True).encode())
+    changed = False
+    for entry in sorted(fs.ls(path, detail=True), key=lambda e: e["name"]):
+        name = entry["name"]
+        if not name.endswith(WEIGHT_SUFFIXES):
+            continue
+        etag = entry.get("ETag") or entry.get("etag")
+        if etag:
+            file_hash = f"etag:{etag.strip(chr(34))}"
+        else:
+            key = f"{name}|{entry.get('size')}|{entry.get('mtime') or entry.get('created')}"
+            if key not in cache:
+                cache[key] = _file_sha256(fs, name)
+                changed = True
+            file_hash = cache[key]
+        digest.update(f"{Path(name).name}:{entry.get('size')}:{file_hash}\n".encode())
+    if changed:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(cache))
+        tmp.replace(cache_file)
+    return digest.hexdigest()
+
+
+def localize(uri: str, storage_options: dict[str, Any] | None = None) -> Path:
+    """A local folder holding the checkpoint: the folder itself, or a per-node cached copy of a remote one.
+
+    The copy is made once per node under a file lock and keyed by the remote fingerprint, so a changed
+    checkpoint gets a fresh copy and concurrent replicas on one node wait for the first one's copy.
+    """
+    if urimod.is_local(uri):
+        return Path(urimod.filesystem(uri)[1])
+    from filelock import FileLock
+
+    fp = fingerprint(uri, storage_options)
+    target = cache_dir() / "models" / fp
+    done = target / ".complete"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if not done.exists():
+            fs, path = urimod.filesystem(uri, storage_options)
+            partial = target.with_name(target.name + ".partial")
+            if partial.exists():
+                import shutil
+
+                shutil.rmtree(partial)
+            partial.mkdir(parents=True)
+            for entry in fs.ls(path, detail=False):
+                if fs.isfile(entry):
+                    fs.get(entry, str(partial / Path(entry).name))
+            partial.rename(target)
+            done.write_text(fp)
+    return target
+
+
+def torch_dtype(name: str) -> Any:
+    import torch
+
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    return getattr(torch, name)
+
+
+def load(path: Path, *, dtype: str = "auto", trust_remote_code: bool = False, device_map: Any = None,
+         max_memory: dict | None = None) -> tuple[Any, Any]:
+    """Load (model, tokenizer) from a local checkpoint folder, in eval mode, SDPA attention."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    kwargs: dict[str, Any] = {"dtype": torch_dtype(dtype), "trust_remote_code": trust_remote_code,
+                              "attn_implementation": "sdpa"}
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    if max_memory is not None:
+        kwargs["max_memory"] = max_memory
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    model.eval()
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return model, tokenizer
+
+
+def decoder(model: Any) -> Any:
+    """The decoder stack without the lm_head: capture needs only the MLP inputs."""
+    inner = getattr(model, "model", None)
+    if inner is None or not hasattr(inner, "layers"):
+        raise BadInput(f"{type(model).__name__}: no model.layers; cna-dist supports {sorted(SUPPORTED)}")
+    return inner
+
+
+def down_projs(model: Any) -> list[Any]:
+    """Every decoder layer's mlp.down_proj, in layer order; its input is the neuron activation."""
+    layers = decoder(model).layers
+    try:
+        return [layer.mlp.down_proj for layer in layers]
+    except AttributeError:
+        raise BadInput(f"{type(model).__name__}: decoder layers have no mlp.down_proj") from None

@@ -1,0 +1,123 @@
+"""Prompt sets: read from any fsspec URI (.jsonl, .json, .txt), hashed, rendered with the chat template."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from cna_dist import uri as urimod
+from cna_dist.errors import BadInput
+from cna_dist.manifest import PromptSet
+
+FORMATS = (".jsonl", ".json", ".txt")
+
+
+@dataclass(frozen=True)
+class Prompts:
+    """One loaded prompt set: the raw texts and the hash of the file's bytes."""
+
+    name: str
+    uri: str
+    texts: list[str]
+    sha256: str
+
+
+def sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _text_of(item: Any, field: str, where: str) -> str:
+    if isinstance(item, str):
+        text = item
+    elif isinstance(item, dict):
+        if field not in item:
+            raise BadInput(f"{where}: object has no field {field!r} (keys: {sorted(item)[:8]})")
+        text = item[field]
+        if not isinstance(text, str):
+            raise BadInput(f"{where}: field {field!r} is {type(text).__name__}, not a string")
+    else:
+        raise BadInput(f"{where}: expected a string or an object, got {type(item).__name__}")
+    if not text.strip():
+        raise BadInput(f"{where}: empty prompt")
+    return text
+
+
+def parse(data: bytes, uri: str, field: str | None) -> list[str]:
+    """Parse prompt-file bytes; errors name the file and the line (or list index)."""
+    suffix = next((s for s in FORMATS if uri.lower().endswith(s)), None)
+    if suffix is None:
+        raise BadInput(f"unsupported prompt file type (use one of {', '.join(FORMATS)})", source=uri)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BadInput(f"not UTF-8 text ({exc})", source=uri) from None
+    key = field or "prompt"
+    texts: list[str] = []
+    if suffix == ".txt":
+        texts = [line for line in text.splitlines() if line.strip()]
+    elif suffix == ".jsonl":
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise BadInput(f"line {number}: invalid JSON ({exc.msg})", source=uri) from None
+            try:
+                texts.append(_text_of(item, key, f"line {number}"))
+            except BadInput as exc:
+                raise BadInput(str(exc), source=uri) from None
+    else:
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise BadInput(f"invalid JSON at line {exc.lineno}: {exc.msg}", source=uri) from None
+        if not isinstance(items, list):
+            raise BadInput(f"expected a JSON list, got {type(items).__name__}", source=uri)
+        for index, item in enumerate(items):
+            try:
+                texts.append(_text_of(item, key, f"item {index}"))
+            except BadInput as exc:
+                raise BadInput(str(exc), source=uri) from None
+    if not texts:
+        raise BadInput("prompt file holds no prompts", source=uri)
+    return texts
+
+
+def load(name: str, spec: PromptSet) -> Prompts:
+    try:
+        fs, path = urimod.filesystem(spec.uri, spec.storage_options)
+        with fs.open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise BadInput("prompt file does not exist", source=spec.uri, field=f"prompts.{name}.uri") from None
+    except IsADirectoryError:
+        raise BadInput("is a folder, not a prompt file", source=spec.uri, field=f"prompts.{name}.uri") from None
+    except OSError as exc:
+        raise BadInput(f"cannot read prompt file: {exc}", source=spec.uri, field=f"prompts.{name}.uri") from None
+    texts = parse(data, spec.uri, spec.field)
+    if spec.limit is not None:
+        texts = texts[: spec.limit]
+    return Prompts(name=name, uri=spec.uri, texts=texts, sha256=hashlib.sha256(data).hexdigest())
+
+
+def use_chat_template(tokenizer: Any, wanted: bool | None) -> bool:
+    has = bool(getattr(tokenizer, "chat_template", None))
+    if wanted and not has:
+        raise BadInput("model.chat_template is true but the tokenizer has no chat template")
+    return has if wanted is None else wanted
+
+
+def render(tokenizer: Any, text: str, chat: bool) -> str:
+    """The exact string the model sees: the user turn plus the generation prompt, when chat is on."""
+    if not chat:
+        return text
+    return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                         add_generation_prompt=True)
+
+
+def encode(tokenizer: Any, rendered: str, chat: bool) -> list[int]:
+    """Token ids without a second BOS: a chat template already carries its own special tokens."""
+    return list(tokenizer(rendered, add_special_tokens=not chat)["input_ids"])

@@ -1,0 +1,69 @@
+"""Everything a manifest points at, checked before any work starts and before anything is written."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cna_dist import model as modelmod
+from cna_dist import prompts as promptsmod
+from cna_dist import uri as urimod
+from cna_dist.errors import BadInput
+from cna_dist.manifest import Manifest
+
+
+@dataclass
+class Checked:
+    """The result of validation: what was opened, so the run does not read it twice."""
+
+    manifest: Manifest
+    model: modelmod.ModelInfo | None = None
+    prompts: dict[str, promptsmod.Prompts] = field(default_factory=dict)
+    skipped_remote: list[str] = field(default_factory=list)
+
+
+def _check_writable(uri: str, field_name: str, source: str) -> None:
+    if not urimod.is_local(uri):
+        return
+    path = Path(urimod.filesystem(uri)[1])
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise BadInput(f"{probe} is a file, not a folder", source=source, field=field_name)
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise BadInput(f"no write permission on {probe}", source=source, field=field_name)
+
+
+def validate(manifest: Manifest, *, check_remote: bool = False) -> Checked:
+    checked = Checked(manifest)
+    m = manifest
+    if urimod.is_local(m.model.uri) or check_remote:
+        config = modelmod.read_config(m.model.uri, m.model.storage_options)
+        checked.model = modelmod.info_from_config(config, m.model.uri)
+        beyond = [layer for layer in m.select.exclude_layers if layer >= checked.model.n_layers]
+        if beyond:
+            n = checked.model.n_layers
+            raise BadInput(f"{beyond} beyond the model's {n} layers (0..{n - 1})", source=m.source,
+                           field="select.exclude_layers")
+        if len(m.select.exclude_layers) >= checked.model.n_layers:
+            raise BadInput("every layer is excluded", source=m.source, field="select.exclude_layers")
+        n_candidates = (checked.model.n_layers - len(m.select.exclude_layers)) * checked.model.intermediate_size
+        k = m.select.k_for(checked.model.n_layers, checked.model.intermediate_size)
+        if k > n_candidates:
+            raise BadInput(f"top_k {k} exceeds the {n_candidates} candidate neurons", source=m.source,
+                           field="select.top_k")
+    else:
+        checked.skipped_remote.append(m.model.uri)
+    sets = dict(m.prompt_sets())
+    if m.prompts.eval is not None:
+        sets["eval"] = m.prompts.eval
+    for name, spec in sets.items():
+        if urimod.is_local(spec.uri) or check_remote:
+            checked.prompts[name] = promptsmod.load(name, spec)
+        else:
+            checked.skipped_remote.append(spec.uri)
+    _check_writable(m.output.store, "output.store", m.source)
+    _check_writable(m.output.registry, "output.registry", m.source)
+    return checked
