@@ -87,6 +87,7 @@ class Capture(Strict):
     token_budget: int = Field(8192, ge=1)
     max_batch_size: int = Field(64, ge=1)
     max_length: int | None = Field(None, ge=1)  # prompts longer than this are an error, not truncated
+    shard_rows: int | None = Field(None, ge=1)  # rows per shard (rounded to whole chunks); default 256
 
 
 class Output(Strict):

@@ -151,12 +151,22 @@ def torch_dtype(name: str) -> Any:
     return getattr(torch, name)
 
 
+def load_tokenizer(path: Path, *, trust_remote_code: bool = False) -> Any:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
 def load(path: Path, *, dtype: str = "auto", trust_remote_code: bool = False, device_map: Any = None,
          max_memory: dict | None = None) -> tuple[Any, Any]:
     """Load (model, tokenizer) from a local checkpoint folder, in eval mode, SDPA attention."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
     kwargs: dict[str, Any] = {"dtype": torch_dtype(dtype), "trust_remote_code": trust_remote_code,
                               "attn_implementation": "sdpa"}
     if device_map is not None:
@@ -165,9 +175,6 @@ def load(path: Path, *, dtype: str = "auto", trust_remote_code: bool = False, de
         kwargs["max_memory"] = max_memory
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     model.eval()
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "left"
     return model, tokenizer
 
 

@@ -43,8 +43,11 @@ def check_protocol(uri: str, *, source: str | None = None, field: str | None = N
 
 
 def filesystem(uri: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
-    """Return (filesystem, path inside it) for a URI."""
-    fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+    """Return (filesystem, path inside it) for a URI; local writes create their parent folders as object stores do."""
+    options = dict(storage_options or {})
+    if is_local(uri):
+        options.setdefault("auto_mkdir", True)
+    fs, path = fsspec.core.url_to_fs(uri, **options)
     return fs, path
 
 

@@ -1,0 +1,272 @@
+"""Activation store: Zarr v3 on any fsspec URL, content-addressed so nothing is captured twice.
+
+Layout under STORE:
+
+    runs/<run>/run.json                 model fingerprint, shape, capture params, chunking (written once)
+    runs/<run>/acts/                    Zarr array [row, layer, neuron], chunks (rows_per_chunk, layers_per_chunk,
+                                        neurons), fill NaN (a missing chunk can never read as data), crc32c per chunk
+    runs/<run>/commits/<shard>.json     written after the shard's data: the sha256 of every rendered prompt in
+                                        its rows, in row order. No marker, no shard.
+
+`run` = hash(model fingerprint, capture params); a row belongs to a rendered prompt's hash, so any manifest
+using the same model and capture params reuses every committed row. Shard i owns rows
+[i * shard_rows, (i + 1) * shard_rows), a whole number of row chunks: writers never share a chunk.
+Only the driver grows the array (metadata), before it hands out shards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from cna_dist import uri as urimod
+from cna_dist.errors import BadInput, RunFailure
+
+FORMAT = "cna-store/1"
+TARGET_CHUNK_BYTES = 8 << 20
+
+
+@dataclass(frozen=True)
+class RunMeta:
+    """What makes two captures interchangeable: same model bytes, same rendering, same stored dtype."""
+
+    fingerprint: str
+    model_uri: str
+    n_layers: int
+    intermediate_size: int
+    dtype: str
+    model_dtype: str
+    chat_template: bool
+    rows_per_chunk: int = 0
+    layers_per_chunk: int = 0
+    shard_rows: int = 0
+
+    def key(self) -> dict[str, Any]:
+        return {"fingerprint": self.fingerprint, "dtype": self.dtype, "model_dtype": self.model_dtype,
+                "chat_template": self.chat_template}
+
+
+def run_id(meta: RunMeta) -> str:
+    return hashlib.sha256(json.dumps(meta.key(), sort_keys=True).encode()).hexdigest()[:20]
+
+
+def chunking(n_layers: int, width: int, itemsize: int, shard_rows: int | None = None) -> tuple[int, int, int]:
+    """(rows_per_chunk, layers_per_chunk, shard_rows) giving chunks of about 8 MB at real model sizes.
+
+    Qwen2.5-72B in float16: one layer of one row is 59 KB, so chunks are 128 rows x 1 layer = 7.6 MB and a
+    reduce task reading one layer block holds one such chunk at a time.
+    """
+    row_layer = width * itemsize
+    if row_layer * n_layers * 256 <= TARGET_CHUNK_BYTES:
+        layers_per_chunk = n_layers  # small models: whole rows per chunk
+    else:
+        layers_per_chunk = max(1, min(n_layers, TARGET_CHUNK_BYTES // (row_layer * 64)))
+    rows = TARGET_CHUNK_BYTES // (row_layer * layers_per_chunk)
+    rows_per_chunk = int(2 ** np.floor(np.log2(max(1, min(rows, 1024)))))
+    if shard_rows is None:
+        shard_rows = max(rows_per_chunk, 256)
+    shard_rows = max(rows_per_chunk, (shard_rows // rows_per_chunk) * rows_per_chunk)
+    return rows_per_chunk, layers_per_chunk, shard_rows
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    shard: int
+    start: int
+    hashes: list[str]
+
+
+class Run:
+    """One content-addressed run inside a store: its array, its commit markers, its row index."""
+
+    def __init__(self, store_uri: str, run: str, meta: RunMeta, storage_options: dict[str, Any] | None = None):
+        self.store_uri = store_uri
+        self.run = run
+        self.meta = meta
+        self.storage_options = storage_options or {}
+        self.root = urimod.join(store_uri, "runs", run)
+        self.fs, self.root_path = urimod.filesystem(self.root, self.storage_options)
+
+    # -- objects -------------------------------------------------------------------------------------------
+    def _path(self, *parts: str) -> str:
+        return "/".join([self.root_path.rstrip("/"), *parts])
+
+    def array(self, mode: str = "r+") -> Any:
+        import zarr
+
+        try:
+            return zarr.open_array(store=self.root, path="acts", mode=mode, storage_options=self._zarr_options())
+        except Exception as exc:  # noqa: BLE001 - any failure to open is reported with the object's name
+            raise RunFailure(f"cannot open activation array {self.root}/acts: {type(exc).__name__}: {exc}") from exc
+
+    def _zarr_options(self) -> dict[str, Any] | None:
+        return None if urimod.is_local(self.root) else self.storage_options
+
+    def commit_path(self, shard: int) -> str:
+        return self._path("commits", f"{shard:08d}.json")
+
+    # -- reading the state ---------------------------------------------------------------------------------
+    def committed(self) -> dict[int, list[str]]:
+        """Shard -> row hashes, for every shard whose marker exists. A corrupt marker is an error, not absent."""
+        out: dict[int, list[str]] = {}
+        folder = self._path("commits")
+        try:
+            names = self.fs.ls(folder, detail=False)
+        except FileNotFoundError:
+            return out
+        for name in names:
+            base = name.rstrip("/").rsplit("/", 1)[-1]
+            if not base.endswith(".json"):
+                continue
+            try:
+                marker = json.loads(self.fs.cat_file(name))
+                shard, rows = int(marker["shard"]), list(marker["rows"])
+                if shard != int(base[:-5]) or not all(isinstance(r, str) and len(r) == 64 for r in rows):
+                    raise ValueError("shard number or row hashes malformed")
+            except Exception as exc:  # noqa: BLE001 - name the object and stop: never guess at a marker
+                raise RunFailure(f"corrupt commit marker {name}: {type(exc).__name__}: {exc}") from exc
+            out[shard] = rows
+        return out
+
+    def row_index(self, committed: dict[int, list[str]] | None = None) -> dict[str, int]:
+        committed = self.committed() if committed is None else committed
+        index: dict[str, int] = {}
+        for shard, rows in sorted(committed.items()):
+            start = shard * self.meta.shard_rows
+            for offset, h in enumerate(rows):
+                index.setdefault(h, start + offset)
+        return index
+
+    # -- planning and writing --------------------------------------------------------------------------------
+    def plan(self, hashes: list[str]) -> list[ShardPlan]:
+        """Shards for the prompts not yet committed, in free shard slots; grows the array to hold them."""
+        committed = self.committed()
+        have = self.row_index(committed)
+        missing = list(dict.fromkeys(h for h in hashes if h not in have))
+        size = self.meta.shard_rows
+        plans: list[ShardPlan] = []
+        slot = 0
+        for i in range(0, len(missing), size):
+            while slot in committed:
+                slot += 1
+            plans.append(ShardPlan(slot, slot * size, missing[i:i + size]))
+            slot += 1
+        if plans:
+            arr = self.array()
+            needed = max(p.start + len(p.hashes) for p in plans)
+            if needed > arr.shape[0]:
+                arr.resize((needed, *arr.shape[1:]))
+        return plans
+
+    def write_shard(self, plan: ShardPlan, acts: np.ndarray, writer: str = "") -> None:
+        """Write the rows, then the marker: a shard interrupted before its marker is simply absent."""
+        if acts.shape != (len(plan.hashes), self.meta.n_layers, self.meta.intermediate_size):
+            raise RunFailure(f"shard {plan.shard}: activations of shape {acts.shape} do not match the run")
+        arr = self.array()
+        arr[plan.start:plan.start + len(plan.hashes)] = acts
+        marker = {"shard": plan.shard, "rows": plan.hashes, "n_rows": len(plan.hashes), "writer": writer,
+                  "nbytes": int(acts.nbytes)}
+        self.fs.pipe_file(self.commit_path(plan.shard), json.dumps(marker).encode())
+
+    # -- reading blocks --------------------------------------------------------------------------------------
+    def read_rows(self, rows: np.ndarray, layers: slice) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Yield (positions in `rows`, activations [n, layer block, neuron]) one row chunk at a time.
+
+        Memory stays at one chunk row-range of the layer block whatever the store size. A chunk that is
+        missing (reads as the NaN fill) or fails its checksum is an error naming the chunk.
+        """
+        arr = self.array(mode="r")
+        r = self.meta.rows_per_chunk
+        order = np.argsort(rows, kind="stable")
+        sorted_rows = rows[order]
+        chunk_of = sorted_rows // r
+        for c in np.unique(chunk_of):
+            sel = np.flatnonzero(chunk_of == c)
+            lo = int(c) * r
+            hi = min(lo + r, arr.shape[0])
+            try:
+                block = np.asarray(arr[lo:hi, layers])
+            except Exception as exc:  # noqa: BLE001
+                raise RunFailure(f"cannot read {self.root}/acts rows {lo}:{hi} layers "
+                                 f"{layers.start}:{layers.stop}: {type(exc).__name__}: {exc}") from exc
+            picked = block[sorted_rows[sel] - lo]
+            if np.isnan(picked).any():
+                bad = int(sorted_rows[sel][np.isnan(picked).any(axis=(1, 2))][0])
+                raise RunFailure(f"missing data in {self.root}/acts chunk {bad // r}.{layers.start or 0}.0 "
+                                 f"(row {bad}): the chunk is absent or holds NaN")
+            yield order[sel], picked
+
+    def nbytes(self) -> int:
+        try:
+            return int(self.fs.du(self._path("acts")))
+        except FileNotFoundError:
+            return 0
+
+
+class ActivationStore:
+    def __init__(self, uri: str, storage_options: dict[str, Any] | None = None):
+        self.uri = uri
+        self.storage_options = storage_options or {}
+        self.fs, self.path = urimod.filesystem(uri, self.storage_options)
+
+    def runs(self) -> list[str]:
+        try:
+            return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self.path + "/runs", detail=False))
+        except FileNotFoundError:
+            return []
+
+    def load_meta(self, run: str) -> RunMeta | None:
+        path = f"{self.path}/runs/{run}/run.json"
+        try:
+            data = json.loads(self.fs.cat_file(path))
+        except FileNotFoundError:
+            return None
+        except Exception as exc:  # noqa: BLE001
+            raise RunFailure(f"corrupt run metadata {path}: {type(exc).__name__}: {exc}") from exc
+        try:
+            return RunMeta(**data)
+        except TypeError as exc:
+            raise RunFailure(f"corrupt run metadata {path}: {exc}") from exc
+
+    def check_writable(self) -> None:
+        probe = f"{self.path}/.write-probe"
+        try:
+            self.fs.pipe_file(probe, b"ok")
+            self.fs.rm_file(probe)
+        except Exception as exc:  # noqa: BLE001
+            raise BadInput(f"cannot write to the activation store: {type(exc).__name__}: {exc}", source=self.uri,
+                           field="output.store") from None
+
+    def open_run(self, meta: RunMeta, create: bool = True) -> Run:
+        """Open (or create) the run for `meta`; a run written for another model is refused by name."""
+        import zarr
+        from zarr.codecs import Crc32cCodec
+
+        run = run_id(meta)
+        existing = self.load_meta(run)
+        if existing is not None:
+            if existing.key() != meta.key() or (existing.n_layers, existing.intermediate_size) != (
+                    meta.n_layers, meta.intermediate_size):
+                raise RunFailure(f"{self.uri}/runs/{run}/run.json was written for another model or capture "
+                                 f"({existing.key()}), not {meta.key()}")
+            return Run(self.uri, run, existing, self.storage_options)
+        if not create:
+            raise RunFailure(f"no run {run} in {self.uri}")
+        itemsize = np.dtype(meta.dtype).itemsize
+        rows_per_chunk, layers_per_chunk, shard_rows = chunking(meta.n_layers, meta.intermediate_size, itemsize,
+                                                                meta.shard_rows or None)
+        full = RunMeta(**{**asdict(meta), "rows_per_chunk": rows_per_chunk, "layers_per_chunk": layers_per_chunk,
+                          "shard_rows": shard_rows})
+        handle = Run(self.uri, run, full, self.storage_options)
+        # No run.json means no commit can exist yet (markers come after it): a leftover array is safe to replace.
+        zarr.create_array(store=handle.root, name="acts", shape=(0, meta.n_layers, meta.intermediate_size),
+                          chunks=(rows_per_chunk, layers_per_chunk, meta.intermediate_size), dtype=meta.dtype,
+                          fill_value=np.nan, compressors=[Crc32cCodec()], overwrite=True,
+                          storage_options=handle._zarr_options())
+        self.fs.pipe_file(f"{self.path}/runs/{run}/run.json", json.dumps(asdict(full), indent=1).encode())
+        return handle
