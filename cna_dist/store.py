@@ -66,8 +66,8 @@ def chunking(n_layers: int, width: int, itemsize: int, shard_rows: int | None = 
         layers_per_chunk = n_layers  # small models: whole rows per chunk
     else:
         layers_per_chunk = max(1, min(n_layers, TARGET_CHUNK_BYTES // (row_layer * 64)))
-    rows = TARGET_CHUNK_BYTES // (row_layer * layers_per_chunk)
-    rows_per_chunk = int(2 ** np.floor(np.log2(max(1, min(rows, 1024)))))
+    rows = min(TARGET_CHUNK_BYTES // (row_layer * layers_per_chunk), 1024, shard_rows or 1024)
+    rows_per_chunk = int(2 ** np.floor(np.log2(max(1, rows))))
     if shard_rows is None:
         shard_rows = max(rows_per_chunk, 256)
     shard_rows = max(rows_per_chunk, (shard_rows // rows_per_chunk) * rows_per_chunk)

@@ -1,0 +1,174 @@
+"""The activation store and the streamed reduce, on local disk and on S3 (moto's server over HTTP)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cna_dist import reduce as r
+from cna_dist import stream
+from cna_dist.errors import RunFailure
+from cna_dist.store import ActivationStore, RunMeta
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 server on 127.0.0.1, reached over HTTP by s3fs with the standard AWS variables."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    env = {"AWS_ENDPOINT_URL_S3": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1"}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        for _ in range(100):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        import boto3
+
+        boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="cna")
+        yield endpoint
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture(params=["local", "s3"])
+def store_uri(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "local":
+        return str(tmp_path / "store")
+    request.getfixturevalue("s3_server")
+    import uuid
+
+    return f"s3://cna/{uuid.uuid4().hex}/store"
+
+
+def meta(n_layers: int = 5, width: int = 40, dtype: str = "float32", fingerprint: str = "f" * 64,
+         shard_rows: int = 8) -> RunMeta:
+    return RunMeta(fingerprint=fingerprint, model_uri="/m", n_layers=n_layers, intermediate_size=width, dtype=dtype,
+                   model_dtype="float32", chat_template=True, shard_rows=shard_rows)
+
+
+def hashes(n: int, salt: str = "") -> list[str]:
+    import hashlib
+
+    return [hashlib.sha256(f"{salt}{i}".encode()).hexdigest() for i in range(n)]
+
+
+def fill(run, plans, data: dict[str, np.ndarray]) -> None:
+    for plan in plans:
+        run.write_shard(plan, np.stack([data[h] for h in plan.hashes]))
+
+
+def test_streamed_reduce_equals_in_memory(store_uri: str) -> None:
+    rng = np.random.default_rng(0)
+    m = meta()
+    sets = {"positive": hashes(13, "p"), "negative": hashes(11, "n"), "diverse": hashes(9, "d")}
+    data = {h: rng.standard_normal((m.n_layers, m.intermediate_size)).astype(np.float32) for s in sets.values()
+            for h in s}
+    for h in sets["diverse"] + sets["positive"]:
+        data[h][3, 7] += 30.0  # a universal neuron, stronger on the positive set
+    for h in sets["positive"]:
+        data[h][3, 7] += 3.0
+        data[h][4, 2] += 2.0
+    run = ActivationStore(store_uri).open_run(m)
+    fill(run, run.plan([h for s in sets.values() for h in s]), data)
+    index = run.row_index()
+    rows = {k: np.array([index[h] for h in v]) for k, v in sets.items()}
+    acts = {k: np.stack([data[h] for h in v]) for k, v in sets.items()}
+    for scope in ("global", "per_layer"):
+        expected = r.reduce_in_memory(acts, 6, [0, 1], 0.01, 0.8, scope)
+        for block in (1, 2, 5):
+            got = stream.reduce_store(run, rows, k=6, exclude_layers=[0, 1], universal_fraction=0.01,
+                                      universal_threshold=0.8, universal_scope=scope, layers_per_block=block)
+            np.testing.assert_array_equal(got.selected, expected.selected)
+            np.testing.assert_allclose(got.delta, expected.delta, rtol=0, atol=1e-9)
+            np.testing.assert_array_equal(got.universal, expected.universal)
+            np.testing.assert_array_equal(got.displaced, expected.displaced)
+    assert expected.universal[3, 7] and 3 * 40 + 7 in expected.displaced
+
+
+def test_plan_skips_committed_rows_and_fills_free_slots(store_uri: str) -> None:
+    m = meta()
+    store = ActivationStore(store_uri)
+    run = store.open_run(m)
+    first = hashes(20)
+    plans = run.plan(first)
+    assert [p.shard for p in plans] == [0, 1, 2] and [len(p.hashes) for p in plans] == [8, 8, 4]
+    zeros = np.zeros((m.n_layers, m.intermediate_size), np.float32)
+    run.write_shard(plans[0], np.stack([zeros] * 8))
+    run.write_shard(plans[2], np.stack([zeros] * 4))  # shard 1 "interrupted": never committed
+    new = hashes(3, "new")
+    again = store.open_run(m).plan(first + new)
+    assert [p.shard for p in again] == [1, 3]  # the interrupted slot first, then a fresh one
+    assert again[0].hashes == first[8:16] and again[1].hashes == new  # committed rows are never planned again
+
+
+def test_missing_chunk_and_corrupt_marker_are_named(tmp_path: Path) -> None:
+    m = meta(shard_rows=4)
+    run = ActivationStore(str(tmp_path / "store")).open_run(m)
+    plans = run.plan(hashes(8))
+    for p in plans:
+        run.write_shard(p, np.ones((4, m.n_layers, m.intermediate_size), np.float32))
+    chunks = sorted((tmp_path / "store" / "runs" / run.run / "acts" / "c").rglob("*"))
+    victim = [c for c in chunks if c.is_file()][-1]
+    victim.unlink()
+    with pytest.raises(RunFailure, match="missing data in .*acts chunk"):
+        list(run.read_rows(np.arange(8), slice(0, m.n_layers)))
+    (tmp_path / "store" / "runs" / run.run / "commits" / "00000000.json").write_text("{not json")
+    with pytest.raises(RunFailure, match="corrupt commit marker .*00000000.json"):
+        run.committed()
+
+
+def test_truncated_chunk_is_an_error(tmp_path: Path) -> None:
+    m = meta(shard_rows=4)
+    run = ActivationStore(str(tmp_path / "store")).open_run(m)
+    (plan,) = run.plan(hashes(4))
+    run.write_shard(plan, np.ones((4, m.n_layers, m.intermediate_size), np.float32))
+    chunk = next(c for c in (tmp_path / "store" / "runs" / run.run / "acts" / "c").rglob("*") if c.is_file())
+    chunk.write_bytes(chunk.read_bytes()[:-10])
+    with pytest.raises(RunFailure, match="cannot read .*acts rows 0:"):
+        list(run.read_rows(np.arange(4), slice(0, m.n_layers)))
+
+
+def test_run_of_another_model_is_refused(tmp_path: Path) -> None:
+    store = ActivationStore(str(tmp_path / "store"))
+    run = store.open_run(meta())
+    path = tmp_path / "store" / "runs" / run.run / "run.json"
+    data = json.loads(path.read_text())
+    data["fingerprint"] = "0" * 64
+    path.write_text(json.dumps(data))
+    with pytest.raises(RunFailure, match="written for another model"):
+        store.open_run(meta())
+
+
+def test_float16_default_and_chunking_for_real_sizes() -> None:
+    from cna_dist.store import chunking
+
+    rows, layers, shard = chunking(80, 29568, 2)  # Qwen2.5-72B
+    chunk_mb = rows * layers * 29568 * 2 / 2**20
+    assert 1 <= chunk_mb <= 16 and shard % rows == 0
