@@ -57,17 +57,52 @@ def validate(manifest: Path, check_remote: bool) -> None:
         click.echo(f"  not opened: {uri} (use --check-remote)")
 
 
+def ray_options(fn: Callable) -> Callable:
+    fn = click.option("--address", envvar="RAY_ADDRESS", default=None,
+                      help="Ray cluster to use (or RAY_ADDRESS); without it a local Ray is started.")(fn)
+    fn = click.option("--replicas", type=int, default=None, help="Replica actors (default: from the cluster).")(fn)
+    fn = click.option("--in-process", is_flag=True, help="No Ray: capture and reduce in this process.")(fn)
+    return fn
+
+
+def run_mine(manifest_path: Path, *, address: str | None, replicas: int | None, in_process: bool, progress: bool,
+             summary: Path | None = None) -> Any:
+    """Validate first (exit 2 before Ray starts or anything is written), then mine on Ray or in process."""
+    from cna_dist import manifest as manifestmod
+    from cna_dist.pipeline import mine as pipeline_mine
+    from cna_dist.validate import validate as run_validate
+
+    m = manifestmod.load(manifest_path)
+    checked = run_validate(m, check_remote=True)
+    if in_process:
+        result = pipeline_mine(m, progress=progress, checked=checked)
+    else:
+        from cna_dist.driver import RayExecutor
+
+        with RayExecutor(address, replicas=replicas) as executor:
+            result = pipeline_mine(m, progress=progress, executor=executor, checked=checked)
+    if summary is not None:
+        summary.parent.mkdir(parents=True, exist_ok=True)
+        summary.write_text(json.dumps(result.summary, indent=1, default=str) + "\n")
+    return result
+
+
 @main.command()
 @click.argument("manifest", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--quiet", is_flag=True, help="No progress bars.")
+@click.option("--summary", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write the run summary JSON (timings, throughput, retries, reused shards) here.")
+@ray_options
 @handled
-def mine(manifest: Path, quiet: bool) -> None:
+def mine(manifest: Path, quiet: bool, summary: Path | None, address: str | None, replicas: int | None,
+         in_process: bool) -> None:
     """Capture, reduce and publish MANIFEST's circuit; prints the circuit URI last."""
-    from cna_dist import manifest as manifestmod
-    from cna_dist.pipeline import mine as run_mine
-
-    result = run_mine(manifestmod.load(manifest), progress=not quiet)
+    result = run_mine(manifest, address=address, replicas=replicas, in_process=in_process, progress=not quiet,
+                      summary=summary)
     click.echo(result.circuit.summary())
+    s = result.summary
+    click.echo(f"shards: {s['shards_captured']} captured, {s['shards_reused']} reused, {s['retries']} retried; "
+               f"replicas: {s['replicas']}")
     if result.published.status == "unchanged":
         click.echo(f"unchanged, v{result.published.version}")
     click.echo(result.published.uri)
@@ -77,12 +112,15 @@ def mine(manifest: Path, quiet: bool) -> None:
 @click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), default=Path("cna-demo"),
               show_default=True, help="Folder for the model, prompts, manifest, store and registry.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
+@ray_options
 @handled
-def demo(out: Path, quiet: bool) -> None:
+def demo(out: Path, quiet: bool, address: str | None, replicas: int | None, in_process: bool) -> None:
     """Build a planted model, mine its circuit and show what it found; no GPU, no network."""
     from cna_dist.demo import run_demo
 
-    run_demo(out, progress=not quiet, echo=click.echo)
+    run_demo(out, progress=not quiet, echo=click.echo,
+             mine=lambda path: run_mine(path, address=address, replicas=replicas, in_process=in_process,
+                                        progress=not quiet, summary=out / "run-summary.json"))
 
 
 @main.command()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -12,7 +13,6 @@ from cna_dist import evaluate, steer
 from cna_dist import manifest as manifestmod
 from cna_dist import model as modelmod
 from cna_dist import prompts as promptsmod
-from cna_dist.pipeline import mine
 from cna_dist.tiny import demo_prompts, save_planted_model
 
 N_SHOWN = 4
@@ -40,12 +40,14 @@ def write_inputs(out: Path) -> tuple[Path, object]:
     return path, planted
 
 
-def run_demo(out: Path, *, progress: bool = True, echo: Callable[[str], None] = print) -> str:
+def run_demo(out: Path, *, mine: Callable[[Path], Any], progress: bool = True,
+             echo: Callable[[str], None] = print) -> str:
+    """`mine` is the CLI's own mine path (Ray or in process), so the demo shows exactly what users run."""
     out = out.resolve()
     manifest_path, planted = write_inputs(out)
     echo(f"planted model: {out / 'model'} ({len(planted.gate)} gate neurons, {len(planted.universal)} universal)")
     manifest = manifestmod.load(manifest_path)
-    result = mine(manifest, progress=progress)
+    result = mine(manifest_path)
     c = result.circuit
     found = set(c.pairs())
     gate = set(map(tuple, planted.gate))

@@ -79,7 +79,8 @@ def capture_shards(run: Run, plans: list[ShardPlan], token_ids: dict[str, list[i
     return overflow
 
 
-def mine(manifest: Manifest, *, progress: bool = True, executor: Any = None) -> MineResult:
+def mine(manifest: Manifest, *, progress: bool = True, executor: Any = None,
+         checked: Checked | None = None) -> MineResult:
     """Validate, capture what the store lacks, stream the reduce from the store, publish.
 
     `executor` (the Ray driver) runs capture on replica actors and the reduce as tasks; without it
@@ -87,7 +88,7 @@ def mine(manifest: Manifest, *, progress: bool = True, executor: Any = None) -> 
     """
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    checked = validate(manifest, check_remote=True)
+    checked = checked or validate(manifest, check_remote=True)
     m = manifest
     info = checked.model
     assert info is not None

@@ -475,7 +475,7 @@ def save_planted_model(path: str | Path, seed: int = 0) -> PlantedModel:
     gate = sorted(_GATE)
     universal = sorted(_UNIVERSAL)
     (path / "planted.json").write_text(
-        json.dumps({"gate": [list(g) for g in gate], "universal": [list(u) for u in universal]}, indent=2)
+        json.dumps({"gate": [list(g) for g in gate], "universal": [list(u) for u in universal]})
     )
     return PlantedModel(path, gate, universal, REFUSAL_TEXT, ANSWER_TEXT)
 
