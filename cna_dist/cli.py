@@ -123,14 +123,50 @@ def demo(out: Path, quiet: bool, address: str | None, replicas: int | None, in_p
                                         progress=not quiet, summary=out / "run-summary.json"))
 
 
+def store_report(uri: str) -> dict[str, Any] | None:
+    """Runs, rows, committed and missing shards and bytes of an activation store; None if URI is not one."""
+    from cna_dist.store import ActivationStore
+
+    store = ActivationStore(uri)
+    runs = store.runs()
+    if not runs:
+        return None
+    report: dict[str, Any] = {"store": uri, "runs": []}
+    for run_name in runs:
+        meta = store.load_meta(run_name)
+        if meta is None:
+            continue
+        run = store.open_run(meta, create=False)
+        committed = run.committed()
+        capacity = run.array(mode="r").shape[0]
+        slots = -(-capacity // meta.shard_rows) if meta.shard_rows else 0
+        report["runs"].append({"run": run_name, "model": meta.model_uri, "fingerprint": meta.fingerprint[:16],
+                               "shape": [meta.n_layers, meta.intermediate_size], "dtype": meta.dtype,
+                               "rows": sum(len(r) for r in committed.values()), "committed_shards": len(committed),
+                               "missing_shards": sorted(set(range(slots)) - set(committed)),
+                               "bytes": run.nbytes()})
+    return report
+
+
 @main.command()
 @click.argument("uri")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @handled
 def inspect(uri: str, as_json: bool) -> None:
-    """Summarise a circuit file."""
+    """Summarise a circuit file or an activation store."""
     from cna_dist import circuit as circuitmod
 
+    report = store_report(uri) if not uri.endswith(".json") else None
+    if report is not None:
+        if as_json:
+            click.echo(json.dumps(report, indent=1))
+            return
+        click.echo(f"store {uri}")
+        for r in report["runs"]:
+            click.echo(f"  run {r['run']}: {r['model']} ({r['shape'][0]}x{r['shape'][1]}, {r['dtype']}), "
+                       f"{r['rows']} rows, {r['committed_shards']} committed shards, "
+                       f"missing shards {r['missing_shards'] or 'none'}, {r['bytes'] / 2**20:.1f} MiB")
+        return
     c = circuitmod.load(uri)
     if as_json:
         click.echo(json.dumps({"name": c.name, "version": c.version, "neurons": len(c.neurons),
