@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -129,17 +130,23 @@ def to_store_dtype(acts: torch.Tensor, dtype: str) -> tuple[np.ndarray, int]:
     return values.astype(STORE_DTYPES[dtype]), overflow
 
 
-def capture(model: torch.nn.Module, token_ids: Sequence[Sequence[int]], pad_id: int, *, dtype: str = "float32",
-            token_budget: int = 8192, max_batch_size: int = 64,
-            on_batch: Callable[[Batch], None] | None = None) -> tuple[np.ndarray, int]:
+def capture_with(capturer: Capturer, token_ids: Sequence[Sequence[int]], pad_id: int, *, dtype: str = "float32",
+                 token_budget: int = 8192, max_batch_size: int = 64,
+                 on_batch: Callable[[Batch], None] | None = None) -> tuple[np.ndarray, int]:
     """All prompts' activations [prompt, layer, neuron] in prompt order, plus the float16 overflow count."""
-    with Capturer(model) as capturer:
-        out = np.empty((len(token_ids), capturer.n_layers, capturer.intermediate_size), dtype=STORE_DTYPES[dtype])
-        overflow = 0
-        for batch in batches(token_ids, pad_id, token_budget, max_batch_size):
-            values, n_over = to_store_dtype(capturer.forward(batch), dtype)
-            out[batch.indices] = values
-            overflow += n_over
-            if on_batch is not None:
-                on_batch(batch)
+    out = np.empty((len(token_ids), capturer.n_layers, capturer.intermediate_size), dtype=STORE_DTYPES[dtype])
+    overflow = 0
+    for batch in batches(token_ids, pad_id, token_budget, max_batch_size):
+        values, n_over = to_store_dtype(capturer.forward(batch), dtype)
+        out[batch.indices] = values
+        overflow += n_over
+        if on_batch is not None:
+            on_batch(batch)
     return out, overflow
+
+
+def capture(model: torch.nn.Module, token_ids: Sequence[Sequence[int]], pad_id: int, **kwargs: Any) -> tuple[
+        np.ndarray, int]:
+    """capture_with on hooks registered for this call only; replicas keep one Capturer for their lifetime."""
+    with Capturer(model) as capturer:
+        return capture_with(capturer, token_ids, pad_id, **kwargs)

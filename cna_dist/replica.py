@@ -40,16 +40,9 @@ class Replica:
 
     def capture_shard(self, run: Run, plan: ShardPlan, token_ids: list[list[int]]) -> dict[str, Any]:
         t0 = time.perf_counter()
-        pad = self.tokenizer.pad_token_id
-        import numpy as np
-
-        out = np.empty((len(token_ids), self.capturer.n_layers, self.capturer.intermediate_size),
-                       dtype=capturemod.STORE_DTYPES[self.capture_dtype])
-        overflow = 0
-        for batch in capturemod.batches(token_ids, pad, self.token_budget, self.max_batch_size):
-            values, n_over = capturemod.to_store_dtype(self.capturer.forward(batch), self.capture_dtype)
-            out[batch.indices] = values
-            overflow += n_over
+        out, overflow = capturemod.capture_with(self.capturer, token_ids, self.tokenizer.pad_token_id,
+                                                dtype=self.capture_dtype, token_budget=self.token_budget,
+                                                max_batch_size=self.max_batch_size)
         run.write_shard(plan, out, writer=self.name)
         return {"shard": plan.shard, "replica": self.name, "rows": len(token_ids), "float16_overflow": overflow,
                 "seconds": time.perf_counter() - t0}
