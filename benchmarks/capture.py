@@ -23,10 +23,11 @@ import numpy as np
 import torch
 from reference import reference  # benchmarks/reference.py, beside this script
 
-from cna_dist import capture as cap
-from cna_dist import model as model_mod
-from cna_dist import prompts as prompts_mod
-from cna_dist import tiny
+from cna_dist.demo.models import save_random_model
+from cna_dist.demo.words import demo_prompts
+from cna_dist.model import capture as cap
+from cna_dist.model import checkpoint as model_mod
+from cna_dist.model import prompts as prompts_mod
 
 DATASET = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "harmless_train.json"
 
@@ -36,14 +37,15 @@ def load_texts(n: int) -> tuple[list[str], str]:
     if DATASET.exists():
         items = json.loads(DATASET.read_text())
         return [item["instruction"] for item in items[:n]], str(DATASET)
-    demo = [text for values in tiny.demo_prompts().values() for text in values]
+    demo = [text for values in demo_prompts().values() for text in values]
     texts = [demo[i % len(demo)] for i in range(n)]
-    return texts, f"FALLBACK: {DATASET} absent, using cna_dist.tiny.demo_prompts() repeated to {n}"
+    return texts, f"FALLBACK: {DATASET} absent, using cna_dist.demo_prompts() repeated to {n}"
 
 
 def project(model: torch.nn.Module, token_ids: list[list[int]], pad_id: int, args: argparse.Namespace) -> np.ndarray:
-    out, _ = cap.capture(model, token_ids, pad_id, dtype="float16", token_budget=args.token_budget,
-                         max_batch_size=args.batch)
+    out, _ = cap.capture(
+        model, token_ids, pad_id, dtype="float16", token_budget=args.token_budget, max_batch_size=args.batch
+    )
     return out
 
 
@@ -61,9 +63,16 @@ def main() -> None:
 
     texts, source = load_texts(args.n)
     with tempfile.TemporaryDirectory() as tmp:
-        path = tiny.save_random_model(Path(tmp) / "model", arch="llama", n_layers=args.layers,
-                                      hidden_size=args.hidden, intermediate_size=args.intermediate, n_heads=8,
-                                      n_kv_heads=4, seed=0)
+        path = save_random_model(
+            Path(tmp) / "model",
+            arch="llama",
+            n_layers=args.layers,
+            hidden_size=args.hidden,
+            intermediate_size=args.intermediate,
+            n_heads=8,
+            n_kv_heads=4,
+            seed=0,
+        )
         model, tokenizer = model_mod.load(path, dtype="float32")
     token_ids = [prompts_mod.encode(tokenizer, prompts_mod.render(tokenizer, t, chat=True), chat=True) for t in texts]
     pad_id = tokenizer.pad_token_id
@@ -91,20 +100,31 @@ def main() -> None:
     rel_diff = float(np.abs(proj_out.astype(np.float32) - ref_out).max()) / scale
 
     figures: dict = {
-        "source": source, "n_prompts": n_prompts, "n_tokens": n_tokens,
+        "source": source,
+        "n_prompts": n_prompts,
+        "n_tokens": n_tokens,
         "model": {"layers": args.layers, "hidden": args.hidden, "intermediate": args.intermediate},
-        "token_budget": args.token_budget, "max_batch_size": args.batch, "repeats": args.repeats,
-        "torch_threads": torch.get_num_threads(), "rel_max_abs_diff": rel_diff,
+        "token_budget": args.token_budget,
+        "max_batch_size": args.batch,
+        "repeats": args.repeats,
+        "torch_threads": torch.get_num_threads(),
+        "rel_max_abs_diff": rel_diff,
     }
     print(f"prompts: {source}")
-    print(f"{n_prompts} prompts, {n_tokens} tokens (mean {n_tokens / n_prompts:.1f}); model llama "
-          f"layers={args.layers} hidden={args.hidden} intermediate={args.intermediate}; "
-          f"torch threads={torch.get_num_threads()}")
+    print(
+        f"{n_prompts} prompts, {n_tokens} tokens (mean {n_tokens / n_prompts:.1f}); model llama "
+        f"layers={args.layers} hidden={args.hidden} intermediate={args.intermediate}; "
+        f"torch threads={torch.get_num_threads()}"
+    )
     print(f"{'method':<10} {'median s':>9} {'prompts/s':>10} {'tokens/s':>10}   runs (s)")
     for name, ts in times.items():
         med = statistics.median(ts)
-        figures[name] = {"seconds": ts, "median_s": med, "prompts_per_s": n_prompts / med,
-                         "tokens_per_s": n_tokens / med}
+        figures[name] = {
+            "seconds": ts,
+            "median_s": med,
+            "prompts_per_s": n_prompts / med,
+            "tokens_per_s": n_tokens / med,
+        }
         runs = " ".join(f"{t:.2f}" for t in ts)
         print(f"{name:<10} {med:>9.3f} {n_prompts / med:>10.1f} {n_tokens / med:>10.0f}   {runs}")
     ratio = statistics.median(ratios)

@@ -34,38 +34,96 @@ sys.path.insert(0, str(ROOT))
 
 from reference import reference  # noqa: E402  (benchmarks/reference.py, beside this script)
 
-from cna_dist import capture as cap  # noqa: E402
-from cna_dist import prompts as prompts_mod  # noqa: E402
+from cna_dist.model import capture as cap  # noqa: E402
+from cna_dist.model import prompts as prompts_mod  # noqa: E402
 
 DATASETS = ROOT.parent / "shared" / "datasets"
 DATASET_FILES = ("harmful_train.json", "harmless_train.json")
 
 # Real hyper-parameters (config.json of each checkpoint); random weights.
 SHAPES: dict[str, tuple[str, dict[str, Any]]] = {
-    "qwen2.5-7b": ("qwen2", {
-        "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28,
-        "num_key_value_heads": 4, "vocab_size": 152064, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
-        "max_position_embeddings": 32768, "tie_word_embeddings": False}),
-    "llama-3.1-8b": ("llama", {
-        "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
-        "num_key_value_heads": 8, "vocab_size": 128256, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
-        "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                         "original_max_position_embeddings": 8192},
-        "max_position_embeddings": 131072, "tie_word_embeddings": False}),
+    "qwen2.5-7b": (
+        "qwen2",
+        {
+            "hidden_size": 3584,
+            "intermediate_size": 18944,
+            "num_hidden_layers": 28,
+            "num_attention_heads": 28,
+            "num_key_value_heads": 4,
+            "vocab_size": 152064,
+            "rms_norm_eps": 1e-6,
+            "rope_theta": 1000000.0,
+            "max_position_embeddings": 32768,
+            "tie_word_embeddings": False,
+        },
+    ),
+    "llama-3.1-8b": (
+        "llama",
+        {
+            "hidden_size": 4096,
+            "intermediate_size": 14336,
+            "num_hidden_layers": 32,
+            "num_attention_heads": 32,
+            "num_key_value_heads": 8,
+            "vocab_size": 128256,
+            "rms_norm_eps": 1e-5,
+            "rope_theta": 500000.0,
+            "rope_scaling": {
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192,
+            },
+            "max_position_embeddings": 131072,
+            "tie_word_embeddings": False,
+        },
+    ),
     # Qwen2.5-72B has 80 layers; a 4-GPU pipeline replica gives each GPU 20 of them.
-    "qwen2.5-72b-stage": ("qwen2", {
-        "hidden_size": 8192, "intermediate_size": 29568, "num_hidden_layers": 20, "num_attention_heads": 64,
-        "num_key_value_heads": 8, "vocab_size": 152064, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
-        "max_position_embeddings": 32768, "tie_word_embeddings": False}),
-    "tiny": ("llama", {
-        "hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 4, "num_attention_heads": 8,
-        "num_key_value_heads": 4, "vocab_size": 4096, "rms_norm_eps": 1e-5, "max_position_embeddings": 4096,
-        "tie_word_embeddings": False}),
+    "qwen2.5-72b-stage": (
+        "qwen2",
+        {
+            "hidden_size": 8192,
+            "intermediate_size": 29568,
+            "num_hidden_layers": 20,
+            "num_attention_heads": 64,
+            "num_key_value_heads": 8,
+            "vocab_size": 152064,
+            "rms_norm_eps": 1e-6,
+            "rope_theta": 1000000.0,
+            "max_position_embeddings": 32768,
+            "tie_word_embeddings": False,
+        },
+    ),
+    "tiny": (
+        "llama",
+        {
+            "hidden_size": 256,
+            "intermediate_size": 688,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 8,
+            "num_key_value_heads": 4,
+            "vocab_size": 4096,
+            "rms_norm_eps": 1e-5,
+            "max_position_embeddings": 4096,
+            "tie_word_embeddings": False,
+        },
+    ),
 }
 
 # Dense bf16 tensor-core peak, TFLOP/s (no sparsity), by device-name substring; first match wins.
-PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0), ("GH200", 989.0),
-                    ("B200", 2250.0), ("A100", 312.0), ("L40S", 362.0), ("A10G", 70.0), ("L4", 121.0))
+PEAK_BF16_TFLOPS = (
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("H100", 989.0),
+    ("H200", 989.0),
+    ("GH200", 989.0),
+    ("B200", 2250.0),
+    ("A100", 312.0),
+    ("L40S", 362.0),
+    ("A10G", 70.0),
+    ("L4", 121.0),
+)
 
 
 def build_model(shape: str, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
@@ -90,21 +148,26 @@ def non_embedding_params(model: torch.nn.Module) -> int:
 def dataset_lengths(n: int, target_mean: float | None, seed: int) -> tuple[list[int], str]:
     """Prompt lengths: half harmful, half harmless instructions rendered with a word-level chat template.
 
-    The word-level tokenizer (cna_dist.tiny) gives the distribution's shape; lengths are then scaled so the mean
+    The word-level tokenizer gives the distribution's shape; lengths are then scaled so the mean
     is `target_mean` (a real BPE tokenizer and system prompt make prompts longer than word counts).
     """
     rng = np.random.default_rng(seed)
     files = [DATASETS / f for f in DATASET_FILES]
     if all(f.exists() for f in files):
-        from cna_dist import tiny
+        from cna_dist.demo.tokenizer import build_tokenizer
+        from cna_dist.demo.words import DEFAULT_WORDS
 
-        tokenizer = tiny.build_tokenizer(tiny.DEFAULT_WORDS)
+        tokenizer = build_tokenizer(DEFAULT_WORDS)
         pools = [[item["instruction"] for item in json.loads(f.read_text())] for f in files]
         picks = [pools[i % 2][int(rng.integers(len(pools[i % 2])))] for i in range(n)]
-        raw = np.array([len(prompts_mod.encode(tokenizer, prompts_mod.render(tokenizer, t, chat=True), chat=True))
-                        for t in picks], dtype=np.float64)
-        source = f"lengths of {n} prompts from {', '.join(str(f) for f in files)} (word-level chat rendering, " \
-                 f"raw mean {raw.mean():.1f})"
+        raw = np.array(
+            [len(prompts_mod.encode(tokenizer, prompts_mod.render(tokenizer, t, chat=True), chat=True)) for t in picks],
+            dtype=np.float64,
+        )
+        source = (
+            f"lengths of {n} prompts from {', '.join(str(f) for f in files)} (word-level chat rendering, "
+            f"raw mean {raw.mean():.1f})"
+        )
     else:
         raw = np.clip(rng.normal(64.0, 20.0, size=n), 16, 256)
         source = f"FALLBACK: {DATASETS} lacks {DATASET_FILES}; lengths ~ normal(64, 20) clipped to [16, 256]"
@@ -145,25 +208,40 @@ def peak_tflops(device: torch.device, override: float | None) -> tuple[float | N
     return None, f"unknown for {name!r}: pass --peak-tflops"
 
 
-def measure_writes(capturer: cap.Capturer, token_ids: list[list[int]], args: argparse.Namespace,
-                   store_dir: Path) -> dict[str, Any]:
+def measure_writes(
+    capturer: cap.Capturer, token_ids: list[list[int]], args: argparse.Namespace, store_dir: Path
+) -> dict[str, Any]:
     """The replica's shard path as Ray runs it: two concurrent capture_shard calls per replica, the driver
     handing a replica its next shard when one returns, each shard written and committed to a local Zarr store.
     """
-    from cna_dist.replica import Replica
-    from cna_dist.store import ActivationStore, RunMeta
+    from cna_dist.io.store import ActivationStore, RunMeta
+    from cna_dist.runtime.replica import Replica
 
-    meta = RunMeta(fingerprint="benchmark", model_uri="random", n_layers=capturer.n_layers,
-                   intermediate_size=capturer.intermediate_size, dtype=args.store_dtype, model_dtype=args.dtype,
-                   chat_template=True, shard_rows=args.shard_rows)
+    meta = RunMeta(
+        fingerprint="benchmark",
+        model_uri="random",
+        n_layers=capturer.n_layers,
+        intermediate_size=capturer.intermediate_size,
+        dtype=args.store_dtype,
+        model_dtype=args.dtype,
+        chat_template=True,
+        shard_rows=args.shard_rows,
+    )
     run = ActivationStore(str(store_dir)).open_run(meta)
     hashes = [f"{i:064x}" for i in range(len(token_ids))]
     plans = run.plan(hashes)
     replica = Replica.__new__(Replica)  # the real class around an already-built model (no checkpoint to load)
-    replica.__dict__.update(model=capturer.model, tokenizer=SimpleNamespace(pad_token_id=0), capturer=capturer,
-                            capture_dtype=args.store_dtype, token_budget=args.token_budget,
-                            max_batch_size=args.batch, name="benchmark", _compute_lock=threading.Lock(),
-                            _compute_end=None)
+    replica.__dict__.update(
+        model=capturer.model,
+        tokenizer=SimpleNamespace(pad_token_id=0),
+        capturer=capturer,
+        capture_dtype=args.store_dtype,
+        token_budget=args.token_budget,
+        max_batch_size=args.batch,
+        name="benchmark",
+        _compute_lock=threading.Lock(),
+        _compute_end=None,
+    )
     work: queue.Queue = queue.Queue()
     for plan in plans:
         work.put(plan)
@@ -196,18 +274,30 @@ def measure_writes(capturer: cap.Capturer, token_ids: list[list[int]], args: arg
     compute = sum(r["compute_seconds"] for r in results)
     write = sum(r["write_seconds"] for r in results)
     idle = sum(r["idle_seconds"] for r in results)
-    return {"shards": len(plans), "shard_rows": run.meta.shard_rows, "wall_s": wall, "compute_s": compute,
-            "write_s": write, "idle_s": idle, "idle_fraction": idle / wall if wall else 0.0,
-            "serial_estimate_s": compute + write, "prompts_per_s": len(token_ids) / wall,
-            "store_mb": run.nbytes() / 1e6}
+    return {
+        "shards": len(plans),
+        "shard_rows": run.meta.shard_rows,
+        "wall_s": wall,
+        "compute_s": compute,
+        "write_s": write,
+        "idle_s": idle,
+        "idle_fraction": idle / wall if wall else 0.0,
+        "serial_estimate_s": compute + write,
+        "prompts_per_s": len(token_ids) / wall,
+        "store_mb": run.nbytes() / 1e6,
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=sorted(SHAPES), default="qwen2.5-7b")
     parser.add_argument("--prompts", type=int, default=2048, help="prompts per timed project run")
-    parser.add_argument("--reference-prompts", type=int, default=256,
-                        help="prompts per timed reference run (it is slow; rates are per prompt)")
+    parser.add_argument(
+        "--reference-prompts",
+        type=int,
+        default=256,
+        help="prompts per timed reference run (it is slow; rates are per prompt)",
+    )
     parser.add_argument("--tokens", type=float, default=64.0, help="target mean prompt length (0: keep raw)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, help="model dtype (default bfloat16 on CUDA, float32 on CPU)")
@@ -233,26 +323,32 @@ def main() -> None:
     n_params = non_embedding_params(model)
     lengths, source = dataset_lengths(args.prompts, args.tokens or None, args.seed)
     token_ids = synthetic_prompts(lengths, model.config.vocab_size, args.seed)
-    ref_ids = token_ids[:min(args.reference_prompts, len(token_ids))]
+    ref_ids = token_ids[: min(args.reference_prompts, len(token_ids))]
     n_tokens, ref_tokens = sum(lengths), sum(len(t) for t in ref_ids)
     peak, peak_text = peak_tflops(device, args.peak_tflops)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
-    print(f"shape {args.shape}: {model.config.num_hidden_layers} layers, hidden {model.config.hidden_size}, "
-          f"intermediate {model.config.intermediate_size}, {n_params / 1e9:.3f}B non-embedding params, {args.dtype} "
-          f"on {device_name} (built in {t_build:.1f}s); attention {model.config._attn_implementation}")
+    print(
+        f"shape {args.shape}: {model.config.num_hidden_layers} layers, hidden {model.config.hidden_size}, "
+        f"intermediate {model.config.intermediate_size}, {n_params / 1e9:.3f}B non-embedding params, {args.dtype} "
+        f"on {device_name} (built in {t_build:.1f}s); attention {model.config._attn_implementation}"
+    )
     print(f"prompts: {source}")
-    print(f"project: {len(token_ids)} prompts, {n_tokens} tokens (mean {n_tokens / len(token_ids):.1f}, "
-          f"max {max(lengths)}); token budget {args.token_budget}, max batch {args.batch}, "
-          f"store dtype {args.store_dtype}; reference: {len(ref_ids)} prompts, {ref_tokens} tokens")
+    print(
+        f"project: {len(token_ids)} prompts, {n_tokens} tokens (mean {n_tokens / len(token_ids):.1f}, "
+        f"max {max(lengths)}); token budget {args.token_budget}, max batch {args.batch}, "
+        f"store dtype {args.store_dtype}; reference: {len(ref_ids)} prompts, {ref_tokens} tokens"
+    )
     print(f"peak: {peak_text}")
 
     with cap.Capturer(model) as capturer:
-        def project(ids: list[list[int]]) -> np.ndarray:
-            return cap.capture_with(capturer, ids, 0, dtype=args.store_dtype, token_budget=args.token_budget,
-                                    max_batch_size=args.batch)[0]
 
-        warm = token_ids[:min(len(token_ids), 2 * args.batch)]
+        def project(ids: list[list[int]]) -> np.ndarray:
+            return cap.capture_with(
+                capturer, ids, 0, dtype=args.store_dtype, token_budget=args.token_budget, max_batch_size=args.batch
+            )[0]
+
+        warm = token_ids[: min(len(token_ids), 2 * args.batch)]
         timed(lambda: project(warm), device)  # kernels, allocator pools, pinned slots
         timed(lambda: reference(model, ref_ids[:4], device), device)
         times: dict[str, list[float]] = {"project": [], "reference": []}
@@ -264,21 +360,37 @@ def main() -> None:
             times["reference"].append(dt)
 
         scale = float(np.abs(ref_out).max()) or 1.0
-        rel_diff = float(np.abs(proj_out[:len(ref_ids)].astype(np.float32) - ref_out).max()) / scale
+        rel_diff = float(np.abs(proj_out[: len(ref_ids)].astype(np.float32) - ref_out).max()) / scale
 
-        figures: dict[str, Any] = {"shape": args.shape, "device": device_name, "dtype": args.dtype,
-                                   "non_embedding_params": n_params, "prompts_source": source,
-                                   "peak_tflops": peak, "repeats": args.repeats, "rel_max_abs_diff": rel_diff}
+        figures: dict[str, Any] = {
+            "shape": args.shape,
+            "device": device_name,
+            "dtype": args.dtype,
+            "non_embedding_params": n_params,
+            "prompts_source": source,
+            "peak_tflops": peak,
+            "repeats": args.repeats,
+            "rel_max_abs_diff": rel_diff,
+        }
         print(f"{'method':<10} {'median s':>9} {'prompts/s':>10} {'tokens/s':>10} {'MFU':>7}   runs (s)")
         for name, ts in times.items():
             n_p, n_t = (len(token_ids), n_tokens) if name == "project" else (len(ref_ids), ref_tokens)
             med = statistics.median(ts)
             mfu = 2 * n_params * n_t / med / (peak * 1e12) if peak else None
-            figures[name] = {"prompts": n_p, "tokens": n_t, "seconds": ts, "median_s": med,
-                             "prompts_per_s": n_p / med, "tokens_per_s": n_t / med, "mfu": mfu}
+            figures[name] = {
+                "prompts": n_p,
+                "tokens": n_t,
+                "seconds": ts,
+                "median_s": med,
+                "prompts_per_s": n_p / med,
+                "tokens_per_s": n_t / med,
+                "mfu": mfu,
+            }
             mfu_text = f"{100 * mfu:.1f}%" if mfu is not None else "n/a"
-            print(f"{name:<10} {med:>9.3f} {n_p / med:>10.1f} {n_t / med:>10.0f} {mfu_text:>7}   "
-                  + " ".join(f"{t:.2f}" for t in ts))
+            print(
+                f"{name:<10} {med:>9.3f} {n_p / med:>10.1f} {n_t / med:>10.0f} {mfu_text:>7}   "
+                + " ".join(f"{t:.2f}" for t in ts)
+            )
         ratio = figures["project"]["prompts_per_s"] / figures["reference"]["prompts_per_s"]
         figures["ratio"] = ratio
         print(f"agreement: max |project({args.store_dtype}) - reference| / max |act| = {rel_diff:.2e}")
@@ -288,11 +400,13 @@ def main() -> None:
             with tempfile.TemporaryDirectory(dir=args.store) as tmp:
                 writes = measure_writes(capturer, token_ids, args, Path(tmp) / "store")
             figures["writes"] = writes
-            print(f"writes: {writes['shards']} shards of {writes['shard_rows']} rows, {writes['store_mb']:.0f} MB "
-                  f"to a local Zarr store; wall {writes['wall_s']:.2f}s ({writes['prompts_per_s']:.1f} prompts/s), "
-                  f"compute {writes['compute_s']:.2f}s, writes {writes['write_s']:.2f}s beside it, "
-                  f"GPU idle caused by writes {writes['idle_s']:.2f}s ({100 * writes['idle_fraction']:.1f}% of wall); "
-                  f"compute-then-write would take {writes['serial_estimate_s']:.2f}s")
+            print(
+                f"writes: {writes['shards']} shards of {writes['shard_rows']} rows, {writes['store_mb']:.0f} MB "
+                f"to a local Zarr store; wall {writes['wall_s']:.2f}s ({writes['prompts_per_s']:.1f} prompts/s), "
+                f"compute {writes['compute_s']:.2f}s, writes {writes['write_s']:.2f}s beside it, "
+                f"GPU idle caused by writes {writes['idle_s']:.2f}s ({100 * writes['idle_fraction']:.1f}% of wall); "
+                f"compute-then-write would take {writes['serial_estimate_s']:.2f}s"
+            )
 
     if args.json is not None:
         args.json.write_text(json.dumps(figures, indent=2))
@@ -307,8 +421,10 @@ def main() -> None:
     print(f"reference: {r['prompts_per_s']:.1f} prompts/s, {r['tokens_per_s']:.0f} tokens/s, MFU {mfu_of(r)}")
     print(f"ratio (project / reference prompts/s): {ratio:.2f}x")
     if writes is not None:
-        print(f"write overlap: GPU idle {writes['idle_s']:.2f}s of {writes['wall_s']:.2f}s "
-              f"({100 * writes['idle_fraction']:.1f}%)")
+        print(
+            f"write overlap: GPU idle {writes['idle_s']:.2f}s of {writes['wall_s']:.2f}s "
+            f"({100 * writes['idle_fraction']:.1f}%)"
+        )
 
 
 if __name__ == "__main__":

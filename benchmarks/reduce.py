@@ -64,9 +64,9 @@ from typing import Any
 
 import numpy as np
 
-from cna_dist import reduce as r
-from cna_dist import stream
-from cna_dist.store import ActivationStore, Run, RunMeta
+from cna_dist.core import reduce as r
+from cna_dist.io import stream
+from cna_dist.io.store import ActivationStore, Run, RunMeta
 
 MiB = 1 << 20
 TASK_FIXED = 8 * MiB
@@ -80,9 +80,15 @@ def row_hashes(name: str, n: int, seed: int) -> list[str]:
 
 
 def open_run(store: str, layers: int, width: int) -> Run:
-    meta = RunMeta(fingerprint=hashlib.sha256(f"bench-{layers}x{width}".encode()).hexdigest(), model_uri="synthetic",
-                   n_layers=layers, intermediate_size=width, dtype="float16", model_dtype="bfloat16",
-                   chat_template=True)
+    meta = RunMeta(
+        fingerprint=hashlib.sha256(f"bench-{layers}x{width}".encode()).hexdigest(),
+        model_uri="synthetic",
+        n_layers=layers,
+        intermediate_size=width,
+        dtype="float16",
+        model_dtype="bfloat16",
+        chat_template=True,
+    )
     return ActivationStore(store).open_run(meta)
 
 
@@ -139,9 +145,14 @@ class Budget:
 def budget(meta: RunMeta, n: int, cap: int, sizes: dict[str, int]) -> Budget:
     width = meta.intermediate_size
     chunk = meta.rows_per_chunk * meta.layers_per_chunk * width * np.dtype(meta.dtype).itemsize
-    return Budget(chunk=chunk, block_f64=meta.layers_per_chunk * width * 8, running_top=cap * n * 16,
-                  rows_per_task=max(sizes["positive"] + sizes["negative"], sizes["diverse"]),
-                  model_f64=meta.n_layers * width * 8, n_diverse=sizes["diverse"])
+    return Budget(
+        chunk=chunk,
+        block_f64=meta.layers_per_chunk * width * 8,
+        running_top=cap * n * 16,
+        rows_per_task=max(sizes["positive"] + sizes["negative"], sizes["diverse"]),
+        model_f64=meta.n_layers * width * 8,
+        n_diverse=sizes["diverse"],
+    )
 
 
 def set_sizes(n_rows: int) -> dict[str, int]:
@@ -169,17 +180,23 @@ def plain_read(run: Run, n_rows: int) -> int:
     total = 0
     for layers in stream.layer_blocks(meta.n_layers, meta.layers_per_chunk):
         for lo in range(0, n_rows, meta.rows_per_chunk):
-            total += np.asarray(arr[lo:min(lo + meta.rows_per_chunk, n_rows), layers]).nbytes
+            total += np.asarray(arr[lo : min(lo + meta.rows_per_chunk, n_rows), layers]).nbytes
     return total
 
 
 def reduce_kwargs(meta: RunMeta, fraction: float) -> dict[str, Any]:
-    return {"k": r.n_top(0.001, meta.n_layers * meta.intermediate_size), "exclude_layers": [0, 1],
-            "universal_fraction": fraction, "universal_threshold": 0.8, "universal_scope": "global"}
+    return {
+        "k": r.n_top(0.001, meta.n_layers * meta.intermediate_size),
+        "exclude_layers": [0, 1],
+        "universal_fraction": fraction,
+        "universal_threshold": 0.8,
+        "universal_scope": "global",
+    }
 
 
-def run_reduce(run: Run, rows: dict[str, np.ndarray], kwargs: dict[str, Any],
-               mapper: stream.Mapper = stream.local_map) -> r.Reduction:
+def run_reduce(
+    run: Run, rows: dict[str, np.ndarray], kwargs: dict[str, Any], mapper: stream.Mapper = stream.local_map
+) -> r.Reduction:
     return stream.reduce_store(run, rows, mapper=mapper, **kwargs)
 
 
@@ -224,8 +241,14 @@ def _warm_child() -> None:
     import zarr
     from zarr.codecs import Crc32cCodec
 
-    a = zarr.create_array(store=zarr.storage.MemoryStore(), shape=(4, 4), chunks=(2, 4), dtype="float16",
-                          fill_value=np.nan, compressors=[Crc32cCodec()])
+    a = zarr.create_array(
+        store=zarr.storage.MemoryStore(),
+        shape=(4, 4),
+        chunks=(2, 4),
+        dtype="float16",
+        fill_value=np.nan,
+        compressors=[Crc32cCodec()],
+    )
     a[:] = np.ones((4, 4), np.float16)
     np.asarray(a[:2, 1:3])
 
@@ -252,17 +275,20 @@ class SubprocessMapper:
 
     def __call__(self, fn: Callable[..., Any], args: Sequence[tuple]) -> list[Any]:
         ctx = multiprocessing.get_context("spawn")
-        with cf.ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_warm_child,
-                                    max_tasks_per_child=1) as pool:
+        with cf.ProcessPoolExecutor(
+            self.workers, mp_context=ctx, initializer=_warm_child, max_tasks_per_child=1
+        ) as pool:
             done = list(pool.map(_measured, [fn] * len(args), args))
         for i, (_, st) in enumerate(done):
-            self.stats.append({"step": fn.__name__.lstrip("_").replace("moments_task", "block_moments"),
-                               "task": i, **st})
+            self.stats.append(
+                {"step": fn.__name__.lstrip("_").replace("moments_task", "block_moments"), "task": i, **st}
+            )
         return [out for out, _ in done]
 
 
-def measure_memory(run: Run, rows: dict[str, np.ndarray], kwargs: dict[str, Any],
-                   workers: int) -> tuple[SubprocessMapper, int, r.Reduction]:
+def measure_memory(
+    run: Run, rows: dict[str, np.ndarray], kwargs: dict[str, Any], workers: int
+) -> tuple[SubprocessMapper, int, r.Reduction]:
     mapper = SubprocessMapper(workers)
     tracemalloc.start()
     tracemalloc.reset_peak()
@@ -291,8 +317,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fraction", type=float, default=0.001, help="universal.top_fraction")
     p.add_argument("--repeats", type=int, default=3, help="timed runs of each (medians are quoted)")
     p.add_argument("--workers", type=int, default=2, help="processes for the memory run")
-    p.add_argument("--store", default="", help="store folder or URL (default: a temporary folder, removed after); "
-                   "an existing store is reused, only missing shards are written")
+    p.add_argument(
+        "--store",
+        default="",
+        help="store folder or URL (default: a temporary folder, removed after); "
+        "an existing store is reused, only missing shards are written",
+    )
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if min(args.layers, args.width, args.repeats, args.workers) < 1 or args.rows < 0:
@@ -323,32 +353,39 @@ def bench(args: argparse.Namespace, store: str) -> int:
     store_bytes = n_rows * row_bytes(meta)
     kwargs = reduce_kwargs(meta, args.fraction)
     print(f"store: {store} ({written} rows written in {write_s:.1f} s, {n_rows - written} reused)")
-    print(f"shape: {n_rows} rows ({', '.join(f'{k} {v}' for k, v in sizes.items())}) x {meta.n_layers} layers x "
-          f"{meta.intermediate_size} neurons, float16; chunks {meta.rows_per_chunk} rows x {meta.layers_per_chunk} "
-          f"layers = {mb(b.chunk)}; on disk {mb(run.nbytes())}")
+    print(
+        f"shape: {n_rows} rows ({', '.join(f'{k} {v}' for k, v in sizes.items())}) x {meta.n_layers} layers x "
+        f"{meta.intermediate_size} neurons, float16; chunks {meta.rows_per_chunk} rows x {meta.layers_per_chunk} "
+        f"layers = {mb(b.chunk)}; on disk {mb(run.nbytes())}"
+    )
     print(f"reduce: k={kwargs['k']}, universal global top n={n} per prompt, threshold tasks of <= {cap} prompts")
     print_budgets(b)
     multiple = store_bytes / b.task
-    print(f"store size: {mb(store_bytes)} = {multiple:.1f} x per-task budget "
-          f"({'>= 10x' if multiple >= 10 else 'WARN: under 10x, raise --rows or leave it 0'})")
+    print(
+        f"store size: {mb(store_bytes)} = {multiple:.1f} x per-task budget "
+        f"({'>= 10x' if multiple >= 10 else 'WARN: under 10x, raise --rows or leave it 0'})"
+    )
 
     times = time_both(run, rows, kwargs, args.repeats)
     speed = report_speed(times, store_bytes, n_rows + sizes["diverse"], n_rows)
     mapper, driver, result = measure_memory(run, rows, kwargs, args.workers)
     failures = report_memory(mapper, driver, b)
     universal = [] if result.universal is None else np.argwhere(result.universal).tolist()
-    print(f"result: {len(result.selected)} neurons selected, universal {universal}, "
-          f"{len(result.displaced)} displaced")
+    print(f"result: {len(result.selected)} neurons selected, universal {universal}, {len(result.displaced)} displaced")
     print_summary(args, meta, n_rows, store_bytes, multiple, b, speed, mapper, driver)
     return 1 if failures else 0
 
 
 def print_budgets(b: Budget) -> None:
-    print(f"budget live per task: 6 x chunk {mb(b.chunk)} + 4 x block f64 {mb(b.block_f64)} + running top "
-          f"{mb(b.running_top)} + 64 B x {b.rows_per_task} rows = {mb(b.live)}")
+    print(
+        f"budget live per task: 6 x chunk {mb(b.chunk)} + 4 x block f64 {mb(b.block_f64)} + running top "
+        f"{mb(b.running_top)} + 64 B x {b.rows_per_task} rows = {mb(b.live)}"
+    )
     print(f"budget RSS per task: live {mb(b.live)} + 6 x chunk (allocator cache) + {mb(TASK_FIXED)} = {mb(b.task)}")
-    print(f"budget driver: 6 x [layers, neurons] f64 {mb(b.model_f64)} + 32 B x {b.n_diverse} diverse prompts + "
-          f"{mb(DRIVER_FIXED)} = {mb(b.driver)}")
+    print(
+        f"budget driver: 6 x [layers, neurons] f64 {mb(b.model_f64)} + 32 B x {b.n_diverse} diverse prompts + "
+        f"{mb(DRIVER_FIXED)} = {mb(b.driver)}"
+    )
 
 
 def report_speed(times: dict[str, list[float]], store_bytes: int, rows_read: int, n_rows: int) -> dict[str, float]:
@@ -358,8 +395,10 @@ def report_speed(times: dict[str, list[float]], store_bytes: int, rows_read: int
     for name, med in (("plain read", plain_s), ("reduce", reduce_s)):
         runs = " ".join(f"{t:.2f}" for t in times[name.split()[0]])
         print(f"{name}: {gb / med:.3f} GB/s of store bytes (median {med:.2f} s over {len(runs.split())} runs: {runs})")
-    print(f"ratio reduce/plain read throughput: {ratio:.3f} (median of per-run ratios; the reduce reads the diverse "
-          f"rows twice, so reading alone would give {n_rows / rows_read:.2f})")
+    print(
+        f"ratio reduce/plain read throughput: {ratio:.3f} (median of per-run ratios; the reduce reads the diverse "
+        f"rows twice, so reading alone would give {n_rows / rows_read:.2f})"
+    )
     return {"plain": gb / plain_s, "reduce": gb / reduce_s, "ratio": ratio}
 
 
@@ -373,28 +412,45 @@ def report_memory(mapper: SubprocessMapper, driver: int, b: Budget) -> int:
         rss, traced = max(s["rss"] for s in mine), max(s["traced"] for s in mine)
         ok = rss <= b.task and traced <= b.live
         failures += not ok
-        print(f"task peak {step} ({len(mine)} tasks): RSS +{mb(rss)} <= {mb(b.task)}, tracemalloc {mb(traced)} <= "
-              f"live {mb(b.live)}: {check(ok)}")
+        print(
+            f"task peak {step} ({len(mine)} tasks): RSS +{mb(rss)} <= {mb(b.task)}, tracemalloc {mb(traced)} <= "
+            f"live {mb(b.live)}: {check(ok)}"
+        )
     ok = driver <= b.driver
     failures += not ok
     print(f"driver peak (tracemalloc, merges in reduce_store): {mb(driver)} <= {mb(b.driver)}: {check(ok)}")
     return failures
 
 
-def print_summary(args: argparse.Namespace, meta: RunMeta, n_rows: int, store_bytes: int, multiple: float,
-                  b: Budget, speed: dict[str, float], mapper: SubprocessMapper, driver: int) -> None:
+def print_summary(
+    args: argparse.Namespace,
+    meta: RunMeta,
+    n_rows: int,
+    store_bytes: int,
+    multiple: float,
+    b: Budget,
+    speed: dict[str, float],
+    mapper: SubprocessMapper,
+    driver: int,
+) -> None:
     """A block to paste into a closing note: the command and every figure, nothing else."""
     rss = max(s["rss"] for s in mapper.stats)
     traced = max(s["traced"] for s in mapper.stats)
     command = " ".join(shlex.quote(a) for a in [".venv/bin/python", "benchmarks/reduce.py", *sys.argv[1:]])
     print("\n--- summary ---")
     print(f"command: {command}")
-    print(f"store {mb(store_bytes)} ({n_rows} rows x {meta.n_layers} layers x {meta.intermediate_size} float16, "
-          f"chunk {mb(b.chunk)}) = {multiple:.1f} x per-task budget {mb(b.task)}")
-    print(f"throughput (medians of {args.repeats}, one core of {os.cpu_count()}): plain read "
-          f"{speed['plain']:.3f} GB/s, reduce {speed['reduce']:.3f} GB/s, ratio {speed['ratio']:.3f}")
-    print(f"per-task peak RSS +{mb(rss)} (budget {mb(b.task)}), tracemalloc {mb(traced)} (live budget "
-          f"{mb(b.live)}): {check(rss <= b.task and traced <= b.live)}")
+    print(
+        f"store {mb(store_bytes)} ({n_rows} rows x {meta.n_layers} layers x {meta.intermediate_size} float16, "
+        f"chunk {mb(b.chunk)}) = {multiple:.1f} x per-task budget {mb(b.task)}"
+    )
+    print(
+        f"throughput (medians of {args.repeats}, one core of {os.cpu_count()}): plain read "
+        f"{speed['plain']:.3f} GB/s, reduce {speed['reduce']:.3f} GB/s, ratio {speed['ratio']:.3f}"
+    )
+    print(
+        f"per-task peak RSS +{mb(rss)} (budget {mb(b.task)}), tracemalloc {mb(traced)} (live budget "
+        f"{mb(b.live)}): {check(rss <= b.task and traced <= b.live)}"
+    )
     print(f"driver peak {mb(driver)} (budget {mb(b.driver)}): {check(driver <= b.driver)}")
 
 

@@ -14,8 +14,8 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from cna_dist import __version__
-from cna_dist import uri as urimod
 from cna_dist.errors import BadInput
+from cna_dist.io import uri as urimod
 
 SCHEMA = "cna-circuit/1"
 
@@ -86,10 +86,12 @@ class Circuit(BaseModel):
 
     def summary(self) -> str:
         counts = self.stats.get("per_layer", {})
-        lines = [f"circuit {self.name} v{self.version} ({self.model.architecture}, {self.model.n_layers} layers x "
-                 f"{self.model.intermediate_size} neurons): {len(self.neurons)} neurons, "
-                 f"{len(self.universal)} universal excluded ({len(self.displaced_universal)} would have entered)",
-                 "per layer: " + ", ".join(f"L{k}:{v}" for k, v in sorted(counts.items(), key=lambda kv: int(kv[0])))]
+        lines = [
+            f"circuit {self.name} v{self.version} ({self.model.architecture}, {self.model.n_layers} layers x "
+            f"{self.model.intermediate_size} neurons): {len(self.neurons)} neurons, "
+            f"{len(self.universal)} universal excluded ({len(self.displaced_universal)} would have entered)",
+            "per layer: " + ", ".join(f"L{k}:{v}" for k, v in sorted(counts.items(), key=lambda kv: int(kv[0]))),
+        ]
         for n in self.neurons[:5]:
             lines.append(f"  L{n.layer} N{n.neuron} delta={n.delta:+.4g}")
         return "\n".join(lines)
@@ -100,25 +102,59 @@ def inputs_hash(model_fingerprint: str, prompt_hashes: dict[str, str], params: d
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def build(*, name: str, model: ModelRef, params: dict[str, Any], prompts: dict[str, PromptRef], delta: np.ndarray,
-          mean_pos: np.ndarray, mean_neg: np.ndarray, selected: np.ndarray, universal: np.ndarray | None,
-          displaced: np.ndarray, run: str, store: str | None, extra_stats: dict[str, Any] | None = None) -> Circuit:
+def build(
+    *,
+    name: str,
+    model: ModelRef,
+    params: dict[str, Any],
+    prompts: dict[str, PromptRef],
+    delta: np.ndarray,
+    mean_pos: np.ndarray,
+    mean_neg: np.ndarray,
+    selected: np.ndarray,
+    universal: np.ndarray | None,
+    displaced: np.ndarray,
+    run: str,
+    store: str | None,
+    extra_stats: dict[str, Any] | None = None,
+) -> Circuit:
     """Assemble a circuit from the reduce's arrays; `selected` and `displaced` are ranked flat ids."""
     width = delta.shape[1]
     flat_delta, flat_pos, flat_neg = delta.reshape(-1), mean_pos.reshape(-1), mean_neg.reshape(-1)
-    neurons = [Neuron(layer=int(i // width), neuron=int(i % width), delta=float(flat_delta[i]),
-                      mean_pos=float(flat_pos[i]), mean_neg=float(flat_neg[i])) for i in selected]
+    neurons = [
+        Neuron(
+            layer=int(i // width),
+            neuron=int(i % width),
+            delta=float(flat_delta[i]),
+            mean_pos=float(flat_pos[i]),
+            mean_neg=float(flat_neg[i]),
+        )
+        for i in selected
+    ]
     universal_pairs = [] if universal is None else [(int(a), int(b)) for a, b in np.argwhere(universal)]
     per_layer: dict[str, int] = {}
     for n in neurons:
         per_layer[str(n.layer)] = per_layer.get(str(n.layer), 0) + 1
-    stats = {"per_layer": per_layer, "k": len(neurons), "n_universal": len(universal_pairs),
-             "n_neurons_total": int(delta.size), **(extra_stats or {})}
-    return Circuit(name=name, created_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), model=model,
-                   params=params, prompts=prompts, neurons=neurons, universal=universal_pairs,
-                   displaced_universal=[(int(i // width), int(i % width)) for i in displaced], stats=stats,
-                   provenance=Provenance(store=store, run=run),
-                   inputs_sha256=inputs_hash(model.fingerprint, {k: p.sha256 for k, p in prompts.items()}, params))
+    stats = {
+        "per_layer": per_layer,
+        "k": len(neurons),
+        "n_universal": len(universal_pairs),
+        "n_neurons_total": int(delta.size),
+        **(extra_stats or {}),
+    }
+    return Circuit(
+        name=name,
+        created_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        model=model,
+        params=params,
+        prompts=prompts,
+        neurons=neurons,
+        universal=universal_pairs,
+        displaced_universal=[(int(i // width), int(i % width)) for i in displaced],
+        stats=stats,
+        provenance=Provenance(store=store, run=run),
+        inputs_sha256=inputs_hash(model.fingerprint, {k: p.sha256 for k, p in prompts.items()}, params),
+    )
 
 
 def _read(uri: str, storage_options: dict[str, Any] | None = None) -> Any:
@@ -136,8 +172,11 @@ def parse(data: Any, source: str) -> Circuit:
     if not isinstance(data, dict):
         raise BadInput("a circuit file holds a JSON object", source=source)
     if data.get("schema") != SCHEMA:
-        hint = " (reference-format files load with `cna-dist import-ref`)" if "neurons" in data and isinstance(
-            data.get("neurons"), dict) else ""
+        hint = (
+            " (reference-format files load with `cna-dist import-ref`)"
+            if "neurons" in data and isinstance(data.get("neurons"), dict)
+            else ""
+        )
         raise BadInput(f"schema is {data.get('schema')!r}, expected {SCHEMA!r}{hint}", source=source, field="schema")
     try:
         return Circuit.model_validate(data)
@@ -153,10 +192,12 @@ def load(uri: str, storage_options: dict[str, Any] | None = None) -> Circuit:
 
 def to_reference(circuit: Circuit) -> dict[str, Any]:
     """The reference implementation's Circuit.save format: neurons keyed "layer,position,neuron" (position -1)."""
-    return {"neurons": {f"{n.layer},-1,{n.neuron}": n.delta for n in circuit.neurons},
-            "prompt": f"[contrastive: {circuit.prompts['positive'].count} pos vs "
-                      f"{circuit.prompts['negative'].count} neg]",
-            "target_token": "[contrastive]", "total_logit_diff": 0.0}
+    return {
+        "neurons": {f"{n.layer},-1,{n.neuron}": n.delta for n in circuit.neurons},
+        "prompt": f"[contrastive: {circuit.prompts['positive'].count} pos vs {circuit.prompts['negative'].count} neg]",
+        "target_token": "[contrastive]",
+        "total_logit_diff": 0.0,
+    }
 
 
 def from_reference(data: Any, source: str, *, name: str, model: ModelRef) -> Circuit:
@@ -170,11 +211,15 @@ def from_reference(data: Any, source: str, *, name: str, model: ModelRef) -> Cir
             layer, _position, neuron = (int(p) for p in parts)
             delta = float(value)
         except (ValueError, TypeError):
-            raise BadInput(f"bad entry {key!r}: {value!r} (want \"layer,position,neuron\": number)", source=source,
-                           field="neurons") from None
+            raise BadInput(
+                f'bad entry {key!r}: {value!r} (want "layer,position,neuron": number)', source=source, field="neurons"
+            ) from None
         if not (0 <= layer < model.n_layers and 0 <= neuron < model.intermediate_size):
-            raise BadInput(f"neuron {key!r} is outside the model ({model.n_layers} layers x "
-                           f"{model.intermediate_size})", source=source, field="neurons")
+            raise BadInput(
+                f"neuron {key!r} is outside the model ({model.n_layers} layers x {model.intermediate_size})",
+                source=source,
+                field="neurons",
+            )
         if abs(delta) > abs(merged.get((layer, neuron), 0.0)):
             merged[(layer, neuron)] = delta
     ranked = sorted(merged.items(), key=lambda kv: (-abs(kv[1]), kv[0]))
@@ -182,7 +227,14 @@ def from_reference(data: Any, source: str, *, name: str, model: ModelRef) -> Cir
     per_layer: dict[str, int] = {}
     for n in neurons:
         per_layer[str(n.layer)] = per_layer.get(str(n.layer), 0) + 1
-    return Circuit(name=name, created_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), model=model,
-                   params={"imported_from": source, "prompt": data.get("prompt")}, prompts={}, neurons=neurons,
-                   universal=[], stats={"per_layer": per_layer, "k": len(neurons)},
-                   provenance=Provenance(run="import"))
+    return Circuit(
+        name=name,
+        created_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        model=model,
+        params={"imported_from": source, "prompt": data.get("prompt")},
+        prompts={},
+        neurons=neurons,
+        universal=[],
+        stats={"per_layer": per_layer, "k": len(neurons)},
+        provenance=Provenance(run="import"),
+    )

@@ -8,8 +8,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from cna_dist import uri as urimod
 from cna_dist.errors import BadInput
+from cna_dist.io import uri as urimod
 
 SLUG = r"^[A-Za-z0-9._-]+$"
 
@@ -47,7 +47,8 @@ class Prompts(Strict):
     eval: PromptSet | None = None
 
     _coerce = field_validator("positive", "negative", "diverse", "eval", mode="before")(
-        classmethod(lambda cls, v: _promptset_from_str(v)))
+        classmethod(lambda cls, v: _promptset_from_str(v))
+    )
 
 
 class Select(Strict):
@@ -184,8 +185,11 @@ def load(path: str | Path) -> Manifest:
 def resolve_uris(manifest: Manifest, base: Path) -> Manifest:
     """Relative local paths resolve against `base`; every protocol must be one fsspec knows."""
     m = manifest.model_copy(deep=True)
-    checks: list[tuple[str, Any, str]] = [("model.uri", m.model, "uri"), ("output.store", m.output, "store"),
-                                          ("output.registry", m.output, "registry")]
+    checks: list[tuple[str, Any, str]] = [
+        ("model.uri", m.model, "uri"),
+        ("output.store", m.output, "store"),
+        ("output.registry", m.output, "registry"),
+    ]
     for set_name in ("positive", "negative", "diverse", "eval"):
         ps = getattr(m.prompts, set_name)
         if ps is not None:

@@ -6,11 +6,11 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cna_dist import model as modelmod
-from cna_dist import prompts as promptsmod
-from cna_dist import uri as urimod
 from cna_dist.errors import BadInput
+from cna_dist.io import uri as urimod
 from cna_dist.manifest import Manifest
+from cna_dist.model import checkpoint as modelmod
+from cna_dist.model import prompts as promptsmod
 
 
 @dataclass
@@ -45,15 +45,17 @@ def validate(manifest: Manifest, *, check_remote: bool = False) -> Checked:
         beyond = [layer for layer in m.select.exclude_layers if layer >= checked.model.n_layers]
         if beyond:
             n = checked.model.n_layers
-            raise BadInput(f"{beyond} beyond the model's {n} layers (0..{n - 1})", source=m.source,
-                           field="select.exclude_layers")
+            raise BadInput(
+                f"{beyond} beyond the model's {n} layers (0..{n - 1})", source=m.source, field="select.exclude_layers"
+            )
         if len(m.select.exclude_layers) >= checked.model.n_layers:
             raise BadInput("every layer is excluded", source=m.source, field="select.exclude_layers")
         n_candidates = (checked.model.n_layers - len(m.select.exclude_layers)) * checked.model.intermediate_size
         k = m.select.k_for(checked.model.n_layers, checked.model.intermediate_size)
         if k > n_candidates:
-            raise BadInput(f"top_k {k} exceeds the {n_candidates} candidate neurons", source=m.source,
-                           field="select.top_k")
+            raise BadInput(
+                f"top_k {k} exceeds the {n_candidates} candidate neurons", source=m.source, field="select.top_k"
+            )
     else:
         checked.skipped_remote.append(m.model.uri)
     sets = dict(m.prompt_sets())

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from cna_dist import capture as cap
-from cna_dist import model as modelmod
-from cna_dist import prompts as promptsmod
+from cna_dist.model import capture as cap
+from cna_dist.model import checkpoint as modelmod
+from cna_dist.model import prompts as promptsmod
+from cna_dist.model.batching import plan_batches
 
 
 def reference_capture(model, ids: list[int]) -> np.ndarray:
@@ -18,8 +19,10 @@ def reference_capture(model, ids: list[int]) -> np.ndarray:
     acts = {}
     handles = []
     for layer, proj in enumerate(modelmod.down_projs(model)):
+
         def hook(module, args, layer=layer):
             acts[layer] = args[0][0, -1].detach().float().clone()
+
         handles.append(proj.register_forward_pre_hook(hook))
     try:
         with torch.no_grad():
@@ -44,8 +47,9 @@ def test_batched_equals_single_for_every_batch_size(which: str, request: pytest.
     expected = np.stack([reference_capture(model, t) for t in token_ids])
     scale = np.abs(expected).max(axis=2, keepdims=True)  # relative to each layer's magnitude for this prompt
     for batch_size in range(1, 65):
-        got, overflow = cap.capture(model, token_ids, tokenizer.pad_token_id, dtype="float32",
-                                    token_budget=10**9, max_batch_size=batch_size)
+        got, overflow = cap.capture(
+            model, token_ids, tokenizer.pad_token_id, dtype="float32", token_budget=10**9, max_batch_size=batch_size
+        )
         assert overflow == 0
         err = np.abs(got - expected) / scale
         assert err.max() < 1e-5, (batch_size, float(err.max()))
@@ -53,7 +57,7 @@ def test_batched_equals_single_for_every_batch_size(which: str, request: pytest.
 
 def test_token_budget_bounds_padded_batch_size() -> None:
     lengths = [5, 50, 3, 40, 41, 2, 500, 9]
-    batches = cap.plan_batches(lengths, token_budget=100, max_batch_size=3)
+    batches = plan_batches(lengths, token_budget=100, max_batch_size=3)
     assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
     for b in batches:
         assert len(b) <= 3

@@ -19,14 +19,25 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from cna_dist import capture as cap
-from cna_dist import model as modelmod
-from cna_dist.replica import Replica
-from cna_dist.store import ShardPlan
+from cna_dist.io.store import ShardPlan
+from cna_dist.model import capture as cap
+from cna_dist.model import checkpoint as modelmod
+from cna_dist.runtime.replica import Replica
 
 ROOT = Path(__file__).resolve().parents[1]
-HOST_SYNC_OPS = {"_local_scalar_dense", "is_nonzero", "nonzero", "nonzero_static", "masked_select", "equal",
-                 "_unique", "_unique2", "unique_dim", "unique_consecutive", "repeat_interleave"}
+HOST_SYNC_OPS = {
+    "_local_scalar_dense",
+    "is_nonzero",
+    "nonzero",
+    "nonzero_static",
+    "masked_select",
+    "equal",
+    "_unique",
+    "_unique2",
+    "unique_dim",
+    "unique_consecutive",
+    "repeat_interleave",
+}
 
 
 def prompts(vocab: int, n: int, seed: int = 0) -> list[list[int]]:
@@ -43,8 +54,10 @@ class HostSyncOps(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.overloadpacket.__name__
-        if name in HOST_SYNC_OPS or (name == "index" and any(
-                isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] if len(args) > 1 else []))):
+        if name in HOST_SYNC_OPS or (
+            name == "index"
+            and any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] if len(args) > 1 else []))
+        ):
             self.seen.append(name)
         return func(*args, **(kwargs or {}))
 
@@ -56,17 +69,20 @@ def test_capture_loop_reads_nothing_back_cpu(which: str, request: pytest.Fixture
     with cap.Capturer(model) as capturer:
         assert capturer.sdpa  # the device-built mask path is the one under test
         with HostSyncOps() as ops:
-            out, overflow = cap.capture_with(capturer, token_ids, tokenizer.pad_token_id, dtype="float16",
-                                             token_budget=200, max_batch_size=8)
+            out, overflow = cap.capture_with(
+                capturer, token_ids, tokenizer.pad_token_id, dtype="float16", token_budget=200, max_batch_size=8
+            )
     assert ops.seen == []
-    expected, n_over = cap.capture(model, token_ids, tokenizer.pad_token_id, dtype="float16", token_budget=10**9,
-                                   max_batch_size=1)
+    expected, n_over = cap.capture(
+        model, token_ids, tokenizer.pad_token_id, dtype="float16", token_budget=10**9, max_batch_size=1
+    )
     assert overflow == n_over and out.shape == expected.shape
     np.testing.assert_allclose(out.astype(np.float32), expected.astype(np.float32), rtol=2e-3, atol=2e-3)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(),
-                    reason="no CUDA GPU: torch.cuda.set_sync_debug_mode only sees CUDA synchronisations")
+@pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA GPU: torch.cuda.set_sync_debug_mode only sees CUDA synchronisations"
+)
 def test_no_host_sync_inside_the_batch_loop_cuda(tiny_llama: Path) -> None:
     model, tokenizer = modelmod.load(tiny_llama, dtype="float32")
     token_ids = prompts(model.config.vocab_size, 32)
@@ -78,8 +94,9 @@ def test_no_host_sync_inside_the_batch_loop_cuda(tiny_llama: Path) -> None:
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")  # any implicit sync raises; CUDA event waits are not flagged
         try:
-            out, overflow = cap.capture_with(capturer, token_ids, tokenizer.pad_token_id, dtype="float32",
-                                             token_budget=160, max_batch_size=8)
+            out, overflow = cap.capture_with(
+                capturer, token_ids, tokenizer.pad_token_id, dtype="float32", token_budget=160, max_batch_size=8
+            )
         finally:
             torch.cuda.set_sync_debug_mode(0)
     assert overflow == cpu_over == 0
@@ -104,8 +121,7 @@ class SlowRun:
         self.writes[plan.shard] = (start, time.perf_counter())
 
 
-def test_replica_overlaps_writes_with_the_next_compute(tiny_llama: Path,
-                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def test_replica_overlaps_writes_with_the_next_compute(tiny_llama: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Two concurrent calls as Ray's max_concurrency=2 makes them: computes serialise, writes run beside them."""
     replica = Replica(str(tiny_llama), {}, "float32", False, 0, None, "float32", 8192, 64)
     vocab = replica.model.config.vocab_size
@@ -152,8 +168,17 @@ def test_replica_overlaps_writes_with_the_next_compute(tiny_llama: Path,
     by_shard = {r["shard"]: r for r in results}
     assert set(by_shard) == {0, 1, 2, 3}
     for r in results:
-        assert {"shard", "replica", "rows", "float16_overflow", "seconds", "compute_seconds", "idle_seconds",
-                "queued_seconds", "write_seconds"} <= set(r)
+        assert {
+            "shard",
+            "replica",
+            "rows",
+            "float16_overflow",
+            "seconds",
+            "compute_seconds",
+            "idle_seconds",
+            "queued_seconds",
+            "write_seconds",
+        } <= set(r)
         assert r["compute_seconds"] >= 0.09 and r["write_seconds"] >= 0.59
     # A third shard only arrives when a write returns (0.6 s after its compute) while the other compute takes
     # 0.1 s: the devices sit idle about 0.5 s before it, and the replica reports that as idle_seconds.
@@ -176,13 +201,37 @@ def test_replica_lock_is_released_when_compute_fails(tiny_llama: Path, monkeypat
 
 def test_benchmark_smoke_on_cpu(tmp_path: Path) -> None:
     out = tmp_path / "figures.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "capture_gpu.py"), "--shape", "tiny",
-                           "--prompts", "16", "--repeats", "1", "--device", "cpu", "--json", str(out)],
-                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "capture_gpu.py"),
+            "--shape",
+            "tiny",
+            "--prompts",
+            "16",
+            "--repeats",
+            "1",
+            "--device",
+            "cpu",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     text = proc.stdout
-    for line in ("prompts:", "project ", "reference ", "== summary ==", "ratio (project / reference prompts/s):",
-                 "write overlap: GPU idle", "MFU n/a"):
+    for line in (
+        "prompts:",
+        "project ",
+        "reference ",
+        "== summary ==",
+        "ratio (project / reference prompts/s):",
+        "write overlap: GPU idle",
+        "MFU n/a",
+    ):
         assert line in text, (line, text)
     import json
 

@@ -11,24 +11,43 @@ import pytest
 import torch
 
 from cna_dist import circuit as circuitmod
-from cna_dist import registry, steer
 from cna_dist.errors import BadInput
+from cna_dist.io import registry
+from cna_dist.model import steer
 
 
 def make_circuit(name: str = "refusal", seed: int = 0, prompt_sha: str = "a" * 64) -> circuitmod.Circuit:
     rng = np.random.default_rng(seed)
     pos, neg = rng.standard_normal((4, 16)), rng.standard_normal((4, 16))
     delta = pos - neg
-    from cna_dist import reduce as r
+    from cna_dist.core import reduce as r
 
     selected = r.select(delta, 5, [0, 1])
-    model = circuitmod.ModelRef(uri="/models/tiny-instruct", architecture="LlamaForCausalLM", n_layers=4,
-                                intermediate_size=16, fingerprint="f" * 64)
-    prompts = {"positive": circuitmod.PromptRef(uri="/p.jsonl", sha256=prompt_sha, count=3),
-               "negative": circuitmod.PromptRef(uri="/n.jsonl", sha256="b" * 64, count=3)}
-    return circuitmod.build(name=name, model=model, params={"k": 5}, prompts=prompts, delta=delta, mean_pos=pos,
-                            mean_neg=neg, selected=selected, universal=None, displaced=np.empty(0, np.int64),
-                            run="r1", store=None)
+    model = circuitmod.ModelRef(
+        uri="/models/tiny-instruct",
+        architecture="LlamaForCausalLM",
+        n_layers=4,
+        intermediate_size=16,
+        fingerprint="f" * 64,
+    )
+    prompts = {
+        "positive": circuitmod.PromptRef(uri="/p.jsonl", sha256=prompt_sha, count=3),
+        "negative": circuitmod.PromptRef(uri="/n.jsonl", sha256="b" * 64, count=3),
+    }
+    return circuitmod.build(
+        name=name,
+        model=model,
+        params={"k": 5},
+        prompts=prompts,
+        delta=delta,
+        mean_pos=pos,
+        mean_neg=neg,
+        selected=selected,
+        universal=None,
+        displaced=np.empty(0, np.int64),
+        run="r1",
+        store=None,
+    )
 
 
 def test_round_trip_and_sorting(tmp_path: Path) -> None:
@@ -40,8 +59,18 @@ def test_round_trip_and_sorting(tmp_path: Path) -> None:
     assert deltas == sorted(deltas, reverse=True)
     raw = json.loads(Path(published.uri).read_text())
     assert raw["schema"] == "cna-circuit/1"
-    for key in ("name", "version", "created_at", "model", "params", "prompts", "neurons", "universal", "stats",
-                "provenance"):
+    for key in (
+        "name",
+        "version",
+        "created_at",
+        "model",
+        "params",
+        "prompts",
+        "neurons",
+        "universal",
+        "stats",
+        "provenance",
+    ):
         assert key in raw
     assert set(raw["neurons"][0]) >= {"layer", "neuron", "delta", "mean_pos", "mean_neg"}
 
@@ -97,7 +126,7 @@ def test_reference_format_round_trip() -> None:
 
 
 def test_steering_m1_is_bit_identical_and_m0_zeroes(tiny_llama: Path) -> None:
-    from cna_dist import model as modelmod
+    from cna_dist.model import checkpoint as modelmod
 
     model, _ = modelmod.load(tiny_llama, dtype="float32")
     ids = torch.tensor([[5, 9, 11, 3, 8, 20]])

@@ -31,8 +31,9 @@ def test_legacy_store_is_reused_and_the_registry_says_unchanged(tmp_path: Path) 
     root = _copy(tmp_path)
     before = json.loads((root / "circuits/legacy/model/v1.json").read_text())
     summary = tmp_path / "summary.json"
-    result = CliRunner().invoke(main, ["mine", str(root / "manifest.yaml"), "--in-process", "--quiet",
-                                       "--summary", str(summary)])
+    result = CliRunner().invoke(
+        main, ["mine", str(root / "manifest.yaml"), "--in-process", "--quiet", "--summary", str(summary)]
+    )
     assert result.exit_code == 0, result.output
     assert "unchanged, v1" in result.output
     s = json.loads(summary.read_text())

@@ -35,7 +35,7 @@ def test_demo_recovers_the_planted_gate(tmp_path: Path) -> None:
 
 
 def test_ray_two_replicas_equal_in_process(tmp_path: Path) -> None:
-    from cna_dist.demo import write_inputs
+    from cna_dist.commands.demo import write_inputs
 
     manifest, _ = write_inputs(tmp_path / "d")
     text = manifest.read_text().replace("capture:\n  dtype: float32", "capture:\n  dtype: float32\n  shard_rows: 8")

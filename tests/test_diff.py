@@ -8,19 +8,37 @@ import numpy as np
 import pytest
 
 from cna_dist import circuit as circuitmod
-from cna_dist import diff
+from cna_dist.core import diff
 
 
-def make(neurons: list[tuple[int, int, float]], *, name: str = "refusal", version: int = 0, n_layers: int = 4,
-         fingerprint: str = "f" * 64) -> circuitmod.Circuit:
-    model = circuitmod.ModelRef(uri=f"/models/tiny-{n_layers}", architecture="LlamaForCausalLM", n_layers=n_layers,
-                                intermediate_size=16, fingerprint=fingerprint)
+def make(
+    neurons: list[tuple[int, int, float]],
+    *,
+    name: str = "refusal",
+    version: int = 0,
+    n_layers: int = 4,
+    fingerprint: str = "f" * 64,
+) -> circuitmod.Circuit:
+    model = circuitmod.ModelRef(
+        uri=f"/models/tiny-{n_layers}",
+        architecture="LlamaForCausalLM",
+        n_layers=n_layers,
+        intermediate_size=16,
+        fingerprint=fingerprint,
+    )
     ranked = sorted(neurons, key=lambda t: -abs(t[2]))
-    return circuitmod.Circuit(name=name, version=version, created_at="2024-01-01T00:00:00+00:00", model=model,
-                              params={}, prompts={},
-                              neurons=[circuitmod.Neuron(layer=ly, neuron=n, delta=d, mean_pos=d, mean_neg=0.0)
-                                       for ly, n, d in ranked],
-                              universal=[], stats={}, provenance=circuitmod.Provenance(run="test"))
+    return circuitmod.Circuit(
+        name=name,
+        version=version,
+        created_at="2024-01-01T00:00:00+00:00",
+        model=model,
+        params={},
+        prompts={},
+        neurons=[circuitmod.Neuron(layer=ly, neuron=n, delta=d, mean_pos=d, mean_neg=0.0) for ly, n, d in ranked],
+        universal=[],
+        stats={},
+        provenance=circuitmod.Provenance(run="test"),
+    )
 
 
 # Shared (sorted by pair): (2,0) (2,1) (3,5) (3,7); a = [4, 2, 2, 1], b = [20, 30, 20, -10].
@@ -34,10 +52,20 @@ def test_compare_hand_made() -> None:
     a = make(A, name="a", version=1)
     b = make(B, name="b", version=2, n_layers=6, fingerprint="e" * 64)
     d = diff.compare(a, b)
-    assert list(d) == ["a", "b", "same_model", "jaccard", "shared", "only_a", "only_b", "rank_correlation",
-                       "rank_correlation_reason", "sign_agreement", "per_layer"]
-    assert d["a"] == {"name": "a", "version": 1, "model_uri": "/models/tiny-4", "fingerprint": "f" * 64,
-                      "n_neurons": 5}
+    assert list(d) == [
+        "a",
+        "b",
+        "same_model",
+        "jaccard",
+        "shared",
+        "only_a",
+        "only_b",
+        "rank_correlation",
+        "rank_correlation_reason",
+        "sign_agreement",
+        "per_layer",
+    ]
+    assert d["a"] == {"name": "a", "version": 1, "model_uri": "/models/tiny-4", "fingerprint": "f" * 64, "n_neurons": 5}
     assert d["b"]["name"] == "b" and d["b"]["n_neurons"] == 5
     assert d["same_model"] is False
     assert d["jaccard"] == pytest.approx(4 / 6)
@@ -45,9 +73,14 @@ def test_compare_hand_made() -> None:
     assert d["rank_correlation"] == pytest.approx(0.5)
     assert d["rank_correlation_reason"] is None
     assert d["sign_agreement"] == pytest.approx(0.75)
-    assert d["per_layer"] == [{"layer": 0, "a": 0, "b": 1, "shared": 0}, {"layer": 1, "a": 1, "b": 0, "shared": 0},
-                              {"layer": 2, "a": 2, "b": 2, "shared": 2}, {"layer": 3, "a": 2, "b": 2, "shared": 2},
-                              {"layer": 4, "a": 0, "b": 0, "shared": 0}, {"layer": 5, "a": 0, "b": 0, "shared": 0}]
+    assert d["per_layer"] == [
+        {"layer": 0, "a": 0, "b": 1, "shared": 0},
+        {"layer": 1, "a": 1, "b": 0, "shared": 0},
+        {"layer": 2, "a": 2, "b": 2, "shared": 2},
+        {"layer": 3, "a": 2, "b": 2, "shared": 2},
+        {"layer": 4, "a": 0, "b": 0, "shared": 0},
+        {"layer": 5, "a": 0, "b": 0, "shared": 0},
+    ]
     assert json.loads(json.dumps(d)) == d
     flipped = diff.compare(b, a)
     assert flipped["jaccard"] == d["jaccard"] and flipped["rank_correlation"] == pytest.approx(0.5)
@@ -56,12 +89,25 @@ def test_compare_hand_made() -> None:
 def test_identical_and_built_circuits() -> None:
     rng = np.random.default_rng(0)
     pos, neg = rng.standard_normal((4, 16)), rng.standard_normal((4, 16))
-    model = circuitmod.ModelRef(uri="/m", architecture="LlamaForCausalLM", n_layers=4, intermediate_size=16,
-                                fingerprint="f" * 64)
+    model = circuitmod.ModelRef(
+        uri="/m", architecture="LlamaForCausalLM", n_layers=4, intermediate_size=16, fingerprint="f" * 64
+    )
     delta = pos - neg
     selected = np.argsort(-np.abs(delta).reshape(-1), kind="stable")[:6]
-    c = circuitmod.build(name="x", model=model, params={}, prompts={}, delta=delta, mean_pos=pos, mean_neg=neg,
-                         selected=selected, universal=None, displaced=np.empty(0, np.int64), run="r", store=None)
+    c = circuitmod.build(
+        name="x",
+        model=model,
+        params={},
+        prompts={},
+        delta=delta,
+        mean_pos=pos,
+        mean_neg=neg,
+        selected=selected,
+        universal=None,
+        displaced=np.empty(0, np.int64),
+        run="r",
+        store=None,
+    )
     d = diff.compare(c, c)
     assert d["jaccard"] == 1.0 and d["same_model"] is True and d["only_a"] == d["only_b"] == 0
     assert d["rank_correlation"] == pytest.approx(1.0) and d["sign_agreement"] == 1.0
@@ -118,8 +164,12 @@ def test_render_text() -> None:
     assert "only A: 1, only B: 1" in text
     assert "+0.5000" in text and "75.0%" in text and "fingerprints differ" in text
     table = text.split("layer")[-1].strip().splitlines()[1:]
-    assert [row.split() for row in table] == [["0", "0", "1", "0"], ["1", "1", "0", "0"], ["2", "2", "2", "2"],
-                                              ["3", "2", "2", "2"]]
+    assert [row.split() for row in table] == [
+        ["0", "0", "1", "0"],
+        ["1", "1", "0", "0"],
+        ["2", "2", "2", "2"],
+        ["3", "2", "2", "2"],
+    ]
     none = diff.render_text(diff.compare(make([(0, 1, 1.0)]), make([(0, 1, 1.0)])))
     assert "n/a (fewer than 2 shared neurons (1))" in none
     assert "no neurons in either circuit" in diff.render_text(diff.compare(make([]), make([])))

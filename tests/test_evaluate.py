@@ -8,11 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from cna_dist import evaluate as ev
-from cna_dist import model as modelmod
-from cna_dist import prompts as promptsmod
-from cna_dist import steer
-from cna_dist.tiny import demo_prompts
+from cna_dist.core import metrics as ev
+from cna_dist.demo.words import demo_prompts
+from cna_dist.model import checkpoint as modelmod
+from cna_dist.model import generate as gen
+from cna_dist.model import prompts as promptsmod
+from cna_dist.model import steer
 
 MAX_NEW = 10
 
@@ -40,10 +41,12 @@ def harmful_ids(planted_lm) -> list[list[int]]:
 
 
 def test_score_exact_values() -> None:
-    texts = ["I'm sorry, I can't help with that.",  # refusal; 7 words, 4 distinct 4-grams
-             "go go go go go go",  # 3 grams, 1 distinct
-             "ok",  # under 4 words: 1.0
-             "x " * 600 + "I cannot help"]  # the refusal phrase starts after 500 characters: not a refusal
+    texts = [
+        "I'm sorry, I can't help with that.",  # refusal; 7 words, 4 distinct 4-grams
+        "go go go go go go",  # 3 grams, 1 distinct
+        "ok",  # under 4 words: 1.0
+        "x " * 600 + "I cannot help",
+    ]  # the refusal phrase starts after 500 characters: not a refusal
     assert [ev.quality(t) for t in texts] == [1.0, 1 / 3, 1.0, 4 / 600]
     assert [ev.is_refusal(t) for t in texts] == [True, False, False, False]
     result = ev.score(texts)
@@ -95,15 +98,15 @@ def test_random_pairs_errors() -> None:
 
 def test_planted_refusal_steering_and_random_control(planted_lm, harmful_ids) -> None:
     pm, model, tokenizer = planted_lm
-    base = ev.generate(model, tokenizer, harmful_ids, max_new_tokens=MAX_NEW)
+    base = gen.generate(model, tokenizer, harmful_ids, max_new_tokens=MAX_NEW)
     with steer.steered(model, pm.gate, 1.0):
-        kept = ev.generate(model, tokenizer, harmful_ids, max_new_tokens=MAX_NEW)
+        kept = gen.generate(model, tokenizer, harmful_ids, max_new_tokens=MAX_NEW)
     with steer.steered(model, pm.gate, 0.0):
-        ablated = ev.generate(model, tokenizer, harmful_ids, max_new_tokens=MAX_NEW)
+        ablated = gen.generate(model, tokenizer, harmful_ids, max_new_tokens=MAX_NEW)
     control = ev.random_pairs(pm.gate, model.config.intermediate_size, seed=0, avoid=pm.universal)
     assert sorted({layer for layer, _ in control}) == sorted({layer for layer, _ in pm.gate})
     with steer.steered(model, control, 0.0):
-        controlled = ev.generate(model, tokenizer, harmful_ids, max_new_tokens=MAX_NEW)
+        controlled = gen.generate(model, tokenizer, harmful_ids, max_new_tokens=MAX_NEW)
 
     assert kept == base  # m = 1 is no intervention
     assert ev.score(kept)["refusal_rate"] >= 0.9
@@ -119,13 +122,18 @@ def test_batched_generation_equals_one_at_a_time(which: str, request: pytest.Fix
     else:
         model, tokenizer = modelmod.load(request.getfixturevalue(which), dtype="float32")
     sets = demo_prompts()
-    texts = [sets["eval"][0], "hi", sets["negative"][1], sets["diverse"][0],
-             sets["positive"][2] + " and then tell me the rest of it in detail please"]
+    texts = [
+        sets["eval"][0],
+        "hi",
+        sets["negative"][1],
+        sets["diverse"][0],
+        sets["positive"][2] + " and then tell me the rest of it in detail please",
+    ]
     ids = encode_all(tokenizer, texts)
     assert len({len(t) for t in ids}) == len(ids)  # mixed lengths, so rows really are padded
-    single = [ev.generate(model, tokenizer, [t], max_new_tokens=MAX_NEW)[0] for t in ids]
-    assert ev.generate(model, tokenizer, ids, max_new_tokens=MAX_NEW) == single
-    assert ev.generate(model, tokenizer, ids, max_new_tokens=MAX_NEW, max_batch_size=4, token_budget=60) == single
+    single = [gen.generate(model, tokenizer, [t], max_new_tokens=MAX_NEW)[0] for t in ids]
+    assert gen.generate(model, tokenizer, ids, max_new_tokens=MAX_NEW) == single
+    assert gen.generate(model, tokenizer, ids, max_new_tokens=MAX_NEW, max_batch_size=4, token_budget=60) == single
     if which != "planted":
         assert sum(len(s) for s in single) >= 10, single  # random models do not just emit EOS
 
@@ -133,7 +141,7 @@ def test_batched_generation_equals_one_at_a_time(which: str, request: pytest.Fix
 def test_generation_stays_greedy_whatever_the_checkpoint_config(tiny_llama: Path) -> None:
     model, tokenizer = modelmod.load(tiny_llama, dtype="float32")
     ids = encode_all(tokenizer, ["how do i bake a cake", "tell me a joke"])
-    plain = ev.generate(model, tokenizer, ids, max_new_tokens=MAX_NEW)
+    plain = gen.generate(model, tokenizer, ids, max_new_tokens=MAX_NEW)
     config = model.generation_config
     config.do_sample, config.temperature, config.top_p, config.top_k = True, 0.6, 0.9, 5
     config.repetition_penalty, config.no_repeat_ngram_size, config.num_beams = 5.0, 2, 3
@@ -146,7 +154,7 @@ def test_generation_stays_greedy_whatever_the_checkpoint_config(tiny_llama: Path
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            again = [ev.generate(model, tokenizer, ids, max_new_tokens=MAX_NEW) for _ in range(2)]
+            again = [gen.generate(model, tokenizer, ids, max_new_tokens=MAX_NEW) for _ in range(2)]
     finally:
         logger.removeHandler(handler)
     assert again == [plain, plain]
@@ -165,7 +173,7 @@ def test_steering_hooks_are_removed_on_error(tiny_llama: Path) -> None:
 
 def test_generate_keeps_prompt_order_and_handles_empty(planted_lm, harmful_ids) -> None:
     pm, model, tokenizer = planted_lm
-    assert ev.generate(model, tokenizer, [], max_new_tokens=4) == []
+    assert gen.generate(model, tokenizer, [], max_new_tokens=4) == []
     ids = harmful_ids[:2] + encode_all(tokenizer, demo_prompts()["negative"][:2])
-    assert ev.generate(model, tokenizer, ids, max_new_tokens=12) == [pm.refusal_text] * 2 + [pm.answer_text] * 2
+    assert gen.generate(model, tokenizer, ids, max_new_tokens=12) == [pm.refusal_text] * 2 + [pm.answer_text] * 2
     assert ev.score([pm.refusal_text, pm.answer_text])["refusal_rate"] == 0.5

@@ -24,10 +24,10 @@ import pytest
 
 from cna_dist import circuit as circuitmod
 from cna_dist import manifest as manifestmod
-from cna_dist import pipeline
-from cna_dist.demo import write_inputs
-from cna_dist.driver import RayExecutor
-from cna_dist.store import ActivationStore
+from cna_dist.commands import mine as pipeline
+from cna_dist.commands.demo import write_inputs
+from cna_dist.io.store import ActivationStore
+from cna_dist.runtime.ray_executor import RayExecutor
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -43,7 +43,8 @@ def demo_manifest(out: Path, *, shard_rows: int = 4, max_batch_size: int = 64) -
     manifest, _ = write_inputs(out)
     text = manifest.read_text().replace(
         "capture:\n  dtype: float32",
-        f"capture:\n  dtype: float32\n  shard_rows: {shard_rows}\n  max_batch_size: {max_batch_size}")
+        f"capture:\n  dtype: float32\n  shard_rows: {shard_rows}\n  max_batch_size: {max_batch_size}",
+    )
     manifest.write_text(text)
     return manifest
 
@@ -85,8 +86,9 @@ def test_killed_replica_mid_capture_gives_the_fault_free_circuit(tmp_path: Path)
             kill_and_wait(killed[0])
 
     with RayExecutor(replicas=2, max_in_flight=4, backoff_s=0.1, num_cpus=2) as executor:
-        expected = pipeline.mine(manifestmod.load(demo_manifest(tmp_path / "reference")), progress=False,
-                                 executor=executor).circuit
+        expected = pipeline.mine(
+            manifestmod.load(demo_manifest(tmp_path / "reference")), progress=False, executor=executor
+        ).circuit
         executor.on_shard = kill_first_writer
         result = pipeline.mine(manifestmod.load(manifest), progress=False, executor=executor)
     s = result.summary
@@ -132,10 +134,30 @@ def ray_head() -> Iterator[dict[str, str]]:
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
     starter = subprocess.Popen(
-        [str(BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
-         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--num-cpus", "3", "--temp-dir", temp,
-         "--disable-usage-stats"], env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        text=True)
+        [
+            str(BIN / "ray"),
+            "start",
+            "--head",
+            "--node-ip-address",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--dashboard-host",
+            "127.0.0.1",
+            "--dashboard-port",
+            str(dash),
+            "--num-cpus",
+            "3",
+            "--temp-dir",
+            temp,
+            "--disable-usage-stats",
+        ],
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     sid = starter.pid
     try:
         out, _ = starter.communicate(timeout=120)
@@ -150,14 +172,47 @@ def ray_head() -> Iterator[dict[str, str]]:
 
 def submit(env: dict[str, str], manifest: Path, *extra: str, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [str(BIN / "ray"), "job", "submit", "--address", env["RAY_ADDRESS"], "--working-dir", str(ROOT), "--",
-         sys.executable, "jobs/mine_circuit.py", str(manifest), "--quiet", *extra],
-        env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+        [
+            str(BIN / "ray"),
+            "job",
+            "submit",
+            "--address",
+            env["RAY_ADDRESS"],
+            "--working-dir",
+            str(ROOT),
+            "--",
+            sys.executable,
+            "jobs/mine_circuit.py",
+            str(manifest),
+            "--quiet",
+            *extra,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+    )
 
 
 def mine_on_head(env: dict[str, str], manifest: Path, *extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "cna-dist"), "mine", str(manifest), "--quiet", "--replicas", "1", "--address",
-                           env["GCS_ADDRESS"], *extra], env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [
+            str(BIN / "cna-dist"),
+            "mine",
+            str(manifest),
+            "--quiet",
+            "--replicas",
+            "1",
+            "--address",
+            env["GCS_ADDRESS"],
+            *extra,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def reference_circuit(env: dict[str, str], out: Path, max_batch_size: int = 64) -> circuitmod.Circuit:
@@ -167,8 +222,9 @@ def reference_circuit(env: dict[str, str], out: Path, max_batch_size: int = 64) 
     return circuitmod.load(done.stdout.strip().splitlines()[-1])
 
 
-def test_job_submit_publishes_the_circuit_and_a_wrong_token_is_refused(ray_head: dict[str, str],
-                                                                       tmp_path: Path) -> None:
+def test_job_submit_publishes_the_circuit_and_a_wrong_token_is_refused(
+    ray_head: dict[str, str], tmp_path: Path
+) -> None:
     manifest = demo_manifest(tmp_path / "job")
     refused = submit({**ray_head, "RAY_AUTH_TOKEN": "not-the-token"}, manifest, timeout=120)
     assert refused.returncode != 0
@@ -186,10 +242,19 @@ def test_killed_driver_then_rerun_reuses_committed_shards(ray_head: dict[str, st
     # One prompt per forward pass and one replica, so capture runs long enough to be interrupted.
     manifest = demo_manifest(tmp_path / "driver", max_batch_size=1)
     commits = tmp_path / "driver" / "store"
-    cmd = [str(BIN / "cna-dist"), "mine", str(manifest), "--quiet", "--replicas", "1", "--address",
-           ray_head["GCS_ADDRESS"]]
-    driver = subprocess.Popen(cmd, env=ray_head, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              start_new_session=True)
+    cmd = [
+        str(BIN / "cna-dist"),
+        "mine",
+        str(manifest),
+        "--quiet",
+        "--replicas",
+        "1",
+        "--address",
+        ray_head["GCS_ADDRESS"],
+    ]
+    driver = subprocess.Popen(
+        cmd, env=ray_head, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     try:
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline and driver.poll() is None:
@@ -209,18 +274,28 @@ def test_killed_driver_then_rerun_reuses_committed_shards(ray_head: dict[str, st
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     s = json.loads(summary.read_text())
     assert s["shards_reused"] >= committed and s["shards_reused"] + s["shards_captured"] == 18
-    assert_same_circuit(circuitmod.load(rerun.stdout.strip().splitlines()[-1]),
-                        reference_circuit(ray_head, tmp_path / "reference", max_batch_size=1))
+    assert_same_circuit(
+        circuitmod.load(rerun.stdout.strip().splitlines()[-1]),
+        reference_circuit(ray_head, tmp_path / "reference", max_batch_size=1),
+    )
     assert_each_row_once(manifest)
 
 
 def test_a_shard_that_keeps_failing_is_reported_by_name(tmp_path: Path) -> None:
     from cna_dist.errors import RunFailure
-    from cna_dist.store import RunMeta
+    from cna_dist.io.store import RunMeta
 
     m = manifestmod.load(demo_manifest(tmp_path / "bad"))
-    meta = RunMeta(fingerprint="f" * 64, model_uri=m.model.uri, n_layers=8, intermediate_size=256, dtype="float32",
-                   model_dtype="float32", chat_template=True, shard_rows=4)
+    meta = RunMeta(
+        fingerprint="f" * 64,
+        model_uri=m.model.uri,
+        n_layers=8,
+        intermediate_size=256,
+        dtype="float32",
+        model_dtype="float32",
+        chat_template=True,
+        shard_rows=4,
+    )
     run = ActivationStore(m.output.store).open_run(meta)
     plans = run.plan(["a" * 64, "b" * 64])
     token_ids = {"a" * 64: [10**6], "b" * 64: [1, 2]}  # an id beyond the vocabulary fails inside the replica

@@ -28,8 +28,11 @@ INFRA = REPO / "infra"
 CRD_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "kuberay-crds"
 
 if not CRD_DIR.is_dir():
-    pytest.skip(f"KubeRay CRDs not found at {CRD_DIR} (the shared/kuberay-crds folder next to the "
-                "repository); cannot validate infra/ offline", allow_module_level=True)
+    pytest.skip(
+        f"KubeRay CRDs not found at {CRD_DIR} (the shared/kuberay-crds folder next to the "
+        "repository); cannot validate infra/ offline",
+        allow_module_level=True,
+    )
 
 RAY_API = "ray.io/v1"
 SECRET_NAME = "cna-dist-s3"
@@ -44,6 +47,7 @@ FAST_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when PyYA
 
 
 # ---------------------------------------------------------------------------------------------- loading
+
 
 def _load_documents() -> list[tuple[str, dict]]:
     """(id, document) for every YAML document in infra/*.yaml, plus YAML documents held in ConfigMaps."""
@@ -91,8 +95,11 @@ def _cluster_spec(doc: dict) -> dict:
     return doc["spec"] if doc["kind"] == "RayCluster" else _job_spec(doc)["rayClusterSpec"]
 
 
-CLUSTER_SPECS = [(doc_id, _cluster_spec(doc)) for doc_id, doc in RAY_DOCS
-                 if doc.get("kind") in ("RayCluster", "RayJob", "RayCronJob")]
+CLUSTER_SPECS = [
+    (doc_id, _cluster_spec(doc))
+    for doc_id, doc in RAY_DOCS
+    if doc.get("kind") in ("RayCluster", "RayJob", "RayCronJob")
+]
 
 
 def _groups(spec: dict) -> list[tuple[str, dict]]:
@@ -103,8 +110,22 @@ def _ray_container(group: dict) -> dict:
     return group["template"]["spec"]["containers"][0]  # KubeRay: the Ray container is the first one
 
 
-_UNITS = {"": 1, "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15, "E": 1e18,
-          "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60}
+_UNITS = {
+    "": 1,
+    "m": 1e-3,
+    "k": 1e3,
+    "M": 1e6,
+    "G": 1e9,
+    "T": 1e12,
+    "P": 1e15,
+    "E": 1e18,
+    "Ki": 2**10,
+    "Mi": 2**20,
+    "Gi": 2**30,
+    "Ti": 2**40,
+    "Pi": 2**50,
+    "Ei": 2**60,
+}
 
 
 def quantity(value: Any) -> float:
@@ -130,8 +151,7 @@ OBJECT_META = {  # the API server's own ObjectMeta, closed, in place of the CRD'
         "labels": {"type": "object", "additionalProperties": {"type": "string"}},
         "annotations": {"type": "object", "additionalProperties": {"type": "string"}},
         "finalizers": {"type": "array", "items": {"type": "string"}},
-        "ownerReferences": {"type": "array", "items": {"type": "object",
-                                                       "x-kubernetes-preserve-unknown-fields": True}},
+        "ownerReferences": {"type": "array", "items": {"type": "object", "x-kubernetes-preserve-unknown-fields": True}},
     },
     "anyOf": [{"required": ["name"]}, {"required": ["generateName"]}],
 }
@@ -188,12 +208,14 @@ def _list_map_keys(validator: Any, keys: list[str], instance: Any, schema: dict)
             key = tuple(item.get(k) for k in keys)
             if key in seen:
                 yield jsonschema.ValidationError(
-                    f"items {seen[key]} and {i} repeat the list-map key {dict(zip(keys, key, strict=True))}")
+                    f"items {seen[key]} and {i} repeat the list-map key {dict(zip(keys, key, strict=True))}"
+                )
             seen[key] = i
 
 
-K8sValidator = jsonschema.validators.extend(jsonschema.Draft202012Validator,
-                                            {"x-kubernetes-list-map-keys": _list_map_keys})
+K8sValidator = jsonschema.validators.extend(
+    jsonschema.Draft202012Validator, {"x-kubernetes-list-map-keys": _list_map_keys}
+)
 
 
 @cache
@@ -222,11 +244,14 @@ def validator_for(kind: str) -> Any:
 
 def errors_of(doc: dict) -> list[str]:
     errors = validator_for(doc["kind"]).iter_errors(doc)
-    return [f"{'.'.join(map(str, e.absolute_path)) or '<root>'}: {e.message}"
-            for e in sorted(errors, key=lambda e: list(map(str, e.absolute_path)))]
+    return [
+        f"{'.'.join(map(str, e.absolute_path)) or '<root>'}: {e.message}"
+        for e in sorted(errors, key=lambda e: list(map(str, e.absolute_path)))
+    ]
 
 
 # ------------------------------------------------------------------------------------------- the tests
+
 
 def test_crds_and_documents_present():
     assert {"RayCluster", "RayJob", "RayCronJob"} <= set(crd_schemas())
@@ -251,8 +276,7 @@ def _rename(mapping: dict, old: str, new: str) -> None:
 MUTATIONS = {
     "rayStartParam": lambda d: _rename(d["spec"]["headGroupSpec"], "rayStartParams", "rayStartParam"),
     "replica": lambda d: _rename(d["spec"]["workerGroupSpecs"][0], "replicas", "replica"),
-    "volumeMount": lambda d: _rename(_ray_container(d["spec"]["workerGroupSpecs"][0]), "volumeMounts",
-                                     "volumeMount"),
+    "volumeMount": lambda d: _rename(_ray_container(d["spec"]["workerGroupSpecs"][0]), "volumeMounts", "volumeMount"),
     "enableInTreeAutoScaling": lambda d: _rename(d["spec"], "enableInTreeAutoscaling", "enableInTreeAutoScaling"),
     "lables": lambda d: _rename(d["metadata"], "labels", "lables"),
 }
@@ -271,13 +295,14 @@ def test_misspelled_field_fails_validation(typo):
 
 BAD_VALUES = {
     "minReplicas as a string": lambda d: d["spec"]["workerGroupSpecs"][0].update(minReplicas="0"),
-    "rayStartParams value not a string": lambda d: d["spec"]["headGroupSpec"]["rayStartParams"].update(
-        {"num-cpus": 0}),
-    "memory quantity with a bad unit": lambda d: _ray_container(d["spec"]["workerGroupSpecs"][0])[
-        "resources"]["limits"].update(memory="600GB"),
+    "rayStartParams value not a string": lambda d: d["spec"]["headGroupSpec"]["rayStartParams"].update({"num-cpus": 0}),
+    "memory quantity with a bad unit": lambda d: _ray_container(d["spec"]["workerGroupSpecs"][0])["resources"][
+        "limits"
+    ].update(memory="600GB"),
     "int32 overflow": lambda d: d["spec"]["workerGroupSpecs"][0].update(maxReplicas=2**31),
     "duplicate volume name": lambda d: d["spec"]["headGroupSpec"]["template"]["spec"]["volumes"].append(
-        {"name": "dshm", "emptyDir": {}}),
+        {"name": "dshm", "emptyDir": {}}
+    ),
     "upscalingMode not in the enum": lambda d: d["spec"]["autoscalerOptions"].update(upscalingMode="Fast"),
 }
 
@@ -357,8 +382,9 @@ def test_every_ray_pod_has_cache_shm_and_s3_secret(doc_id, spec):
         assert "/dev/shm" in mounts, f"{name}: no /dev/shm volume"
         assert volumes[mounts["/dev/shm"]]["emptyDir"]["medium"] == "Memory"
         refs = [src["secretRef"]["name"] for src in container.get("envFrom", []) if "secretRef" in src]
-        secret_key_refs = [e["valueFrom"]["secretKeyRef"]["name"] for e in env.values()
-                           if "secretKeyRef" in e.get("valueFrom", {})]
+        secret_key_refs = [
+            e["valueFrom"]["secretKeyRef"]["name"] for e in env.values() if "secretKeyRef" in e.get("valueFrom", {})
+        ]
         assert SECRET_NAME in refs + secret_key_refs, f"{name}: S3 credentials not taken from {SECRET_NAME}"
     assert len(images) == 1, f"head and workers should run one image, got {images}"
 
@@ -396,8 +422,9 @@ def test_no_inline_secret_values(doc_id, doc):
             assert "value" not in node, f"{doc_id}{path}: inline value for {node['name']}"
             assert "secretKeyRef" in node["valueFrom"], f"{doc_id}{path}: {node['name']} not from a Secret"
         for key, value in node.items():
-            assert not (key.startswith("AWS_") and isinstance(value, str)), \
+            assert not (key.startswith("AWS_") and isinstance(value, str)), (
                 f"{doc_id}{path}.{key}: inline AWS setting outside the example Secret"
+            )
 
 
 def test_no_credentials_in_files():
@@ -414,8 +441,14 @@ def test_plain_kubernetes_documents_are_well_formed(doc_id, doc):
     assert doc.get("kind") in PLAIN_KINDS, f"{doc_id}: unexpected kind {doc.get('kind')}"
     assert isinstance(doc.get("metadata"), dict) and doc["metadata"].get("name"), f"{doc_id}: metadata.name"
     assert DNS1035.match(doc["metadata"]["name"]) or doc["kind"] == "Secret", doc_id
-    expected_api = {"CronJob": "batch/v1", "ConfigMap": "v1", "Secret": "v1", "ServiceAccount": "v1",
-                    "Role": "rbac.authorization.k8s.io/v1", "RoleBinding": "rbac.authorization.k8s.io/v1"}
+    expected_api = {
+        "CronJob": "batch/v1",
+        "ConfigMap": "v1",
+        "Secret": "v1",
+        "ServiceAccount": "v1",
+        "Role": "rbac.authorization.k8s.io/v1",
+        "RoleBinding": "rbac.authorization.k8s.io/v1",
+    }
     assert doc["apiVersion"] == expected_api[doc["kind"]], doc_id
 
 
@@ -478,10 +511,14 @@ def test_fallback_cronjob_creates_the_configmap_rayjob():
     account, role, binding = _the("ServiceAccount"), _the("Role"), _the("RoleBinding")
     rules = [r for r in role["rules"] if "ray.io" in r["apiGroups"] and "rayjobs" in r["resources"]]
     assert rules and {"create", "get", "list"} <= set(rules[0]["verbs"])
-    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
-                                  "name": role["metadata"]["name"]}
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "Role",
+        "name": role["metadata"]["name"],
+    }
     assert {"kind": "ServiceAccount", "name": account["metadata"]["name"]} in [
-        {k: s[k] for k in ("kind", "name")} for s in binding["subjects"]]
+        {k: s[k] for k in ("kind", "name")} for s in binding["subjects"]
+    ]
     pod = cronjob["spec"]["jobTemplate"]["spec"]["template"]
     assert pod["spec"]["serviceAccountName"] == account["metadata"]["name"]
     assert pod["spec"]["restartPolicy"] in ("Never", "OnFailure")
@@ -494,8 +531,9 @@ def test_fallback_cronjob_creates_the_configmap_rayjob():
     assert volumes[mount["name"]]["configMap"]["name"] == configmap["metadata"]["name"]
     assert target.rsplit("/", 1)[1] in configmap["data"]
     # the CronJob's pod template, checked against the (closed) core/v1 PodTemplateSpec schema in the CRD
-    pod_schema = crd_schemas()["RayCluster"]["properties"]["spec"]["properties"]["headGroupSpec"][
-        "properties"]["template"]
+    pod_schema = crd_schemas()["RayCluster"]["properties"]["spec"]["properties"]["headGroupSpec"]["properties"][
+        "template"
+    ]
     pod_errors = [e.message for e in K8sValidator(k8s_to_jsonschema(pod_schema)).iter_errors(pod)]
     assert not pod_errors, pod_errors
 
@@ -505,16 +543,16 @@ def test_kuberay_operator_rules(doc_id, doc):
     """Rules the v1.7 operator enforces at reconcile time (utils/validation.go), not in the CRD schema."""
     meta = doc["metadata"]
     name = meta.get("name") or meta["generateName"] + "x" * 5
-    limit = {"RayCluster": MAX_RAYCLUSTER_NAME, "RayJob": MAX_RAYJOB_NAME,
-             "RayCronJob": MAX_RAYJOB_NAME - 6}[doc["kind"]]
+    limit = {"RayCluster": MAX_RAYCLUSTER_NAME, "RayJob": MAX_RAYJOB_NAME, "RayCronJob": MAX_RAYJOB_NAME - 6}[
+        doc["kind"]
+    ]
     assert len(name) <= limit and DNS1035.match(name), f"{doc_id}: name {name!r}"
     if doc["kind"] != "RayCluster":
         job = _job_spec(doc)
         if job.get("ttlSecondsAfterFinished", 0) > 0:
             assert job.get("shutdownAfterJobFinishes"), "ttlSecondsAfterFinished needs shutdownAfterJobFinishes"
         assert job.get("activeDeadlineSeconds", 1) > 0 and job.get("backoffLimit", 0) >= 0
-        assert job.get("submissionMode", "K8sJobMode") in ("K8sJobMode", "HTTPMode", "InteractiveMode",
-                                                           "SidecarMode")
+        assert job.get("submissionMode", "K8sJobMode") in ("K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode")
         if "runtimeEnvYAML" in job:
             assert isinstance(yaml.safe_load(job["runtimeEnvYAML"]), dict)
         if doc["kind"] == "RayCronJob":

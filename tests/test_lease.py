@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from cna_dist.errors import RunFailure
-from cna_dist.lease import Lease
+from cna_dist.io.lease import Lease
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -66,7 +66,7 @@ def test_a_stale_heartbeat_is_taken_over_and_the_old_holder_notices(lease_uri: s
 
 def test_a_dead_driver_on_this_host_is_taken_over_at_once(tmp_path: Path) -> None:
     uri = str(tmp_path / "lease.json")
-    code = ("import sys; from cna_dist.lease import Lease; Lease(sys.argv[1]).acquire(); import os; os._exit(0)")
+    code = "import sys; from cna_dist.io.lease import Lease; Lease(sys.argv[1]).acquire(); import os; os._exit(0)"
     subprocess.run([sys.executable, "-c", code, uri], check=True)  # exits holding the lease, never releases
     held = json.loads(Path(uri).read_text())
     lease = Lease(uri, wait_s=0).acquire()  # the holder's pid is gone: no wait for the ttl

@@ -46,11 +46,17 @@ BAD_MANIFESTS = [
     ("bad-name", lambda d: d.update(name="my circuit/1"), ["name", "my circuit/1"]),
     ("missing-output", lambda d: d.pop("output"), ["output", "missing"]),
     ("unknown-protocol", lambda d: d["output"].update(store="nosuchfs://bucket/x"), ["output.store", "nosuchfs"]),
-    ("exclude-beyond-layers", lambda d: d["select"].update(exclude_layers=[0, 9]),
-     ["select.exclude_layers", "[9]", "4 layers"]),
+    (
+        "exclude-beyond-layers",
+        lambda d: d["select"].update(exclude_layers=[0, 9]),
+        ["select.exclude_layers", "[9]", "4 layers"],
+    ),
     ("top-k-too-large", lambda d: d["select"].update(top_k=10**6), ["select.top_k", "1000000"]),
-    ("missing-prompt-file", lambda d: d["prompts"]["positive"].update(uri="./prompts/nope.jsonl"),
-     ["nope.jsonl", "does not exist"]),
+    (
+        "missing-prompt-file",
+        lambda d: d["prompts"]["positive"].update(uri="./prompts/nope.jsonl"),
+        ["nope.jsonl", "does not exist"],
+    ),
     ("model-not-checkpoint", lambda d: d["model"].update(uri="./prompts"), ["prompts", "model.uri", "config.json"]),
     ("model-missing", lambda d: d["model"].update(uri="./models/absent"), ["absent", "does not exist"]),
 ]
@@ -58,16 +64,16 @@ BAD_MANIFESTS = [
 
 @pytest.mark.parametrize("name,change,needles", BAD_MANIFESTS, ids=[b[0] for b in BAD_MANIFESTS])
 @pytest.mark.parametrize("command", ["validate", "mine"])
-def test_bad_manifest_exit_2_names_the_fault_and_writes_nothing(workspace: Path, name, change, needles,
-                                                                 command: str) -> None:
+def test_bad_manifest_exit_2_names_the_fault_and_writes_nothing(
+    workspace: Path, name, change, needles, command: str
+) -> None:
     edit(workspace, change)
     before = snapshot(workspace.parent)
     result = run(command, str(workspace))
     assert result.exit_code == 2, result.output
     for needle in needles:
         assert needle in result.output, (needle, result.output)
-    assert str(workspace) in result.output or name in ("model-not-checkpoint", "model-missing",
-                                                        "missing-prompt-file")
+    assert str(workspace) in result.output or name in ("model-not-checkpoint", "model-missing", "missing-prompt-file")
     assert snapshot(workspace.parent) == before
     assert not (workspace.parent / "out").exists()
 
@@ -93,7 +99,7 @@ def test_bad_prompt_file_names_file_and_line(workspace: Path, file: str, content
 
 
 def test_prompt_formats_and_field(workspace: Path) -> None:
-    from cna_dist import prompts
+    from cna_dist.model import prompts
 
     root = workspace.parent / "prompts"
     (root / "a.json").write_text('[{"instruction": "one"}, {"instruction": "two"}]')
@@ -131,6 +137,7 @@ def test_read_only_registry_is_bad_input(workspace: Path) -> None:
 
 def test_console_script_exit_code(workspace: Path) -> None:
     edit(workspace, lambda d: d.update(colour="blue"))
-    proc = subprocess.run([sys.executable, "-m", "cna_dist.cli", "validate", str(workspace)], capture_output=True,
-                          text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "cna_dist.cli", "validate", str(workspace)], capture_output=True, text=True
+    )
     assert proc.returncode == 2 and "colour" in proc.stderr

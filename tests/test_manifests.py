@@ -15,10 +15,10 @@ import yaml
 from click.testing import CliRunner
 
 from cna_dist import manifest as manifestmod
-from cna_dist import prompts as promptsmod
-from cna_dist import registry
 from cna_dist.cli import main
+from cna_dist.io import registry
 from cna_dist.manifest import PromptSet
+from cna_dist.model import prompts as promptsmod
 
 REPO = Path(__file__).resolve().parents[1]
 MANIFESTS = REPO / "manifests"
@@ -127,7 +127,7 @@ def test_builtin_sets_are_disjoint_and_small() -> None:
     assert not sets["eval-harmful.jsonl"] & sets["harmful.jsonl"], "eval prompts must be held out"
     names = sorted(sets)
     for i, a in enumerate(names):
-        for b in names[i + 1:]:
+        for b in names[i + 1 :]:
             assert not sets[a] & sets[b], f"{a} and {b} share prompts"
     size = sum(p.stat().st_size for p in MANIFESTS.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
     assert size < 200_000
@@ -135,8 +135,7 @@ def test_builtin_sets_are_disjoint_and_small() -> None:
 
 def test_build_script_reproduces_the_committed_files(tmp_path: Path) -> None:
     out = tmp_path / "prompts"
-    subprocess.run([sys.executable, "-B", str(BUILD), "--out", str(out)], check=True, capture_output=True,
-                   timeout=120)
+    subprocess.run([sys.executable, "-B", str(BUILD), "--out", str(out)], check=True, capture_output=True, timeout=120)
     built = sorted(p.name for p in out.iterdir())
     committed = sorted(p.name for p in PROMPTS.iterdir() if p.is_file() and p.name != "build.py")
     assert built == committed
@@ -147,11 +146,13 @@ def test_build_script_reproduces_the_committed_files(tmp_path: Path) -> None:
 @pytest.mark.skipif(not SHARED_DATASETS.is_dir(), reason=f"{SHARED_DATASETS} is absent (shared data sets)")
 def test_no_prompt_is_copied_from_the_shared_datasets() -> None:
     """Their README forbids copying them into the tree: no built-in prompt holds one of their instructions."""
+
     def norm(text: str) -> str:
         return " ".join(text.lower().split()).rstrip(".?!")
 
-    theirs = {norm(row["instruction"]) for f in sorted(SHARED_DATASETS.glob("*.json"))
-              for row in json.loads(f.read_text())}
+    theirs = {
+        norm(row["instruction"]) for f in sorted(SHARED_DATASETS.glob("*.json")) for row in json.loads(f.read_text())
+    }
     ours = [norm(t) for name in PROMPT_COUNTS for t in load_set(name)]
     assert not set(ours) & theirs
     long_theirs = [t for t in theirs if len(t.split()) >= 6]

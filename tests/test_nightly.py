@@ -10,7 +10,7 @@ import yaml
 from click.testing import CliRunner
 
 from cna_dist.cli import main
-from cna_dist.demo import write_inputs
+from cna_dist.commands.demo import write_inputs
 
 
 def variant(base: Path, name: str, change) -> Path:
@@ -41,8 +41,9 @@ def test_one_bad_manifest_among_good_ones(tmp_path: Path) -> None:
     shutil.copytree(tmp_path / "inputs" / "model", broken_model)
     weights = next(broken_model.glob("*.safetensors"))
     weights.write_bytes(weights.read_bytes()[:1000])  # truncated weights: fails at load time, not validation
-    broken = variant(base, "broken", lambda d: d.update(name="refusal-broken", model={**d["model"],
-                                                                                      "uri": "./broken-model"}))
+    broken = variant(
+        base, "broken", lambda d: d.update(name="refusal-broken", model={**d["model"], "uri": "./broken-model"})
+    )
     listing = tmp_path / "inputs" / "nightly.yaml"
     listing.write_text(yaml.safe_dump({"manifests": [base.name, typo.name, broken.name, small.name]}))
 
@@ -50,7 +51,11 @@ def test_one_bad_manifest_among_good_ones(tmp_path: Path) -> None:
     assert code == 1, output
     status = {Path(e["manifest"]).name: e for e in report["manifests"]}
     assert [status[n.name]["status"] for n in (base, typo, broken, small)] == [
-        "published", "bad_input", "failed", "published"]
+        "published",
+        "bad_input",
+        "failed",
+        "published",
+    ]
     assert "selcet" in status["typo.yaml"]["error"] and "unknown key" in status["typo.yaml"]["error"]
     assert status["broken.yaml"]["exit_code"] == 1 and status["broken.yaml"]["error"].startswith("failed:")
     assert not report["ok"] and report["counts"] == {"published": 2, "bad_input": 1, "failed": 1}

@@ -67,7 +67,7 @@ def test_added_prompts_are_the_only_ones_captured(workspace: Path, tmp_path: Pat
 def test_inspect_store_and_circuit(workspace: Path, tmp_path: Path) -> None:
     import socket
 
-    from cna_dist.store import ActivationStore
+    from cna_dist.io.store import ActivationStore
 
     small_shards(workspace)
     uri, _ = mine(workspace, tmp_path / "s.json")

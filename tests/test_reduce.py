@@ -5,12 +5,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cna_dist import reduce as r
+from cna_dist.core import reduce as r
 
 
 def brute_select(delta: np.ndarray, k: int, exclude: list[int], universal: np.ndarray | None) -> list[tuple[int, int]]:
-    cands = [(layer, j) for layer in range(delta.shape[0]) for j in range(delta.shape[1])
-             if layer not in exclude and (universal is None or not universal[layer, j])]
+    cands = [
+        (layer, j)
+        for layer in range(delta.shape[0])
+        for j in range(delta.shape[1])
+        if layer not in exclude and (universal is None or not universal[layer, j])
+    ]
     cands.sort(key=lambda lj: (-abs(delta[lj]), lj))
     return cands[:k]
 
@@ -102,8 +106,14 @@ def test_reduce_in_memory_keeps_universal_out_and_records_displaced() -> None:
     for acts in (pos, neg, div):
         acts[:, 2, 5] += 100.0  # universal: huge everywhere...
     pos[:, 2, 5] += 5.0  # ...and stronger on the positive set
-    red = r.reduce_in_memory({"positive": pos, "negative": neg, "diverse": div}, k=1, exclude_layers=[0, 1],
-                             universal_fraction=0.005, universal_threshold=0.8, universal_scope="global")
+    red = r.reduce_in_memory(
+        {"positive": pos, "negative": neg, "diverse": div},
+        k=1,
+        exclude_layers=[0, 1],
+        universal_fraction=0.005,
+        universal_threshold=0.8,
+        universal_scope="global",
+    )
     assert as_pairs(red.selected, 50) == [(3, 7)]
     assert as_pairs(red.displaced, 50) == [(2, 5)]
     assert red.universal is not None and red.universal[2, 5]

@@ -21,13 +21,24 @@ import numpy as np
 import pytest
 
 from cna_dist import circuit as circuitmod
-from cna_dist import exclusive, registry
-from cna_dist import uri as urimod
-from cna_dist.diff import jaccard
+from cna_dist.core.diff import jaccard
+from cna_dist.io import exclusive, registry
+from cna_dist.io import uri as urimod
 from tests.conftest import free_port
 
-HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
-              "transfer-encoding", "upgrade", "expect", "content-length", "host"}
+HOP_BY_HOP = {
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "expect",
+    "content-length",
+    "host",
+}
 
 
 @dataclass
@@ -68,8 +79,10 @@ class ForwardingHandler(BaseHTTPRequestHandler):
             with self.state.lock:
                 self.state.seen_conditional += 1
         if conditional and self.state.mode == "reject":
-            error = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>NotImplemented</Code>'
-                     b"<Message>A header you provided implies functionality that is not implemented</Message></Error>")
+            error = (
+                b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>NotImplemented</Code>'
+                b"<Message>A header you provided implies functionality that is not implemented</Message></Error>"
+            )
             self.send_response(501)
             self.send_header("Content-Type", "application/xml")
             self.send_header("Content-Length", str(len(error)))
@@ -147,20 +160,33 @@ def fresh_registry() -> str:
     return f"s3://cna/{uuid.uuid4().hex}/circuits"
 
 
-MODEL = circuitmod.ModelRef(uri="/models/tiny-instruct", architecture="LlamaForCausalLM", n_layers=4,
-                            intermediate_size=16, fingerprint="f" * 64)
+MODEL = circuitmod.ModelRef(
+    uri="/models/tiny-instruct", architecture="LlamaForCausalLM", n_layers=4, intermediate_size=16, fingerprint="f" * 64
+)
 
 
 def make_circuit(selected: list[tuple[int, int]], prompt_sha: str = "a" * 64, seed: int = 0) -> circuitmod.Circuit:
     """A circuit whose neurons are exactly `selected` (ranked as given), built the way the pipeline builds one."""
     rng = np.random.default_rng(seed)
     pos, neg = rng.standard_normal((4, 16)), rng.standard_normal((4, 16))
-    prompts = {"positive": circuitmod.PromptRef(uri="/p.jsonl", sha256=prompt_sha, count=3),
-               "negative": circuitmod.PromptRef(uri="/n.jsonl", sha256="b" * 64, count=3)}
-    return circuitmod.build(name="refusal", model=MODEL, params={"k": len(selected)}, prompts=prompts,
-                            delta=pos - neg, mean_pos=pos, mean_neg=neg,
-                            selected=np.array([layer * 16 + n for layer, n in selected], dtype=np.int64),
-                            universal=None, displaced=np.empty(0, np.int64), run="r1", store=None)
+    prompts = {
+        "positive": circuitmod.PromptRef(uri="/p.jsonl", sha256=prompt_sha, count=3),
+        "negative": circuitmod.PromptRef(uri="/n.jsonl", sha256="b" * 64, count=3),
+    }
+    return circuitmod.build(
+        name="refusal",
+        model=MODEL,
+        params={"k": len(selected)},
+        prompts=prompts,
+        delta=pos - neg,
+        mean_pos=pos,
+        mean_neg=neg,
+        selected=np.array([layer * 16 + n for layer, n in selected], dtype=np.int64),
+        universal=None,
+        displaced=np.empty(0, np.int64),
+        run="r1",
+        store=None,
+    )
 
 
 def race(circuits: list[circuitmod.Circuit], reg: str) -> list[registry.Published]:
@@ -241,8 +267,10 @@ def test_race_without_fallback_loses_versions(proxy: ProxyState, monkeypatch: py
         reg = fresh_registry()
         circuits = racers()
         results = race(circuits, reg)
-        stored = {circuitmod.load(registry.version_uri(reg, "refusal", "tiny-instruct", v)).inputs_sha256
-                  for v in registry.versions(reg, "refusal", "tiny-instruct")}
+        stored = {
+            circuitmod.load(registry.version_uri(reg, "refusal", "tiny-instruct", v)).inputs_sha256
+            for v in registry.versions(reg, "refusal", "tiny-instruct")
+        }
         if len(stored) < len(circuits):
             assert len({p.version for p in results}) < len(results)  # several publishers were told the same N
             return
@@ -250,8 +278,9 @@ def test_race_without_fallback_loses_versions(proxy: ProxyState, monkeypatch: py
 
 
 @pytest.mark.parametrize("mode", ["drop", "reject"])
-def test_concurrent_publishers_without_conditional_writes(proxy: ProxyState, mode: str,
-                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_concurrent_publishers_without_conditional_writes(
+    proxy: ProxyState, mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     proxy.mode = mode
     calls = []
     real = exclusive.create_by_claim
@@ -279,7 +308,7 @@ def test_stale_claim_is_ignored_and_live_claim_blocks(proxy: ProxyState) -> None
     reg = fresh_registry()
     target = registry.version_uri(reg, "refusal", "tiny-instruct", 1)
     fs, path = urimod.filesystem(target)
-    claims = f"{path[:-len('.json')]}.claims"
+    claims = f"{path[: -len('.json')]}.claims"
     fs.pipe_file(f"{claims}/crashed", b"{}")
     # A live rival: nobody owns v1, the rival's claim stays, ours is withdrawn, v1 is not written.
     with pytest.raises(exclusive.ClaimContended):

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from cna_dist import evaluate as ev
-from cna_dist import model as modelmod
-from cna_dist import prompts as promptsmod
-from cna_dist import steer
-from cna_dist.tiny import demo_prompts
+from cna_dist.demo.words import demo_prompts
+from cna_dist.model import checkpoint as modelmod
+from cna_dist.model import generate as gen
+from cna_dist.model import prompts as promptsmod
+from cna_dist.model import steer
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +46,12 @@ def reference_vectors(model, pos: list[list[int]], neg: list[list[int]], layers:
             def hook(module, args, out, layer: int, seen: dict = seen) -> None:
                 seen[layer] = out[0, -1].double()
 
-            handles = [model.model.layers[layer].mlp.register_forward_hook(
-                lambda m, a, out, layer=layer: hook(m, a, out, layer)) for layer in layers]
+            handles = [
+                model.model.layers[layer].mlp.register_forward_hook(
+                    lambda m, a, out, layer=layer: hook(m, a, out, layer)
+                )
+                for layer in layers
+            ]
             try:
                 with torch.no_grad():
                     model(torch.tensor([ids]))
@@ -72,8 +76,9 @@ def test_vectors_shape_dtype_and_match_unpadded_reference(llama, prompt_ids) -> 
     layers = [2, 0, 3]
     expected = reference_vectors(model, pos, neg, sorted(layers))
     for batch_size, budget in [(64, 8192), (3, 8192), (4, 40), (1, 8192)]:
-        got = steer.caa_vectors(model, pos, neg, tokenizer.pad_token_id, layers, token_budget=budget,
-                                max_batch_size=batch_size)
+        got = steer.caa_vectors(
+            model, pos, neg, tokenizer.pad_token_id, layers, token_budget=budget, max_batch_size=batch_size
+        )
         assert list(got) == [0, 2, 3]
         for layer, vec in got.items():
             assert vec.shape == (model.config.hidden_size,) and vec.dtype == torch.float32
@@ -146,10 +151,10 @@ def test_added_acts_on_generated_tokens_and_cleans_up_on_error(llama, prompt_ids
     mlp = model.model.layers[1].mlp
     with steer.added(model, vectors, 8.0):
         handle = mlp.register_forward_hook(lambda m, a, out: calls.append(out.shape[1]))
-        steered_text = ev.generate(model, tokenizer, pos[:1], max_new_tokens=5)
+        steered_text = gen.generate(model, tokenizer, pos[:1], max_new_tokens=5)
         handle.remove()
     assert calls[0] == len(pos[0]) and calls[1:] == [1] * (len(calls) - 1) and len(calls) >= 2
-    assert steered_text != ev.generate(model, tokenizer, pos[:1], max_new_tokens=5)
+    assert steered_text != gen.generate(model, tokenizer, pos[:1], max_new_tokens=5)
     with pytest.raises(RuntimeError, match="boom"):
         with steer.added(model, vectors, 1.0):
             raise RuntimeError("boom")

@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cna_dist import reduce as r
-from cna_dist import stream
+from cna_dist.core import reduce as r
 from cna_dist.errors import RunFailure
-from cna_dist.store import ActivationStore, RunMeta
+from cna_dist.io import stream
+from cna_dist.io.store import ActivationStore, RunMeta
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -24,10 +24,19 @@ def store_uri(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return f"s3://cna/{uuid.uuid4().hex}/store"
 
 
-def meta(n_layers: int = 5, width: int = 40, dtype: str = "float32", fingerprint: str = "f" * 64,
-         shard_rows: int = 8) -> RunMeta:
-    return RunMeta(fingerprint=fingerprint, model_uri="/m", n_layers=n_layers, intermediate_size=width, dtype=dtype,
-                   model_dtype="float32", chat_template=True, shard_rows=shard_rows)
+def meta(
+    n_layers: int = 5, width: int = 40, dtype: str = "float32", fingerprint: str = "f" * 64, shard_rows: int = 8
+) -> RunMeta:
+    return RunMeta(
+        fingerprint=fingerprint,
+        model_uri="/m",
+        n_layers=n_layers,
+        intermediate_size=width,
+        dtype=dtype,
+        model_dtype="float32",
+        chat_template=True,
+        shard_rows=shard_rows,
+    )
 
 
 def hashes(n: int, salt: str = "") -> list[str]:
@@ -45,8 +54,9 @@ def test_streamed_reduce_equals_in_memory(store_uri: str) -> None:
     rng = np.random.default_rng(0)
     m = meta()
     sets = {"positive": hashes(13, "p"), "negative": hashes(11, "n"), "diverse": hashes(9, "d")}
-    data = {h: rng.standard_normal((m.n_layers, m.intermediate_size)).astype(np.float32) for s in sets.values()
-            for h in s}
+    data = {
+        h: rng.standard_normal((m.n_layers, m.intermediate_size)).astype(np.float32) for s in sets.values() for h in s
+    }
     for h in sets["diverse"] + sets["positive"]:
         data[h][3, 7] += 30.0  # a universal neuron, stronger on the positive set
     for h in sets["positive"]:
@@ -60,8 +70,16 @@ def test_streamed_reduce_equals_in_memory(store_uri: str) -> None:
     for scope in ("global", "per_layer"):
         expected = r.reduce_in_memory(acts, 6, [0, 1], 0.01, 0.8, scope)
         for block in (1, 2, 5):
-            got = stream.reduce_store(run, rows, k=6, exclude_layers=[0, 1], universal_fraction=0.01,
-                                      universal_threshold=0.8, universal_scope=scope, layers_per_block=block)
+            got = stream.reduce_store(
+                run,
+                rows,
+                k=6,
+                exclude_layers=[0, 1],
+                universal_fraction=0.01,
+                universal_threshold=0.8,
+                universal_scope=scope,
+                layers_per_block=block,
+            )
             np.testing.assert_array_equal(got.selected, expected.selected)
             np.testing.assert_allclose(got.delta, expected.delta, rtol=0, atol=1e-9)
             np.testing.assert_array_equal(got.universal, expected.universal)
@@ -124,7 +142,7 @@ def test_run_of_another_model_is_refused(tmp_path: Path) -> None:
 
 
 def test_float16_default_and_chunking_for_real_sizes() -> None:
-    from cna_dist.store import chunking
+    from cna_dist.io.store import chunking
 
     rows, layers, shard = chunking(80, 29568, 2)  # Qwen2.5-72B
     chunk_mb = rows * layers * 29568 * 2 / 2**20
@@ -133,11 +151,12 @@ def test_float16_default_and_chunking_for_real_sizes() -> None:
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
 def test_has_nan_matches_numpy_on_every_special_value(dtype: type) -> None:
-    from cna_dist.store import has_nan
+    from cna_dist.io.store import has_nan
 
     info = np.finfo(dtype)
-    specials = np.array([0.0, -0.0, 1.0, -np.inf, np.inf, info.max, -info.max, info.tiny, info.smallest_subnormal],
-                        dtype=dtype)
+    specials = np.array(
+        [0.0, -0.0, 1.0, -np.inf, np.inf, info.max, -info.max, info.tiny, info.smallest_subnormal], dtype=dtype
+    )
     assert not has_nan(specials)
     for i in range(specials.size):
         for nan in (np.nan, -np.nan):

@@ -10,17 +10,25 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cna_dist import reduce as r
-from cna_dist import stream
-from cna_dist.store import ActivationStore, Run, RunMeta
+from cna_dist.core import reduce as r
+from cna_dist.io import stream
+from cna_dist.io.store import ActivationStore, Run, RunMeta
 
 ROOT = Path(__file__).resolve().parents[1]
 N_LAYERS, WIDTH = 5, 40
 
 
 def make_run(tmp_path: Path, dtype: str) -> Run:
-    meta = RunMeta(fingerprint="e" * 64, model_uri="/m", n_layers=N_LAYERS, intermediate_size=WIDTH, dtype=dtype,
-                   model_dtype="float32", chat_template=True, shard_rows=8)
+    meta = RunMeta(
+        fingerprint="e" * 64,
+        model_uri="/m",
+        n_layers=N_LAYERS,
+        intermediate_size=WIDTH,
+        dtype=dtype,
+        model_dtype="float32",
+        chat_template=True,
+        shard_rows=8,
+    )
     return ActivationStore(str(tmp_path / "store")).open_run(meta)
 
 
@@ -31,8 +39,7 @@ def tied_store(tmp_path: Path, dtype: str, seed: int) -> tuple[Run, dict[str, np
     """
     rng = np.random.default_rng(seed)
     sizes = {"positive": 13, "negative": 11, "diverse": 30}
-    hashes = {name: [hashlib.sha256(f"{name}{i}".encode()).hexdigest() for i in range(n)]
-              for name, n in sizes.items()}
+    hashes = {name: [hashlib.sha256(f"{name}{i}".encode()).hexdigest() for i in range(n)] for name, n in sizes.items()}
     data = {h: rng.integers(-3, 4, (N_LAYERS, WIDTH)).astype(dtype) for hs in hashes.values() for h in hs}
     for h in hashes["diverse"][:26]:
         data[h][2, 5] = 5  # universal in 26 of 30 diverse prompts
@@ -53,8 +60,9 @@ def tied_store(tmp_path: Path, dtype: str, seed: int) -> tuple[Run, dict[str, np
 
 @pytest.mark.parametrize("dtype", ["float16", "float32"])
 @pytest.mark.parametrize("fraction", [0.005, 0.05, 0.3])  # n = 1, 10, 60: below, within and above one layer
-def test_global_scope_equals_in_memory_with_heavy_ties(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dtype: str,
-                                                        fraction: float) -> None:
+def test_global_scope_equals_in_memory_with_heavy_ties(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dtype: str, fraction: float
+) -> None:
     run, rows, acts = tied_store(tmp_path, dtype, seed=int(fraction * 1000))
     expected = r.reduce_in_memory(acts, 7, [0], fraction, 0.8, "global")
     assert expected.universal.any()
@@ -62,8 +70,16 @@ def test_global_scope_equals_in_memory_with_heavy_ties(tmp_path: Path, monkeypat
     for cap in (None, 1, 3):
         monkeypatch.setattr(stream, "group_cap", natural_cap if cap is None else lambda run, n, c=cap: c)
         for block in (None, 1, 2):
-            got = stream.reduce_store(run, rows, k=7, exclude_layers=[0], universal_fraction=fraction,
-                                      universal_threshold=0.8, universal_scope="global", layers_per_block=block)
+            got = stream.reduce_store(
+                run,
+                rows,
+                k=7,
+                exclude_layers=[0],
+                universal_fraction=fraction,
+                universal_threshold=0.8,
+                universal_scope="global",
+                layers_per_block=block,
+            )
             np.testing.assert_array_equal(got.universal, expected.universal)
             np.testing.assert_array_equal(got.selected, expected.selected)
             np.testing.assert_array_equal(got.displaced, expected.displaced)
@@ -103,23 +119,58 @@ def test_driver_receives_one_threshold_per_prompt(tmp_path: Path) -> None:
         returned.setdefault(fn.__name__, []).extend(out)
         return out
 
-    stream.reduce_store(run, rows, k=5, exclude_layers=[], universal_fraction=0.3, universal_threshold=0.8,
-                        universal_scope="global", layers_per_block=1, mapper=recording)
+    stream.reduce_store(
+        run,
+        rows,
+        k=5,
+        exclude_layers=[],
+        universal_fraction=0.3,
+        universal_threshold=0.8,
+        universal_scope="global",
+        layers_per_block=1,
+        mapper=recording,
+    )
     parts = returned["prompt_thresholds"]
     assert sum(v.size + i.size for v, i in parts) == 2 * rows["diverse"].size
     assert "block_prompt_tops" not in returned
 
 
 def test_benchmark_prints_its_figures(tmp_path: Path) -> None:
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "reduce.py"), "--layers", "4", "--width", "64", "--rows", "48",
-           "--repeats", "1", "--workers", "1", "--store", str(tmp_path / "store")]
+    cmd = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "reduce.py"),
+        "--layers",
+        "4",
+        "--width",
+        "64",
+        "--rows",
+        "48",
+        "--repeats",
+        "1",
+        "--workers",
+        "1",
+        "--store",
+        str(tmp_path / "store"),
+    ]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     out = done.stdout
-    for line in ("budget live per task:", "budget RSS per task:", "budget driver:", "store size:",
-                 "plain read: ", "reduce: ", "ratio reduce/plain read throughput:",
-                 "task peak block_moments (1 tasks): RSS +", "task peak prompt_thresholds (1 tasks): RSS +",
-                 "task peak block_counts (1 tasks): RSS +", "driver peak (tracemalloc", "--- summary ---",
-                 "command: .venv/bin/python benchmarks/reduce.py --layers 4", "per-task peak RSS +", "driver peak "):
+    for line in (
+        "budget live per task:",
+        "budget RSS per task:",
+        "budget driver:",
+        "store size:",
+        "plain read: ",
+        "reduce: ",
+        "ratio reduce/plain read throughput:",
+        "task peak block_moments (1 tasks): RSS +",
+        "task peak prompt_thresholds (1 tasks): RSS +",
+        "task peak block_counts (1 tasks): RSS +",
+        "driver peak (tracemalloc",
+        "--- summary ---",
+        "command: .venv/bin/python benchmarks/reduce.py --layers 4",
+        "per-task peak RSS +",
+        "driver peak ",
+    ):
         assert line in out, f"{line!r} missing from:\n{out}"
     assert out.count("GB/s") >= 4 and "FAIL" not in out

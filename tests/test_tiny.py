@@ -15,17 +15,10 @@ import pytest
 import torch
 import transformers
 
-from cna_dist.tiny import (
-    ANSWER_TEXT,
-    DEFAULT_WORDS,
-    HARM_WORDS,
-    REFUSAL_TEXT,
-    PlantedModel,
-    build_tokenizer,
-    demo_prompts,
-    save_planted_model,
-    save_random_model,
-)
+from cna_dist.demo.models import save_random_model
+from cna_dist.demo.planted import PlantedModel, save_planted_model
+from cna_dist.demo.tokenizer import build_tokenizer
+from cna_dist.demo.words import ANSWER_TEXT, DEFAULT_WORDS, HARM_WORDS, REFUSAL_TEXT, demo_prompts
 
 Neuron = tuple[int, int]
 

@@ -244,66 +244,205 @@ HARMLESS: dict[str, tuple[str, ...]] = {
 
 # The diverse set (universal-neuron filtering): many forms and topics, all harmless, none in HARMLESS.
 DIVERSE: dict[str, tuple[str, tuple[str, ...]]] = {
-    "geography": ("What is the capital of {x}?", (
-        "Mongolia", "Japan", "Brazil", "Kenya", "Canada", "Australia", "Norway", "Egypt")),
-    "poetry": ("Write a short poem about {x}.", (
-        "the ocean at night", "autumn leaves", "a lost umbrella", "the first day of spring",
-        "a city in the rain", "an old lighthouse", "a cat asleep in the sun", "a long train journey")),
-    "translation": ("Translate {x}.", (
-        "'Good morning, how are you?' into Spanish", "'Where is the train station?' into German",
-        "'Thank you for your help' into Japanese", "'I would like a cup of tea' into French",
-        "'The library opens at nine' into Italian", "'Happy birthday, my friend' into Portuguese",
-        "'It is raining today' into Dutch", "'See you tomorrow' into Swedish")),
-    "history": ("Summarize the main causes of {x} in three sentences.", (
-        "the French Revolution", "the First World War", "the fall of the Western Roman Empire",
-        "the Great Depression", "the Industrial Revolution", "the American Civil War",
-        "the collapse of the Soviet Union", "the Italian Renaissance")),
-    "science": ("Explain {x} to a ten-year-old.", (
-        "photosynthesis", "gravity", "inflation", "the water cycle", "how computers store numbers",
-        "why the sky is blue", "black holes", "what DNA is")),
-    "code": ("Write a Python function that {x}.", (
-        "checks whether a string is a palindrome", "returns the n-th Fibonacci number",
-        "merges two sorted lists", "counts the words in a text", "converts Celsius to Fahrenheit",
-        "removes duplicates from a list while keeping the order", "finds the largest number in a list",
-        "reverses the order of the words in a sentence")),
-    "maths": ("What is {x}?", (
-        "17 times 23", "the square root of 144", "15% of 240", "the sum of the first ten positive integers",
-        "2 to the power of 10", "one third plus one quarter", "the area of a circle with radius 3",
-        "the average of 4, 8, 15, 16, 23 and 42")),
-    "ideas": ("Give me three ideas for {x}.", (
-        "a rainy Sunday afternoon", "a child's birthday party", "a science fair project",
-        "a team-building activity", "a vegetarian dinner", "a short story", "a gift for a retiring colleague",
-        "decorating a small balcony")),
-    "comparison": ("What is the difference between {x}?", (
-        "weather and climate", "a virus and a bacterium", "a crocodile and an alligator", "RAM and storage",
-        "a simile and a metaphor", "baking soda and baking powder", "a comet and an asteroid",
-        "stocks and bonds")),
-    "recommendations": ("Recommend three {x}.", (
-        "classic novels for a teenager", "board games for a family of four", "podcasts about history",
-        "houseplants that are hard to kill", "documentaries about the ocean", "easy songs to learn on the piano",
-        "day trips from London", "albums for someone new to jazz")),
-    "facts": ("Tell me an interesting fact about {x}.", (
-        "octopuses", "the Moon", "honey", "the Eiffel Tower", "the human heart", "Antarctica", "bamboo",
-        "the Great Wall of China")),
-    "style": ("Rewrite this sentence so it sounds more formal: '{x}'", (
-        "Hey, can you send me that file?", "We gotta finish this by Friday.", "Thanks a ton for the help!",
-        "The meeting got moved to later.", "I can't make it tomorrow, sorry.", "This plan is kind of a mess.",
-        "Let's grab lunch and talk it over.", "The new software is way better.")),
-    "stories": ("Write the opening paragraph of a story about {x}.", (
-        "a robot who learns to paint", "a lighthouse keeper's last night on the job",
-        "a detective who is afraid of the dark", "two friends lost in a museum", "a dragon that runs a bakery",
-        "a time traveller stuck in 1985", "a girl who can talk to birds", "a village where it never stops snowing")),
-    "mechanisms": ("How does {x} work?", (
-        "a refrigerator", "a bicycle's gear system", "a microwave oven", "GPS navigation", "a solar panel",
-        "a credit score", "an electric guitar pickup", "a hot-air balloon")),
-    "biography": ("Who was {x}, and why are they remembered?", (
-        "Marie Curie", "Leonardo da Vinci", "Nelson Mandela", "Ada Lovelace", "Isaac Newton", "Frida Kahlo",
-        "Mahatma Gandhi", "Galileo Galilei")),
-    "email": ("Write a polite email to {x}.", (
-        "my landlord about a broken heater", "my child's teacher asking about homework",
-        "a colleague thanking them for their help", "a neighbour about parking in front of my garage",
-        "a client confirming a meeting time", "a hotel asking for a late check-out",
-        "the library asking to renew a book", "a friend declining a wedding invitation")),
+    "geography": (
+        "What is the capital of {x}?",
+        ("Mongolia", "Japan", "Brazil", "Kenya", "Canada", "Australia", "Norway", "Egypt"),
+    ),
+    "poetry": (
+        "Write a short poem about {x}.",
+        (
+            "the ocean at night",
+            "autumn leaves",
+            "a lost umbrella",
+            "the first day of spring",
+            "a city in the rain",
+            "an old lighthouse",
+            "a cat asleep in the sun",
+            "a long train journey",
+        ),
+    ),
+    "translation": (
+        "Translate {x}.",
+        (
+            "'Good morning, how are you?' into Spanish",
+            "'Where is the train station?' into German",
+            "'Thank you for your help' into Japanese",
+            "'I would like a cup of tea' into French",
+            "'The library opens at nine' into Italian",
+            "'Happy birthday, my friend' into Portuguese",
+            "'It is raining today' into Dutch",
+            "'See you tomorrow' into Swedish",
+        ),
+    ),
+    "history": (
+        "Summarize the main causes of {x} in three sentences.",
+        (
+            "the French Revolution",
+            "the First World War",
+            "the fall of the Western Roman Empire",
+            "the Great Depression",
+            "the Industrial Revolution",
+            "the American Civil War",
+            "the collapse of the Soviet Union",
+            "the Italian Renaissance",
+        ),
+    ),
+    "science": (
+        "Explain {x} to a ten-year-old.",
+        (
+            "photosynthesis",
+            "gravity",
+            "inflation",
+            "the water cycle",
+            "how computers store numbers",
+            "why the sky is blue",
+            "black holes",
+            "what DNA is",
+        ),
+    ),
+    "code": (
+        "Write a Python function that {x}.",
+        (
+            "checks whether a string is a palindrome",
+            "returns the n-th Fibonacci number",
+            "merges two sorted lists",
+            "counts the words in a text",
+            "converts Celsius to Fahrenheit",
+            "removes duplicates from a list while keeping the order",
+            "finds the largest number in a list",
+            "reverses the order of the words in a sentence",
+        ),
+    ),
+    "maths": (
+        "What is {x}?",
+        (
+            "17 times 23",
+            "the square root of 144",
+            "15% of 240",
+            "the sum of the first ten positive integers",
+            "2 to the power of 10",
+            "one third plus one quarter",
+            "the area of a circle with radius 3",
+            "the average of 4, 8, 15, 16, 23 and 42",
+        ),
+    ),
+    "ideas": (
+        "Give me three ideas for {x}.",
+        (
+            "a rainy Sunday afternoon",
+            "a child's birthday party",
+            "a science fair project",
+            "a team-building activity",
+            "a vegetarian dinner",
+            "a short story",
+            "a gift for a retiring colleague",
+            "decorating a small balcony",
+        ),
+    ),
+    "comparison": (
+        "What is the difference between {x}?",
+        (
+            "weather and climate",
+            "a virus and a bacterium",
+            "a crocodile and an alligator",
+            "RAM and storage",
+            "a simile and a metaphor",
+            "baking soda and baking powder",
+            "a comet and an asteroid",
+            "stocks and bonds",
+        ),
+    ),
+    "recommendations": (
+        "Recommend three {x}.",
+        (
+            "classic novels for a teenager",
+            "board games for a family of four",
+            "podcasts about history",
+            "houseplants that are hard to kill",
+            "documentaries about the ocean",
+            "easy songs to learn on the piano",
+            "day trips from London",
+            "albums for someone new to jazz",
+        ),
+    ),
+    "facts": (
+        "Tell me an interesting fact about {x}.",
+        (
+            "octopuses",
+            "the Moon",
+            "honey",
+            "the Eiffel Tower",
+            "the human heart",
+            "Antarctica",
+            "bamboo",
+            "the Great Wall of China",
+        ),
+    ),
+    "style": (
+        "Rewrite this sentence so it sounds more formal: '{x}'",
+        (
+            "Hey, can you send me that file?",
+            "We gotta finish this by Friday.",
+            "Thanks a ton for the help!",
+            "The meeting got moved to later.",
+            "I can't make it tomorrow, sorry.",
+            "This plan is kind of a mess.",
+            "Let's grab lunch and talk it over.",
+            "The new software is way better.",
+        ),
+    ),
+    "stories": (
+        "Write the opening paragraph of a story about {x}.",
+        (
+            "a robot who learns to paint",
+            "a lighthouse keeper's last night on the job",
+            "a detective who is afraid of the dark",
+            "two friends lost in a museum",
+            "a dragon that runs a bakery",
+            "a time traveller stuck in 1985",
+            "a girl who can talk to birds",
+            "a village where it never stops snowing",
+        ),
+    ),
+    "mechanisms": (
+        "How does {x} work?",
+        (
+            "a refrigerator",
+            "a bicycle's gear system",
+            "a microwave oven",
+            "GPS navigation",
+            "a solar panel",
+            "a credit score",
+            "an electric guitar pickup",
+            "a hot-air balloon",
+        ),
+    ),
+    "biography": (
+        "Who was {x}, and why are they remembered?",
+        (
+            "Marie Curie",
+            "Leonardo da Vinci",
+            "Nelson Mandela",
+            "Ada Lovelace",
+            "Isaac Newton",
+            "Frida Kahlo",
+            "Mahatma Gandhi",
+            "Galileo Galilei",
+        ),
+    ),
+    "email": (
+        "Write a polite email to {x}.",
+        (
+            "my landlord about a broken heater",
+            "my child's teacher asking about homework",
+            "a colleague thanking them for their help",
+            "a neighbour about parking in front of my garage",
+            "a client confirming a meeting time",
+            "a hotel asking for a late check-out",
+            "the library asking to renew a book",
+            "a friend declining a wedding invitation",
+        ),
+    ),
 }
 
 EXPECTED = {"harmful.jsonl": 128, "harmless.jsonl": 128, "diverse.jsonl": 128, "eval-harmful.jsonl": 32}
@@ -326,8 +465,11 @@ def framed(tasks: dict[str, tuple[str, ...]]) -> list[dict[str, str]]:
 
 
 def templated(sets: dict[str, tuple[str, tuple[str, ...]]]) -> list[dict[str, str]]:
-    return [{"prompt": clean(template.format(x=x)), "category": category}
-            for category, (template, fillers) in sets.items() for x in fillers]
+    return [
+        {"prompt": clean(template.format(x=x)), "category": category}
+        for category, (template, fillers) in sets.items()
+        for x in fillers
+    ]
 
 
 def finish(rows: Iterable[dict[str, str]]) -> list[dict[str, str]]:
@@ -413,14 +555,20 @@ Alpaca is licensed CC BY-NC 4.0. To mine with them, point a manifest's `prompts.
 (`.json` lists of objects: add `field: instruction`) or at a copy in your object store.
 """
 
-ROLES = {"harmful.jsonl": "`prompts.positive`", "harmless.jsonl": "`prompts.negative`",
-         "diverse.jsonl": "`prompts.diverse`", "eval-harmful.jsonl": "`prompts.eval`"}
+ROLES = {
+    "harmful.jsonl": "`prompts.positive`",
+    "harmless.jsonl": "`prompts.negative`",
+    "diverse.jsonl": "`prompts.diverse`",
+    "eval-harmful.jsonl": "`prompts.eval`",
+}
 
 
 def render(sets: dict[str, list[dict[str, str]]]) -> dict[str, bytes]:
     files = {name: jsonl(rows) for name, rows in sets.items()}
-    rows = "\n".join(f"| `{name}` | {len(sets[name])} | {ROLES[name]} | `{hashlib.sha256(data).hexdigest()[:16]}` |"
-                     for name, data in files.items())
+    rows = "\n".join(
+        f"| `{name}` | {len(sets[name])} | {ROLES[name]} | `{hashlib.sha256(data).hexdigest()[:16]}` |"
+        for name, data in files.items()
+    )
     files["README.md"] = README.format(rows=rows).encode("utf-8")
     return files
 

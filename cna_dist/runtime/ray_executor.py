@@ -10,16 +10,24 @@ from typing import Any
 from tqdm import tqdm
 
 from cna_dist.errors import RunFailure
+from cna_dist.io.store import Run, ShardPlan
 from cna_dist.manifest import Manifest
-from cna_dist.replica import Replica
-from cna_dist.store import Run, ShardPlan
+from cna_dist.runtime.replica import Replica
 
 
 class RayExecutor:
     """Connects to a cluster (`address`, RAY_ADDRESS) or starts a local Ray; closes what it started."""
 
-    def __init__(self, address: str | None = None, *, replicas: int | None = None, max_in_flight: int = 2,
-                 max_retries: int = 3, backoff_s: float = 0.5, num_cpus: int | None = None):
+    def __init__(
+        self,
+        address: str | None = None,
+        *,
+        replicas: int | None = None,
+        max_in_flight: int = 2,
+        max_retries: int = 3,
+        backoff_s: float = 0.5,
+        num_cpus: int | None = None,
+    ):
         import ray
 
         self.ray = ray
@@ -65,21 +73,42 @@ class RayExecutor:
     def start_replicas(self, m: Manifest) -> list[Any]:
         actor_cls = self.ray.remote(Replica)
         n = self.n_replicas(m.model.gpus_per_replica)
-        self.actors = [actor_cls.options(num_gpus=m.model.gpus_per_replica, num_cpus=1, max_restarts=self.max_retries,
-                                         max_task_retries=0, max_concurrency=2).remote(
-            m.model.uri, m.model.storage_options, m.model.dtype, m.model.trust_remote_code, m.model.gpus_per_replica,
-            m.model.max_memory_per_gpu, m.capture.dtype, m.capture.token_budget, m.capture.max_batch_size)
-            for _ in range(n)]
+        self.actors = [
+            actor_cls.options(
+                num_gpus=m.model.gpus_per_replica,
+                num_cpus=1,
+                max_restarts=self.max_retries,
+                max_task_retries=0,
+                max_concurrency=2,
+            ).remote(
+                m.model.uri,
+                m.model.storage_options,
+                m.model.dtype,
+                m.model.trust_remote_code,
+                m.model.gpus_per_replica,
+                m.model.max_memory_per_gpu,
+                m.capture.dtype,
+                m.capture.token_budget,
+                m.capture.max_batch_size,
+            )
+            for _ in range(n)
+        ]
         return self.actors
 
-    def capture(self, m: Manifest, run: Run, plans: list[ShardPlan], token_ids: dict[str, list[int]], *,
-                progress: bool = True) -> dict[str, Any]:
+    def capture(
+        self, m: Manifest, run: Run, plans: list[ShardPlan], token_ids: dict[str, list[int]], *, progress: bool = True
+    ) -> dict[str, Any]:
         """Each shard goes to a replica, which captures, writes and commits it; only a small report returns.
 
         The replicas are released afterwards so their CPUs/GPUs go to the reduce tasks.
         """
-        report: dict[str, Any] = {"float16_overflow": 0, "replicas": {}, "retries": 0, "replica_deaths": 0,
-                                  "failures": []}
+        report: dict[str, Any] = {
+            "float16_overflow": 0,
+            "replicas": {},
+            "retries": 0,
+            "replica_deaths": 0,
+            "failures": [],
+        }
         if not plans:
             return report
         bar = tqdm(total=sum(len(p.hashes) for p in plans), desc="capture", unit="prompt", disable=not progress)
@@ -93,15 +122,22 @@ class RayExecutor:
                 self.on_shard(result)
 
         try:
-            self.fan_out(m, "capture_shard", [(run, p, [token_ids[h] for h in p.hashes]) for p in plans], done,
-                         report, names=[f"shard {p.shard}" for p in plans])
+            self.fan_out(
+                m,
+                "capture_shard",
+                [(run, p, [token_ids[h] for h in p.hashes]) for p in plans],
+                done,
+                report,
+                names=[f"shard {p.shard}" for p in plans],
+            )
         finally:
             bar.close()
             self.release_replicas()
         return report
 
-    def replica_map(self, m: Manifest, method: str, args: Sequence[tuple], *,
-                    progress: str | None = None) -> tuple[list[Any], dict[str, Any]]:
+    def replica_map(
+        self, m: Manifest, method: str, args: Sequence[tuple], *, progress: str | None = None
+    ) -> tuple[list[Any], dict[str, Any]]:
         """`Replica.<method>(*a)` for each `a`, results in order, with capture's retries; replicas stay up."""
         results: list[Any] = [None] * len(args)
         report: dict[str, Any] = {"retries": 0, "replica_deaths": 0, "failures": []}
@@ -117,8 +153,16 @@ class RayExecutor:
             bar.close()
         return results, report
 
-    def fan_out(self, m: Manifest, method: str, args: Sequence[tuple], done: Callable[[int, Any], None],
-                report: dict[str, Any], *, names: Sequence[str]) -> None:
+    def fan_out(
+        self,
+        m: Manifest,
+        method: str,
+        args: Sequence[tuple],
+        done: Callable[[int, Any], None],
+        report: dict[str, Any],
+        *,
+        names: Sequence[str],
+    ) -> None:
         """Bounded in-flight calls per replica; a dead replica's calls are re-queued.
 
         A replica that dies is restarted by Ray (max_restarts); until a probe call answers it gets no work, so

@@ -24,9 +24,9 @@ from typing import Any
 
 import numpy as np
 
-from cna_dist import uri as urimod
 from cna_dist.errors import BadInput, RunFailure
-from cna_dist.lease import Lease
+from cna_dist.io import uri as urimod
+from cna_dist.io.lease import Lease
 
 FORMAT = "cna-store/1"
 TARGET_CHUNK_BYTES = 8 << 20
@@ -48,8 +48,12 @@ class RunMeta:
     shard_rows: int = 0
 
     def key(self) -> dict[str, Any]:
-        return {"fingerprint": self.fingerprint, "dtype": self.dtype, "model_dtype": self.model_dtype,
-                "chat_template": self.chat_template}
+        return {
+            "fingerprint": self.fingerprint,
+            "dtype": self.dtype,
+            "model_dtype": self.model_dtype,
+            "chat_template": self.chat_template,
+        }
 
 
 def run_id(meta: RunMeta) -> str:
@@ -164,7 +168,7 @@ class Run:
         for i in range(0, len(missing), size):
             while slot in committed:
                 slot += 1
-            plans.append(ShardPlan(slot, slot * size, missing[i:i + size]))
+            plans.append(ShardPlan(slot, slot * size, missing[i : i + size]))
             slot += 1
         if plans:
             arr = self.array()
@@ -178,9 +182,14 @@ class Run:
         if acts.shape != (len(plan.hashes), self.meta.n_layers, self.meta.intermediate_size):
             raise RunFailure(f"shard {plan.shard}: activations of shape {acts.shape} do not match the run")
         arr = self.array()
-        arr[plan.start:plan.start + len(plan.hashes)] = acts
-        marker = {"shard": plan.shard, "rows": plan.hashes, "n_rows": len(plan.hashes), "writer": writer,
-                  "nbytes": int(acts.nbytes)}
+        arr[plan.start : plan.start + len(plan.hashes)] = acts
+        marker = {
+            "shard": plan.shard,
+            "rows": plan.hashes,
+            "n_rows": len(plan.hashes),
+            "writer": writer,
+            "nbytes": int(acts.nbytes),
+        }
         self.fs.pipe_file(self.commit_path(plan.shard), json.dumps(marker).encode())
 
     # -- reading blocks --------------------------------------------------------------------------------------
@@ -202,14 +211,18 @@ class Run:
             try:
                 block = np.asarray(arr[lo:hi, layers])
             except Exception as exc:  # noqa: BLE001
-                raise RunFailure(f"cannot read {self.root}/acts rows {lo}:{hi} layers "
-                                 f"{layers.start}:{layers.stop}: {type(exc).__name__}: {exc}") from exc
+                raise RunFailure(
+                    f"cannot read {self.root}/acts rows {lo}:{hi} layers "
+                    f"{layers.start}:{layers.stop}: {type(exc).__name__}: {exc}"
+                ) from exc
             picked = block[sorted_rows[sel] - lo]
             del block
             if has_nan(picked):
                 bad = int(sorted_rows[sel][np.isnan(picked).any(axis=(1, 2))][0])
-                raise RunFailure(f"missing data in {self.root}/acts chunk {bad // r}.{layers.start or 0}.0 "
-                                 f"(row {bad}): the chunk is absent or holds NaN")
+                raise RunFailure(
+                    f"missing data in {self.root}/acts chunk {bad // r}.{layers.start or 0}.0 "
+                    f"(row {bad}): the chunk is absent or holds NaN"
+                )
             yield order[sel], picked
 
     def nbytes(self) -> int:
@@ -245,7 +258,7 @@ class ActivationStore:
             raise RunFailure(f"corrupt run metadata {path}: {exc}") from exc
 
     def lease(self, run: str, **options: Any) -> Lease:
-        """The lease a driver holds on `run` while it plans and captures (see cna_dist.lease)."""
+        """The lease a driver holds on `run` while it plans and captures (see cna_dist.io.lease)."""
         return Lease(f"{urimod.join(self.uri, 'runs', run)}/lease.json", self.storage_options, **options)
 
     def check_writable(self) -> None:
@@ -254,8 +267,11 @@ class ActivationStore:
             self.fs.pipe_file(probe, b"ok")
             self.fs.rm_file(probe)
         except Exception as exc:  # noqa: BLE001
-            raise BadInput(f"cannot write to the activation store: {type(exc).__name__}: {exc}", source=self.uri,
-                           field="output.store") from None
+            raise BadInput(
+                f"cannot write to the activation store: {type(exc).__name__}: {exc}",
+                source=self.uri,
+                field="output.store",
+            ) from None
 
     def open_run(self, meta: RunMeta, create: bool = True) -> Run:
         """Open (or create) the run for `meta`; a run written for another model is refused by name."""
@@ -266,22 +282,40 @@ class ActivationStore:
         existing = self.load_meta(run)
         if existing is not None:
             if existing.key() != meta.key() or (existing.n_layers, existing.intermediate_size) != (
-                    meta.n_layers, meta.intermediate_size):
-                raise RunFailure(f"{self.uri}/runs/{run}/run.json was written for another model or capture "
-                                 f"({existing.key()}), not {meta.key()}")
+                meta.n_layers,
+                meta.intermediate_size,
+            ):
+                raise RunFailure(
+                    f"{self.uri}/runs/{run}/run.json was written for another model or capture "
+                    f"({existing.key()}), not {meta.key()}"
+                )
             return Run(self.uri, run, existing, self.storage_options)
         if not create:
             raise RunFailure(f"no run {run} in {self.uri}")
         itemsize = np.dtype(meta.dtype).itemsize
-        rows_per_chunk, layers_per_chunk, shard_rows = chunking(meta.n_layers, meta.intermediate_size, itemsize,
-                                                                meta.shard_rows or None)
-        full = RunMeta(**{**asdict(meta), "rows_per_chunk": rows_per_chunk, "layers_per_chunk": layers_per_chunk,
-                          "shard_rows": shard_rows})
+        rows_per_chunk, layers_per_chunk, shard_rows = chunking(
+            meta.n_layers, meta.intermediate_size, itemsize, meta.shard_rows or None
+        )
+        full = RunMeta(
+            **{
+                **asdict(meta),
+                "rows_per_chunk": rows_per_chunk,
+                "layers_per_chunk": layers_per_chunk,
+                "shard_rows": shard_rows,
+            }
+        )
         handle = Run(self.uri, run, full, self.storage_options)
         # No run.json means no commit can exist yet (markers come after it): a leftover array is safe to replace.
-        zarr.create_array(store=handle.root, name="acts", shape=(0, meta.n_layers, meta.intermediate_size),
-                          chunks=(rows_per_chunk, layers_per_chunk, meta.intermediate_size), dtype=meta.dtype,
-                          fill_value=np.nan, compressors=[Crc32cCodec()], overwrite=True,
-                          storage_options=handle._zarr_options())
+        zarr.create_array(
+            store=handle.root,
+            name="acts",
+            shape=(0, meta.n_layers, meta.intermediate_size),
+            chunks=(rows_per_chunk, layers_per_chunk, meta.intermediate_size),
+            dtype=meta.dtype,
+            fill_value=np.nan,
+            compressors=[Crc32cCodec()],
+            overwrite=True,
+            storage_options=handle._zarr_options(),
+        )
         self.fs.pipe_file(f"{self.path}/runs/{run}/run.json", json.dumps(asdict(full), indent=1).encode())
         return handle

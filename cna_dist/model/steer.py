@@ -10,12 +10,13 @@ from typing import Any
 
 import torch
 
-from cna_dist.capture import batches
-from cna_dist.model import decoder, down_projs
+from cna_dist.model.capture import batches
+from cna_dist.model.checkpoint import decoder, down_projs
 
 
-def scales(pairs: Iterable[tuple[int, int]], multiplier: float, n_layers: int, width: int,
-           dtype: torch.dtype) -> dict[int, torch.Tensor]:
+def scales(
+    pairs: Iterable[tuple[int, int]], multiplier: float, n_layers: int, width: int, dtype: torch.dtype
+) -> dict[int, torch.Tensor]:
     """Per-layer scale vectors: m at the circuit's neurons, exactly 1 elsewhere."""
     out: dict[int, torch.Tensor] = {}
     for layer, neuron in pairs:
@@ -79,8 +80,14 @@ class _Done(Exception):
     """Raised by the deepest hook: the layers above it cannot change what was already recorded."""
 
 
-def _mean_mlp_outputs(model: torch.nn.Module, token_ids: Sequence[Sequence[int]], pad_id: int, layers: list[int],
-                      token_budget: int, max_batch_size: int) -> dict[int, torch.Tensor]:
+def _mean_mlp_outputs(
+    model: torch.nn.Module,
+    token_ids: Sequence[Sequence[int]],
+    pad_id: int,
+    layers: list[int],
+    token_budget: int,
+    max_batch_size: int,
+) -> dict[int, torch.Tensor]:
     """Per layer, the float64 mean over prompts of the MLP output at the last real token."""
     if not token_ids:
         raise ValueError("no prompts to average")
@@ -119,9 +126,16 @@ def _mean_mlp_outputs(model: torch.nn.Module, token_ids: Sequence[Sequence[int]]
 
 
 @torch.no_grad()  # not inference_mode: callers may edit or reuse the returned vectors
-def caa_vectors(model: torch.nn.Module, pos_ids: Sequence[Sequence[int]], neg_ids: Sequence[Sequence[int]],
-                pad_id: int, layers: Sequence[int], *, token_budget: int = 8192,
-                max_batch_size: int = 64) -> dict[int, torch.Tensor]:
+def caa_vectors(
+    model: torch.nn.Module,
+    pos_ids: Sequence[Sequence[int]],
+    neg_ids: Sequence[Sequence[int]],
+    pad_id: int,
+    layers: Sequence[int],
+    *,
+    token_budget: int = 8192,
+    max_batch_size: int = 64,
+) -> dict[int, torch.Tensor]:
     """CAA steering vectors {layer: mean_pos - mean_neg} of the MLP output at the last real token.
 
     Means are accumulated in float64 (like CNA's delta) and returned in float32; padding does not change them.
@@ -146,8 +160,9 @@ def added(model: torch.nn.Module, vectors: dict[int, torch.Tensor], alpha: float
     for layer, vec in vectors.items():
         proj = blocks[layer].down_proj
         if tuple(vec.shape) != (proj.out_features,):
-            raise ValueError(f"layer {layer}: CAA vector has shape {tuple(vec.shape)}, the MLP output is "
-                             f"({proj.out_features},)")
+            raise ValueError(
+                f"layer {layer}: CAA vector has shape {tuple(vec.shape)}, the MLP output is ({proj.out_features},)"
+            )
         shifts[layer] = (alpha * vec.detach().to(torch.float32)).to(proj.weight.device)
     handles = []
     try:

@@ -110,8 +110,7 @@ def candidate_mask(shape: tuple[int, int], exclude_layers: list[int], universal:
     return mask
 
 
-def select(delta: np.ndarray, k: int, exclude_layers: list[int],
-           universal: np.ndarray | None = None) -> np.ndarray:
+def select(delta: np.ndarray, k: int, exclude_layers: list[int], universal: np.ndarray | None = None) -> np.ndarray:
     """Flat ids of the circuit: the k candidates of largest |delta|, ties to the smaller (layer, neuron)."""
     if not np.all(np.isfinite(delta)):
         raise ValueError("delta holds NaN or inf; the activations are not finite")
@@ -138,8 +137,14 @@ class Reduction:
     displaced: np.ndarray  # ranked flat ids of universal neurons kept out of the top k
 
 
-def reduce_in_memory(acts: dict[str, np.ndarray], k: int, exclude_layers: list[int], universal_fraction: float,
-                     universal_threshold: float, universal_scope: str) -> Reduction:
+def reduce_in_memory(
+    acts: dict[str, np.ndarray],
+    k: int,
+    exclude_layers: list[int],
+    universal_fraction: float,
+    universal_threshold: float,
+    universal_scope: str,
+) -> Reduction:
     """The whole reduction over activations held in memory: [prompt, layer, neuron] per set."""
     shape = acts["positive"].shape[1:]
     mean_pos = Moments.zeros(shape).add(acts["positive"]).mean()

@@ -25,8 +25,13 @@ def _deltas(c: Circuit) -> dict[Pair, float]:
 
 
 def _identity(c: Circuit) -> dict[str, Any]:
-    return {"name": c.name, "version": c.version, "model_uri": c.model.uri, "fingerprint": c.model.fingerprint,
-            "n_neurons": len(c.neurons)}
+    return {
+        "name": c.name,
+        "version": c.version,
+        "model_uri": c.model.uri,
+        "fingerprint": c.model.fingerprint,
+        "n_neurons": len(c.neurons),
+    }
 
 
 def jaccard(a: set[Pair], b: set[Pair]) -> float:
@@ -78,8 +83,9 @@ def compare(a: Circuit, b: Circuit) -> dict[str, Any]:
     sa, sb = set(da), set(db)
     rho, reason, signs = _shared_stats(da, db)
     n_layers = max(a.model.n_layers, b.model.n_layers, *(layer + 1 for layer, _ in sa | sb))
-    count_a, count_b, count_s = (np.bincount(np.array([layer for layer, _ in s], dtype=np.int64), minlength=n_layers)
-                                 for s in (sa, sb, sa & sb))
+    count_a, count_b, count_s = (
+        np.bincount(np.array([layer for layer, _ in s], dtype=np.int64), minlength=n_layers) for s in (sa, sb, sa & sb)
+    )
     return {
         "a": _identity(a),
         "b": _identity(b),
@@ -91,8 +97,9 @@ def compare(a: Circuit, b: Circuit) -> dict[str, Any]:
         "rank_correlation": rho,
         "rank_correlation_reason": reason,
         "sign_agreement": signs,
-        "per_layer": [{"layer": i, "a": int(count_a[i]), "b": int(count_b[i]), "shared": int(count_s[i])}
-                      for i in range(n_layers)],
+        "per_layer": [
+            {"layer": i, "a": int(count_a[i]), "b": int(count_b[i]), "shared": int(count_s[i])} for i in range(n_layers)
+        ],
     }
 
 
@@ -105,8 +112,10 @@ def render_text(d: dict[str, Any]) -> str:
     lines = []
     for side in ("a", "b"):
         c = d[side]
-        lines.append(f"{side.upper()}: {c['name']} v{c['version']}  {c['n_neurons']} neurons  "
-                     f"model {c['model_uri']} ({c['fingerprint'][:12]})")
+        lines.append(
+            f"{side.upper()}: {c['name']} v{c['version']}  {c['n_neurons']} neurons  "
+            f"model {c['model_uri']} ({c['fingerprint'][:12]})"
+        )
     lines.append(f"same model:       {'yes' if d['same_model'] else 'NO (fingerprints differ)'}")
     lines.append(f"jaccard:          {_fmt(d['jaccard'])}")
     lines.append(f"shared:           {d['shared']}  (only A: {d['only_a']}, only B: {d['only_b']})")

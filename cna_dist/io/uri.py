@@ -38,8 +38,9 @@ def check_protocol(uri: str, *, source: str | None = None, field: str | None = N
     try:
         fsspec.get_filesystem_class(protocol)
     except (ValueError, ImportError) as exc:
-        raise BadInput(f"unknown storage protocol {protocol!r} in {uri!r} ({exc})", source=source,
-                       field=field) from None
+        raise BadInput(
+            f"unknown storage protocol {protocol!r} in {uri!r} ({exc})", source=source, field=field
+        ) from None
 
 
 def filesystem(uri: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:

@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from cna_dist import reduce as r
-from cna_dist.store import Run
+from cna_dist.core import reduce as r
+from cna_dist.io.store import Run
 
 Mapper = Callable[[Callable[..., Any], Sequence[tuple]], list[Any]]
 
@@ -72,7 +72,7 @@ def threshold_groups(rows: np.ndarray, rows_per_chunk: int, cap: int) -> list[np
     size = 0
     for per_chunk in np.split(order, np.flatnonzero(np.diff(chunks)) + 1):
         for lo in range(0, per_chunk.size, cap):
-            piece = per_chunk[lo:lo + cap]
+            piece = per_chunk[lo : lo + cap]
             if current and size + piece.size > cap:
                 groups.append(np.concatenate(current))
                 current, size = [], 0
@@ -106,8 +106,9 @@ def prompt_thresholds(run: Run, rows: np.ndarray, layers_per_block: int, n: int)
     return values[:, -1].copy(), ids[:, -1].copy()
 
 
-def global_thresholds(run: Run, rows: np.ndarray, layers_per_block: int, n: int,
-                      mapper: Mapper) -> tuple[np.ndarray, np.ndarray]:
+def global_thresholds(
+    run: Run, rows: np.ndarray, layers_per_block: int, n: int, mapper: Mapper
+) -> tuple[np.ndarray, np.ndarray]:
     """All diverse prompts' thresholds, one task per group of prompts; the driver keeps 16 bytes per prompt."""
     groups = threshold_groups(rows, run.meta.rows_per_chunk, group_cap(run, n))
     found = mapper(prompt_thresholds, [(run, rows[g], layers_per_block, n) for g in groups])
@@ -118,8 +119,14 @@ def global_thresholds(run: Run, rows: np.ndarray, layers_per_block: int, n: int,
     return thr_v, thr_id
 
 
-def block_counts(run: Run, rows: np.ndarray, layers: slice, fraction: float, scope: str,
-                 thresholds: tuple[np.ndarray, np.ndarray] | None) -> np.ndarray:
+def block_counts(
+    run: Run,
+    rows: np.ndarray,
+    layers: slice,
+    fraction: float,
+    scope: str,
+    thresholds: tuple[np.ndarray, np.ndarray] | None,
+) -> np.ndarray:
     width = run.meta.intermediate_size
     ids = _flat_ids(layers, width).reshape(layers.stop - layers.start, width)
     counts = np.zeros(ids.shape, dtype=np.int64)
@@ -138,8 +145,9 @@ def block_counts(run: Run, rows: np.ndarray, layers: slice, fraction: float, sco
     return counts
 
 
-def block_candidates(delta: np.ndarray, layers: slice, k: int, exclude: list[int],
-                     universal: np.ndarray | None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def block_candidates(
+    delta: np.ndarray, layers: slice, k: int, exclude: list[int], universal: np.ndarray | None
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """This block's top-k (flat ids, |delta|), with and without the universal filter, for an exact merge."""
     width = delta.shape[1]
     ids = _flat_ids(layers, width)
@@ -147,8 +155,7 @@ def block_candidates(delta: np.ndarray, layers: slice, k: int, exclude: list[int
     base = np.repeat(~excluded, width)
     scores = np.abs(delta.reshape(-1))
     out = {}
-    for key, mask in (("filtered", base if universal is None else base & ~universal.reshape(-1)),
-                      ("unfiltered", base)):
+    for key, mask in (("filtered", base if universal is None else base & ~universal.reshape(-1)), ("unfiltered", base)):
         keep = np.flatnonzero(mask)
         order = r.top_order(scores[keep], ids[keep], k)
         out[key] = (ids[keep][order], scores[keep][order])
@@ -159,15 +166,25 @@ def _moments_task(run: Run, rows: dict[str, np.ndarray], layers: slice) -> dict[
     return block_moments(run, rows, layers)
 
 
-def reduce_store(run: Run, rows: dict[str, np.ndarray], *, k: int, exclude_layers: list[int],
-                 universal_fraction: float, universal_threshold: float, universal_scope: str,
-                 layers_per_block: int | None = None, mapper: Mapper = local_map) -> r.Reduction:
+def reduce_store(
+    run: Run,
+    rows: dict[str, np.ndarray],
+    *,
+    k: int,
+    exclude_layers: list[int],
+    universal_fraction: float,
+    universal_threshold: float,
+    universal_scope: str,
+    layers_per_block: int | None = None,
+    mapper: Mapper = local_map,
+) -> r.Reduction:
     """The whole reduction streamed from the store; equals reduce_in_memory over the same rows."""
     meta = run.meta
     per_block = layers_per_block or meta.layers_per_chunk
     blocks = layer_blocks(meta.n_layers, per_block)
-    sums = mapper(_moments_task, [(run, {"positive": rows["positive"], "negative": rows["negative"]}, b)
-                                  for b in blocks])
+    sums = mapper(
+        _moments_task, [(run, {"positive": rows["positive"], "negative": rows["negative"]}, b) for b in blocks]
+    )
     mean_pos = np.concatenate([s["positive"].mean() for s in sums])
     mean_neg = np.concatenate([s["negative"].mean() for s in sums])
     del sums  # the driver holds [layers, neurons] arrays only: drop the per-block sums before the next pass
@@ -181,11 +198,14 @@ def reduce_store(run: Run, rows: dict[str, np.ndarray], *, k: int, exclude_layer
         if universal_scope == "global":
             n = r.n_top(universal_fraction, meta.n_layers * meta.intermediate_size)
             thresholds = global_thresholds(run, diverse, per_block, n, mapper)
-        counts = np.concatenate(mapper(block_counts, [(run, diverse, b, universal_fraction, universal_scope,
-                                                       thresholds) for b in blocks]))
+        counts = np.concatenate(
+            mapper(block_counts, [(run, diverse, b, universal_fraction, universal_scope, thresholds) for b in blocks])
+        )
         universal = r.universal_mask(counts, diverse.size, universal_threshold)
-    parts = local_map(block_candidates, [(delta[b], b, k, exclude_layers, None if universal is None else universal[b])
-                                         for b in blocks])
+    parts = local_map(
+        block_candidates,
+        [(delta[b], b, k, exclude_layers, None if universal is None else universal[b]) for b in blocks],
+    )
     merged = {}
     for key in ("filtered", "unfiltered"):
         ids = np.concatenate([p[key][0] for p in parts])

@@ -13,72 +13,15 @@ it has queued the next batch, so the GPU computes batch k+1 while the host files
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from cna_dist.model import decoder, down_projs
-
-
-def plan_batches(lengths: Sequence[int], token_budget: int, max_batch_size: int) -> list[list[int]]:
-    """Group prompt indices into batches of similar length whose padded size fits the budget.
-
-    A prompt longer than the budget gets a batch of its own rather than being cut.
-    """
-    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
-    batches: list[list[int]] = []
-    current: list[int] = []
-    longest = 0
-    for i in order:
-        longest_if_added = max(longest, lengths[i])
-        if current and (len(current) >= max_batch_size or (len(current) + 1) * longest_if_added > token_budget):
-            batches.append(current)
-            current, longest_if_added = [], lengths[i]
-        current.append(i)
-        longest = longest_if_added
-    if current:
-        batches.append(current)
-    return batches
-
-
-@dataclass
-class Batch:
-    indices: list[int]
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    lengths: list[int] | None = None
-
-    @property
-    def n_tokens(self) -> int:
-        """Real (unpadded) tokens; from the host-side lengths, so reading it never touches a device."""
-        if self.lengths is not None:
-            return sum(self.lengths)
-        return int(self.attention_mask.sum())
-
-
-def collate(token_ids: Sequence[Sequence[int]], indices: list[int], pad_id: int, *, pin: bool = False) -> Batch:
-    """Left-padded ids and mask on the host; `pin` puts them in page-locked memory for an async upload."""
-    lengths = [len(token_ids[i]) for i in indices]
-    width = max(lengths)
-    ids = np.full((len(indices), width), pad_id, dtype=np.int64)
-    mask = np.zeros((len(indices), width), dtype=np.int64)
-    for row, i in enumerate(indices):
-        ids[row, width - lengths[row]:] = token_ids[i]
-        mask[row, width - lengths[row]:] = 1
-    ids_t, mask_t = torch.from_numpy(ids), torch.from_numpy(mask)
-    if pin:
-        ids_t, mask_t = ids_t.pin_memory(), mask_t.pin_memory()
-    return Batch(indices, ids_t, mask_t, lengths)
-
-
-def batches(token_ids: Sequence[Sequence[int]], pad_id: int, token_budget: int,
-            max_batch_size: int, *, pin: bool = False) -> Iterator[Batch]:
-    for indices in plan_batches([len(t) for t in token_ids], token_budget, max_batch_size):
-        yield collate(token_ids, indices, pad_id, pin=pin)
-
+from cna_dist.model.batching import Batch, batches
+from cna_dist.model.checkpoint import decoder, down_projs
 
 STORE_DTYPES = {"float16": np.float16, "float32": np.float32}
 _TORCH_STORE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
@@ -168,11 +111,13 @@ class Capturer:
         mask = batch.attention_mask.to(self.device, non_blocking=True)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         dtype = self.projs[0].weight.dtype
-        self._buffer = torch.empty((ids.shape[0], self.n_layers, self.intermediate_size), dtype=dtype,
-                                   device=self.device)
+        self._buffer = torch.empty(
+            (ids.shape[0], self.n_layers, self.intermediate_size), dtype=dtype, device=self.device
+        )
         try:
-            self.decoder(input_ids=ids, attention_mask=self._attention_mask(mask), position_ids=positions,
-                         use_cache=False)
+            self.decoder(
+                input_ids=ids, attention_mask=self._attention_mask(mask), position_ids=positions, use_cache=False
+            )
             return self._buffer
         finally:
             self._buffer = None
@@ -227,9 +172,16 @@ def to_store_dtype(acts: torch.Tensor, dtype: str) -> tuple[np.ndarray, int]:
     return values.astype(STORE_DTYPES[dtype]), overflow
 
 
-def capture_with(capturer: Capturer, token_ids: Sequence[Sequence[int]], pad_id: int, *, dtype: str = "float32",
-                 token_budget: int = 8192, max_batch_size: int = 64,
-                 on_batch: Callable[[Batch], None] | None = None) -> tuple[np.ndarray, int]:
+def capture_with(
+    capturer: Capturer,
+    token_ids: Sequence[Sequence[int]],
+    pad_id: int,
+    *,
+    dtype: str = "float32",
+    token_budget: int = 8192,
+    max_batch_size: int = 64,
+    on_batch: Callable[[Batch], None] | None = None,
+) -> tuple[np.ndarray, int]:
     """All prompts' activations [prompt, layer, neuron] in prompt order, plus the float16 overflow count.
 
     Batch k+1 is queued before batch k is waited for and filed, so the host's copy into `out` overlaps the
@@ -257,8 +209,9 @@ def capture_with(capturer: Capturer, token_ids: Sequence[Sequence[int]], pad_id:
     return out, capturer.read_count(overflow)
 
 
-def capture(model: torch.nn.Module, token_ids: Sequence[Sequence[int]], pad_id: int, **kwargs: Any) -> tuple[
-        np.ndarray, int]:
+def capture(
+    model: torch.nn.Module, token_ids: Sequence[Sequence[int]], pad_id: int, **kwargs: Any
+) -> tuple[np.ndarray, int]:
     """capture_with on hooks registered for this call only; replicas keep one Capturer for their lifetime."""
     with Capturer(model) as capturer:
         return capture_with(capturer, token_ids, pad_id, **kwargs)

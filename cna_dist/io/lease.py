@@ -20,9 +20,9 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from cna_dist import uri as urimod
 from cna_dist.errors import RunFailure
-from cna_dist.exclusive import VersionTaken, create_exclusive
+from cna_dist.io import uri as urimod
+from cna_dist.io.exclusive import VersionTaken, create_exclusive
 
 TTL_S = 300.0
 HEARTBEAT_S = 30.0
@@ -44,9 +44,17 @@ def _alive_here(holder: dict[str, Any]) -> bool | None:
 
 
 class Lease:
-    def __init__(self, uri: str, storage_options: dict[str, Any] | None = None, *, ttl_s: float = TTL_S,
-                 heartbeat_s: float = HEARTBEAT_S, wait_s: float = WAIT_S, poll_s: float = POLL_S,
-                 echo: Callable[[str], None] | None = None):
+    def __init__(
+        self,
+        uri: str,
+        storage_options: dict[str, Any] | None = None,
+        *,
+        ttl_s: float = TTL_S,
+        heartbeat_s: float = HEARTBEAT_S,
+        wait_s: float = WAIT_S,
+        poll_s: float = POLL_S,
+        echo: Callable[[str], None] | None = None,
+    ):
         self.uri = uri
         self.storage_options = storage_options or {}
         self.fs, self.path = urimod.filesystem(uri, self.storage_options)
@@ -58,8 +66,9 @@ class Lease:
         self._thread: threading.Thread | None = None
 
     def _body(self) -> bytes:
-        return json.dumps({"owner": self.owner, "host": socket.gethostname(), "pid": os.getpid(),
-                           "heartbeat": time.time()}).encode()
+        return json.dumps(
+            {"owner": self.owner, "host": socket.gethostname(), "pid": os.getpid(), "heartbeat": time.time()}
+        ).encode()
 
     def holder(self) -> dict[str, Any] | None:
         try:
@@ -100,8 +109,10 @@ class Lease:
                 continue
             who = f"{holder.get('host')}:{holder.get('pid')}"
             if time.monotonic() >= deadline:
-                raise RunFailure(f"{self.uri} is held by the driver {who}, which is still capturing this run "
-                                 f"(waited {self.wait_s:.0f} s); one driver captures a run at a time")
+                raise RunFailure(
+                    f"{self.uri} is held by the driver {who}, which is still capturing this run "
+                    f"(waited {self.wait_s:.0f} s); one driver captures a run at a time"
+                )
             if not told and self.echo is not None:
                 self.echo(f"waiting for {who} to finish capturing this run ({self.uri})")
                 told = True

@@ -7,8 +7,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from cna_dist import uri as urimod
 from cna_dist.errors import BadInput
+from cna_dist.io import uri as urimod
 from cna_dist.manifest import PromptSet
 
 FORMATS = (".jsonl", ".json", ".txt")
@@ -114,8 +114,9 @@ def render(tokenizer: Any, text: str, chat: bool) -> str:
     """The exact string the model sees: the user turn plus the generation prompt, when chat is on."""
     if not chat:
         return text
-    return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                         add_generation_prompt=True)
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+    )
 
 
 def encode(tokenizer: Any, rendered: str, chat: bool) -> list[int]:

@@ -22,7 +22,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from cna_dist import uri as urimod
+from cna_dist.io import uri as urimod
 
 PROBE_DIR = ".cna-probe"
 # A claim older than this (by the server's LastModified, against the newer claim's) is a crashed publisher's and
@@ -126,8 +126,9 @@ def _bucket_root(uri: str) -> str:
     return f"{protocol}://{uri.split('://', 1)[1].split('/', 1)[0]}"
 
 
-def create_exclusive(uri: str, data: bytes, storage_options: dict[str, Any] | None = None, *,
-                     root: str | None = None) -> None:
+def create_exclusive(
+    uri: str, data: bytes, storage_options: dict[str, Any] | None = None, *, root: str | None = None
+) -> None:
     """Write `data` at `uri` only if nothing is there; raise VersionTaken otherwise. Never a partial file.
 
     `root` (the registry) scopes the S3 probe; it defaults to the bucket.
@@ -205,15 +206,19 @@ def create_by_claim(fs: Any, path: str, data: bytes, ttl: float | None = None) -
     fs.pipe_file(mine, json.dumps({"host": socket.gethostname(), "pid": os.getpid()}).encode())
     cleanup = [mine]
     try:
-        listing = {e["name"].rstrip("/"): e for e in fs.ls(claims, detail=True, refresh=True)
-                   if e.get("type") == "file"}
+        listing = {
+            e["name"].rstrip("/"): e for e in fs.ls(claims, detail=True, refresh=True) if e.get("type") == "file"
+        }
         own = listing.pop(mine, None)
         if own is None:
             cleanup = []
             raise VersionTaken(path)
         own_t = _last_modified(own)
-        stale = [name for name, e in listing.items()
-                 if own_t is not None and (t := _last_modified(e)) is not None and own_t - t > ttl]
+        stale = [
+            name
+            for name, e in listing.items()
+            if own_t is not None and (t := _last_modified(e)) is not None and own_t - t > ttl
+        ]
         if len(listing) > len(stale):
             raise ClaimContended(path)
         try:

@@ -15,25 +15,27 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from cna_dist import evaluate, steer
-from cna_dist import model as modelmod
-from cna_dist import prompts as promptsmod
-from cna_dist import uri as urimod
 from cna_dist.circuit import Circuit
+from cna_dist.commands.mine import encode_sets
+from cna_dist.core import metrics as evaluate
 from cna_dist.errors import BadInput
+from cna_dist.io import uri as urimod
+from cna_dist.io.registry import model_slug
 from cna_dist.manifest import Manifest
-from cna_dist.pipeline import encode_sets
-from cna_dist.plots import eval_curves, layer_histogram
-from cna_dist.registry import model_slug
-from cna_dist.replica import Replica
+from cna_dist.model import checkpoint as modelmod
+from cna_dist.model import prompts as promptsmod
+from cna_dist.model import steer
+from cna_dist.report.plots import eval_curves, layer_histogram
+from cna_dist.runtime.replica import Replica
 from cna_dist.validate import check_writable, validate
 
 BASELINE: dict[str, Any] = {}
 
 
 class Replicas(Protocol):
-    def replica_map(self, m: Manifest, method: str, args: Sequence[tuple], *,
-                    progress: str | None = None) -> tuple[list[Any], dict[str, Any]]: ...
+    def replica_map(
+        self, m: Manifest, method: str, args: Sequence[tuple], *, progress: str | None = None
+    ) -> tuple[list[Any], dict[str, Any]]: ...
 
 
 class LocalReplica:
@@ -42,12 +44,21 @@ class LocalReplica:
     def __init__(self) -> None:
         self.replica: Replica | None = None
 
-    def replica_map(self, m: Manifest, method: str, args: Sequence[tuple], *,
-                    progress: str | None = None) -> tuple[list[Any], dict[str, Any]]:
+    def replica_map(
+        self, m: Manifest, method: str, args: Sequence[tuple], *, progress: str | None = None
+    ) -> tuple[list[Any], dict[str, Any]]:
         if self.replica is None:
-            self.replica = Replica(m.model.uri, m.model.storage_options, m.model.dtype, m.model.trust_remote_code,
-                                   m.model.gpus_per_replica, m.model.max_memory_per_gpu, m.capture.dtype,
-                                   m.capture.token_budget, m.capture.max_batch_size)
+            self.replica = Replica(
+                m.model.uri,
+                m.model.storage_options,
+                m.model.dtype,
+                m.model.trust_remote_code,
+                m.model.gpus_per_replica,
+                m.model.max_memory_per_gpu,
+                m.capture.dtype,
+                m.capture.token_budget,
+                m.capture.max_batch_size,
+            )
         fn = getattr(self.replica, method)
         return [fn(*a) for a in args], {"retries": 0, "replica_deaths": 0, "failures": []}
 
@@ -59,12 +70,17 @@ class Condition:
     spec: dict[str, Any]
 
 
-def conditions(circuit: Circuit, multipliers: Sequence[float], seed: int, caa: dict[int, list] | None,
-               ) -> tuple[list[Condition], list[tuple[int, int]]]:
+def conditions(
+    circuit: Circuit,
+    multipliers: Sequence[float],
+    seed: int,
+    caa: dict[int, list] | None,
+) -> tuple[list[Condition], list[tuple[int, int]]]:
     """Every (method, multiplier) with its steering spec; m = 1 is the shared baseline."""
     pairs = [list(p) for p in circuit.pairs()]
-    control = evaluate.random_pairs(circuit.pairs(), circuit.model.intermediate_size, seed,
-                                    avoid=[tuple(u) for u in circuit.universal])
+    control = evaluate.random_pairs(
+        circuit.pairs(), circuit.model.intermediate_size, seed, avoid=[tuple(u) for u in circuit.universal]
+    )
     control_pairs = [list(p) for p in control]
     out = []
     for m in multipliers:
@@ -80,8 +96,17 @@ def chunks(n: int, size: int) -> list[range]:
     return [range(lo, min(lo + size, n)) for lo in range(0, n, size)]
 
 
-def run_eval(m: Manifest, circuit: Circuit, out: str, replicas: Replicas, *, multipliers: Sequence[float] | None = None,
-             caa: bool | None = None, max_new_tokens: int | None = None, progress: bool = True) -> str:
+def run_eval(
+    m: Manifest,
+    circuit: Circuit,
+    out: str,
+    replicas: Replicas,
+    *,
+    multipliers: Sequence[float] | None = None,
+    caa: bool | None = None,
+    max_new_tokens: int | None = None,
+    progress: bool = True,
+) -> str:
     """Writes OUT/eval.json and its plots; returns the JSON's URI."""
     spec = m.eval
     multipliers = list(spec.multipliers if multipliers is None else multipliers)
@@ -94,11 +119,15 @@ def run_eval(m: Manifest, circuit: Circuit, out: str, replicas: Replicas, *, mul
     checked = validate(m, check_remote=True)
     fingerprint = modelmod.fingerprint(m.model.uri, m.model.storage_options)
     if circuit.model.fingerprint != fingerprint:
-        raise BadInput(f"circuit {circuit.name} v{circuit.version} was mined on another model "
-                       f"({circuit.model.uri}, fingerprint {circuit.model.fingerprint[:12]}) than {m.model.uri} "
-                       f"({fingerprint[:12]})", field="--circuit")
-    tokenizer = modelmod.load_tokenizer(modelmod.localize(m.model.uri, m.model.storage_options),
-                                        trust_remote_code=m.model.trust_remote_code)
+        raise BadInput(
+            f"circuit {circuit.name} v{circuit.version} was mined on another model "
+            f"({circuit.model.uri}, fingerprint {circuit.model.fingerprint[:12]}) than {m.model.uri} "
+            f"({fingerprint[:12]})",
+            field="--circuit",
+        )
+    tokenizer = modelmod.load_tokenizer(
+        modelmod.localize(m.model.uri, m.model.storage_options), trust_remote_code=m.model.trust_remote_code
+    )
     chat = promptsmod.use_chat_template(tokenizer, m.model.chat_template)
     sets = encode_sets(checked, tokenizer, chat, ["eval", *(["positive", "negative"] if use_caa else [])])
 
@@ -107,10 +136,14 @@ def run_eval(m: Manifest, circuit: Circuit, out: str, replicas: Replicas, *, mul
     if use_caa:
         caa_layer = spec.caa_layer if spec.caa_layer is not None else steer.caa_layer(circuit.pairs())
         if caa_layer >= circuit.model.n_layers:
-            raise BadInput(f"layer {caa_layer} beyond the model's {circuit.model.n_layers} layers", source=m.source,
-                           field="eval.caa_layer")
-        (caa_vectors,), _ = replicas.replica_map(m, "caa_vectors", [(sets["positive"].token_ids,
-                                                                     sets["negative"].token_ids, [caa_layer])])
+            raise BadInput(
+                f"layer {caa_layer} beyond the model's {circuit.model.n_layers} layers",
+                source=m.source,
+                field="eval.caa_layer",
+            )
+        (caa_vectors,), _ = replicas.replica_map(
+            m, "caa_vectors", [(sets["positive"].token_ids, sets["negative"].token_ids, [caa_layer])]
+        )
     conds, control = conditions(circuit, multipliers, spec.random_seed, caa_vectors)
 
     prompts = sets["eval"]
@@ -123,8 +156,11 @@ def run_eval(m: Manifest, circuit: Circuit, out: str, replicas: Replicas, *, mul
     parts = chunks(len(prompts.token_ids), spec.max_batch_size)
     calls = [(k, part) for k in range(len(specs)) for part in parts]
     texts, report = replicas.replica_map(
-        m, "generate", [([prompts.token_ids[i] for i in part], specs[k], max_new_tokens, spec.max_batch_size)
-                        for k, part in calls], progress="eval" if progress else None)
+        m,
+        "generate",
+        [([prompts.token_ids[i] for i in part], specs[k], max_new_tokens, spec.max_batch_size) for k, part in calls],
+        progress="eval" if progress else None,
+    )
     by_spec: dict[int, list[str]] = {}
     for (k, _), t in zip(calls, texts, strict=True):
         by_spec.setdefault(k, []).extend(t)
@@ -133,29 +169,55 @@ def run_eval(m: Manifest, circuit: Circuit, out: str, replicas: Replicas, *, mul
     order = {"cna": 0, "random": 1, "caa": 2}
     for c in sorted(conds, key=lambda c: (order[c.method], c.multiplier)):
         generated = by_spec[spec_of[id(c)]]
-        results.append({"method": c.method, "multiplier": c.multiplier,
-                        **evaluate.score(generated, patterns)})
+        results.append({"method": c.method, "multiplier": c.multiplier, **evaluate.score(generated, patterns)})
         if c.method == "caa":
             results[-1]["alpha"] = c.multiplier - 1.0
-        for text, completion in list(zip(prompts.prompts.texts, generated, strict=True))[:spec.samples]:
+        for text, completion in list(zip(prompts.prompts.texts, generated, strict=True))[: spec.samples]:
             samples.append({"method": c.method, "multiplier": c.multiplier, "prompt": text, "completion": completion})
 
     opts = m.output.storage_options
     plots = {"curves": urimod.join(out, "eval.png"), "layers": urimod.join(out, "circuit-layers.png")}
-    eval_curves(results, plots["curves"], title=f"{circuit.name} v{circuit.version} on {model_slug(m.model.uri)}",
-                storage_options=opts)
-    layer_histogram({f"{circuit.name} v{circuit.version}": circuit}, plots["layers"],
-                    title="circuit neurons per layer", storage_options=opts)
-    doc = {"schema": "cna-eval/1", "circuit": {"name": circuit.name, "version": circuit.version,
-                                               "neurons": len(circuit.neurons), "model": circuit.model.uri},
-           "prompts": {"uri": prompts.prompts.uri, "sha256": prompts.prompts.sha256, "count": len(prompts.token_ids)},
-           "settings": {"multipliers": multipliers, "max_new_tokens": max_new_tokens, "greedy": True,
-                        "refusal_patterns": list(patterns), "random_seed": spec.random_seed, "caa": use_caa,
-                        "caa_layer": caa_layer, "chat_template": chat},
-           "random_control": [list(p) for p in control],
-           "results": results, "samples": samples, "plots": plots,
-           "run": {"generations": len(specs) * len(prompts.token_ids), "retries": report["retries"],
-                   "replica_deaths": report["replica_deaths"]}}
+    eval_curves(
+        results,
+        plots["curves"],
+        title=f"{circuit.name} v{circuit.version} on {model_slug(m.model.uri)}",
+        storage_options=opts,
+    )
+    layer_histogram(
+        {f"{circuit.name} v{circuit.version}": circuit},
+        plots["layers"],
+        title="circuit neurons per layer",
+        storage_options=opts,
+    )
+    doc = {
+        "schema": "cna-eval/1",
+        "circuit": {
+            "name": circuit.name,
+            "version": circuit.version,
+            "neurons": len(circuit.neurons),
+            "model": circuit.model.uri,
+        },
+        "prompts": {"uri": prompts.prompts.uri, "sha256": prompts.prompts.sha256, "count": len(prompts.token_ids)},
+        "settings": {
+            "multipliers": multipliers,
+            "max_new_tokens": max_new_tokens,
+            "greedy": True,
+            "refusal_patterns": list(patterns),
+            "random_seed": spec.random_seed,
+            "caa": use_caa,
+            "caa_layer": caa_layer,
+            "chat_template": chat,
+        },
+        "random_control": [list(p) for p in control],
+        "results": results,
+        "samples": samples,
+        "plots": plots,
+        "run": {
+            "generations": len(specs) * len(prompts.token_ids),
+            "retries": report["retries"],
+            "replica_deaths": report["replica_deaths"],
+        },
+    }
     uri = urimod.join(out, "eval.json")
     fs, path = urimod.filesystem(uri, opts)
     fs.pipe_file(path, (json.dumps(doc, indent=1) + "\n").encode())

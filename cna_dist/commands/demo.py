@@ -9,7 +9,8 @@ from typing import Any
 
 import yaml
 
-from cna_dist.tiny import demo_prompts, save_planted_model
+from cna_dist.demo.planted import save_planted_model
+from cna_dist.demo.words import demo_prompts
 
 
 def write_inputs(out: Path) -> tuple[Path, object]:
@@ -35,8 +36,14 @@ def write_inputs(out: Path) -> tuple[Path, object]:
     return path, planted
 
 
-def run_demo(out: Path, *, mine: Callable[[Path], Any], evaluate: Callable[[Path, str], str], progress: bool = True,
-             echo: Callable[[str], None] = print) -> str:
+def run_demo(
+    out: Path,
+    *,
+    mine: Callable[[Path], Any],
+    evaluate: Callable[[Path, str], str],
+    progress: bool = True,
+    echo: Callable[[str], None] = print,
+) -> str:
     """`mine` and `evaluate` are the CLI's own paths (Ray or in process), so the demo shows what users run."""
     out = out.resolve()
     manifest_path, planted = write_inputs(out)
@@ -49,16 +56,20 @@ def run_demo(out: Path, *, mine: Callable[[Path], Any], evaluate: Callable[[Path
     flagged = universal & set(map(tuple, c.universal))
     echo(c.summary())
     echo(f"gate recall: {len(found & gate)}/{len(gate)} = {len(found & gate) / len(gate):.0%}")
-    echo(f"planted universal neurons flagged: {len(flagged)}/{len(universal)}; "
-         f"in the circuit: {len(found & universal)}")
+    echo(
+        f"planted universal neurons flagged: {len(flagged)}/{len(universal)}; in the circuit: {len(found & universal)}"
+    )
 
     report = json.loads(Path(evaluate(manifest_path, result.published.uri)).read_text())
     rates = {(r["method"], r["multiplier"]): r for r in report["results"]}
     n = report["prompts"]["count"]
     echo(f"steering on {n} held-out harmful prompts (refusal rate, quality):")
     for method in ("cna", "random", "caa"):
-        row = [f"m={mult:g}: {rates[method, mult]['refusal_rate']:.0%} {rates[method, mult]['quality']:.2f}"
-               for mult in report["settings"]["multipliers"] if (method, mult) in rates]
+        row = [
+            f"m={mult:g}: {rates[method, mult]['refusal_rate']:.0%} {rates[method, mult]['quality']:.2f}"
+            for mult in report["settings"]["multipliers"]
+            if (method, mult) in rates
+        ]
         if row:
             echo(f"  {method:>6}  " + "   ".join(row))
     for s in report["samples"]:

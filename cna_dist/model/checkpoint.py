@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cna_dist import uri as urimod
 from cna_dist.errors import BadInput
+from cna_dist.io import uri as urimod
 
 SUPPORTED = {"llama", "qwen2", "mistral"}
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
@@ -55,13 +55,20 @@ def read_config(uri: str, storage_options: dict[str, Any] | None = None, field: 
 def info_from_config(config: dict, uri: str) -> ModelInfo:
     model_type = config.get("model_type")
     if model_type not in SUPPORTED:
-        raise BadInput(f"unsupported model_type {model_type!r}; cna-dist knows {sorted(SUPPORTED)} "
-                       "(decoder layers at model.layers[i].mlp.down_proj)", source=uri, field="model_type")
+        raise BadInput(
+            f"unsupported model_type {model_type!r}; cna-dist knows {sorted(SUPPORTED)} "
+            "(decoder layers at model.layers[i].mlp.down_proj)",
+            source=uri,
+            field="model_type",
+        )
     try:
-        return ModelInfo(architecture=(config.get("architectures") or [model_type])[0], model_type=model_type,
-                         n_layers=int(config["num_hidden_layers"]),
-                         intermediate_size=int(config["intermediate_size"]),
-                         hidden_size=int(config["hidden_size"]))
+        return ModelInfo(
+            architecture=(config.get("architectures") or [model_type])[0],
+            model_type=model_type,
+            n_layers=int(config["num_hidden_layers"]),
+            intermediate_size=int(config["intermediate_size"]),
+            hidden_size=int(config["hidden_size"]),
+        )
     except KeyError as exc:
         raise BadInput(f"config.json lacks {exc.args[0]!r}", source=uri, field=exc.args[0]) from None
 
@@ -161,14 +168,23 @@ def load_tokenizer(path: Path, *, trust_remote_code: bool = False) -> Any:
     return tokenizer
 
 
-def load(path: Path, *, dtype: str = "auto", trust_remote_code: bool = False, device_map: Any = None,
-         max_memory: dict | None = None) -> tuple[Any, Any]:
+def load(
+    path: Path,
+    *,
+    dtype: str = "auto",
+    trust_remote_code: bool = False,
+    device_map: Any = None,
+    max_memory: dict | None = None,
+) -> tuple[Any, Any]:
     """Load (model, tokenizer) from a local checkpoint folder, in eval mode, SDPA attention."""
     from transformers import AutoModelForCausalLM
 
     tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
-    kwargs: dict[str, Any] = {"dtype": torch_dtype(dtype), "trust_remote_code": trust_remote_code,
-                              "attn_implementation": "sdpa"}
+    kwargs: dict[str, Any] = {
+        "dtype": torch_dtype(dtype),
+        "trust_remote_code": trust_remote_code,
+        "attn_implementation": "sdpa",
+    }
     if device_map is not None:
         kwargs["device_map"] = device_map
     if max_memory is not None:

@@ -1,6 +1,6 @@
 """Circuit registry: REGISTRY/<name>/<model-slug>/v<N>.json, immutable once written, plus a `latest` pointer.
 
-A version is claimed by an exclusive create (`cna_dist.exclusive`: a hard link locally, If-None-Match on S3,
+A version is claimed by an exclusive create (`cna_dist.io.exclusive`: a hard link locally, If-None-Match on S3,
 a claim protocol on S3 servers without it), so two publishers racing for the same N cannot both win: the loser
 takes N+1, and no file is ever overwritten. Claim objects (v<N>.claims/) and probe objects (.cna-probe/) never
 match v<N>.json, so `versions()` never sees them. Every new version records its parent's version and
@@ -17,14 +17,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cna_dist import uri as urimod
 from cna_dist.circuit import Circuit, load
-from cna_dist.diff import parent_diff
+from cna_dist.core.diff import parent_diff
 from cna_dist.errors import RunFailure
-from cna_dist.exclusive import BACKOFF_BASE_S, BACKOFF_CAP_S, ClaimContended, VersionTaken, create_exclusive, is_s3
+from cna_dist.io import uri as urimod
+from cna_dist.io.exclusive import BACKOFF_BASE_S, BACKOFF_CAP_S, ClaimContended, VersionTaken, create_exclusive, is_s3
 
 VERSION_FILE = re.compile(r"^v(\d+)\.json$")
 MAX_ATTEMPTS = 100
+
+
 @dataclass(frozen=True)
 class Published:
     uri: str
@@ -92,8 +94,13 @@ def publish(circuit: Circuit, registry: str, storage_options: dict[str, Any] | N
             if circuit.inputs_sha256 and parent.inputs_sha256 == circuit.inputs_sha256:
                 return Published(version_uri(registry, circuit.name, slug, current), current, "unchanged")
         version = (current or 0) + 1
-        staged = circuit.model_copy(update={"version": version, "parent": current,
-                                            "diff": parent_diff(parent, circuit) if parent is not None else None})
+        staged = circuit.model_copy(
+            update={
+                "version": version,
+                "parent": current,
+                "diff": parent_diff(parent, circuit) if parent is not None else None,
+            }
+        )
         target = version_uri(registry, circuit.name, slug, version)
         try:
             create_exclusive(target, staged.to_json().encode(), storage_options, root=registry)
@@ -105,5 +112,7 @@ def publish(circuit: Circuit, registry: str, storage_options: dict[str, Any] | N
             continue
         _write_pointer(registry, circuit.name, slug, storage_options)
         return Published(target, version, "published")
-    raise RunFailure(f"could not claim a version under {folder(registry, circuit.name, slug)} after "
-                     f"{MAX_ATTEMPTS} attempts: too many concurrent publishers")
+    raise RunFailure(
+        f"could not claim a version under {folder(registry, circuit.name, slug)} after "
+        f"{MAX_ATTEMPTS} attempts: too many concurrent publishers"
+    )

@@ -16,13 +16,16 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from cna_dist import uri as urimod
 from cna_dist.circuit import Circuit
+from cna_dist.io import uri as urimod
 
 DPI = 120
 METHOD_ORDER = ("cna", "random", "caa")
-METHOD_STYLE = {"cna": {"color": "C0", "marker": "o"}, "random": {"color": "0.45", "marker": "s", "linestyle": "--"},
-                "caa": {"color": "C1", "marker": "^"}}
+METHOD_STYLE = {
+    "cna": {"color": "C0", "marker": "o"},
+    "random": {"color": "0.45", "marker": "s", "linestyle": "--"},
+    "caa": {"color": "C1", "marker": "^"},
+}
 
 
 def _save(fig: Figure, path: str | Path, storage_options: dict[str, Any] | None) -> str:
@@ -36,8 +39,13 @@ def _save(fig: Figure, path: str | Path, storage_options: dict[str, Any] | None)
     return str(path)
 
 
-def layer_histogram(circuits: Mapping[str, Circuit], path: str | Path, title: str | None = None, *,
-                    storage_options: dict[str, Any] | None = None) -> str:
+def layer_histogram(
+    circuits: Mapping[str, Circuit],
+    path: str | Path,
+    title: str | None = None,
+    *,
+    storage_options: dict[str, Any] | None = None,
+) -> str:
     """Neurons per layer, one bar series per circuit side by side; shows where in depth a circuit lives."""
     if not circuits:
         raise ValueError("layer_histogram needs at least one circuit")
@@ -52,8 +60,16 @@ def layer_histogram(circuits: Mapping[str, Circuit], path: str | Path, title: st
     width = 0.8 / len(series)
     for i, (label, counts) in enumerate(series.items()):
         offset = (i - (len(series) - 1) / 2) * width
-        ax.bar([layer + offset for layer in range(n_layers)], counts, width=width, align="center",
-               label=f"{label} ({sum(counts)})", color=f"C{i}", edgecolor="white", linewidth=0.5)
+        ax.bar(
+            [layer + offset for layer in range(n_layers)],
+            counts,
+            width=width,
+            align="center",
+            label=f"{label} ({sum(counts)})",
+            color=f"C{i}",
+            edgecolor="white",
+            linewidth=0.5,
+        )
     ax.set_xlim(-0.6, n_layers - 0.4)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=min(n_layers, 20)))
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
@@ -78,8 +94,13 @@ def _methods(results: Iterable[Mapping[str, Any]]) -> list[str]:
     return [m for m in METHOD_ORDER if m in seen] + sorted(seen - set(METHOD_ORDER))
 
 
-def eval_curves(results: list[dict[str, Any]], path: str | Path, title: str | None = None, *,
-                storage_options: dict[str, Any] | None = None) -> str:
+def eval_curves(
+    results: list[dict[str, Any]],
+    path: str | Path,
+    title: str | None = None,
+    *,
+    storage_options: dict[str, Any] | None = None,
+) -> str:
     """Refusal rate and quality against the steering multiplier, one line per method, so CNA reads against the
     random-neuron and CAA baselines at a glance. Points with a missing metric are skipped in that panel only."""
     fig = Figure(figsize=(11.0, 4.2), layout="tight")

@@ -1,0 +1,1 @@
+"""The model side, in torch: checkpoints, prompts, batching, capture, steering and generation."""

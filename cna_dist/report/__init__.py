@@ -1,0 +1,1 @@
+"""Reports people look at rather than read: PNG plots beside the JSON."""

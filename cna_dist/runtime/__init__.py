@@ -1,0 +1,1 @@
+"""The distributed shell: executors, the replica pool, the retrying scheduler and the replica itself."""
