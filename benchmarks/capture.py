@@ -26,7 +26,7 @@ from reference import reference  # benchmarks/reference.py, beside this script
 from cna_dist.demo.models import save_random_model
 from cna_dist.demo.words import demo_prompts
 from cna_dist.model import capture as cap
-from cna_dist.model import checkpoint as model_mod
+from cna_dist.model import hf
 from cna_dist.model import prompts as prompts_mod
 
 DATASET = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "harmless_train.json"
@@ -73,7 +73,7 @@ def main() -> None:
             n_kv_heads=4,
             seed=0,
         )
-        model, tokenizer = model_mod.load(path, dtype="float32")
+        model, tokenizer = hf.load(path, dtype="float32")
     token_ids = [prompts_mod.encode(tokenizer, prompts_mod.render(tokenizer, t, chat=True), chat=True) for t in texts]
     pad_id = tokenizer.pad_token_id
     n_prompts = len(token_ids)

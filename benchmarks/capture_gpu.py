@@ -215,7 +215,8 @@ def measure_writes(
     handing a replica its next shard when one returns, each shard written and committed to a local Zarr store.
     """
     from cna_dist.io.store import ActivationStore, RunMeta
-    from cna_dist.runtime.replica import Replica
+    from cna_dist.model.hf import HFBackend
+    from cna_dist.runtime.replica import Replica, ReplicaSpec
 
     meta = RunMeta(
         fingerprint="benchmark",
@@ -230,18 +231,11 @@ def measure_writes(
     run = ActivationStore(str(store_dir)).open_run(meta)
     hashes = [f"{i:064x}" for i in range(len(token_ids))]
     plans = run.plan(hashes)
-    replica = Replica.__new__(Replica)  # the real class around an already-built model (no checkpoint to load)
-    replica.__dict__.update(
-        model=capturer.model,
-        tokenizer=SimpleNamespace(pad_token_id=0),
-        capturer=capturer,
-        capture_dtype=args.store_dtype,
-        token_budget=args.token_budget,
-        max_batch_size=args.batch,
-        name="benchmark",
-        _compute_lock=threading.Lock(),
-        _compute_end=None,
+    spec = ReplicaSpec(
+        "random", capture_dtype=args.store_dtype, token_budget=args.token_budget, max_batch_size=args.batch
     )
+    backend = HFBackend(capturer.model, SimpleNamespace(pad_token_id=0), capturer=capturer)  # built, not loaded
+    replica = Replica(spec, backend)
     work: queue.Queue = queue.Queue()
     for plan in plans:
         work.put(plan)
@@ -271,9 +265,9 @@ def measure_writes(
         raise errors[0]
     if len(run.committed()) != len(plans):
         raise RuntimeError("a shard's commit marker is missing after the overlapped run")
-    compute = sum(r["compute_seconds"] for r in results)
-    write = sum(r["write_seconds"] for r in results)
-    idle = sum(r["idle_seconds"] for r in results)
+    compute = sum(r.compute_seconds for r in results)
+    write = sum(r.write_seconds for r in results)
+    idle = sum(r.idle_seconds for r in results)
     return {
         "shards": len(plans),
         "shard_rows": run.meta.shard_rows,

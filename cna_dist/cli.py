@@ -6,7 +6,7 @@ import contextlib
 import functools
 import json
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -73,61 +73,11 @@ def ray_options(fn: Callable) -> Callable:
     return fn
 
 
-@contextlib.contextmanager
-def executor(address: str | None, replicas: int | None, in_process: bool) -> Iterator[Any]:
-    """The Ray driver (joins `address` or starts a local Ray, closed afterwards), or None for --in-process."""
-    if in_process:
-        yield None
-        return
-    from cna_dist.runtime.ray_executor import RayExecutor
+def executor(address: str | None, replicas: int | None, in_process: bool) -> contextlib.closing:
+    """The executor for a command, closed (replicas killed, a Ray it started shut down) when the command ends."""
+    from cna_dist.runtime.executor import open_executor
 
-    with RayExecutor(address, replicas=replicas) as ray_executor:
-        yield ray_executor
-
-
-def run_mine(manifest_path: Path, ex: Any, *, progress: bool, summary: Path | None = None) -> Any:
-    """Validate first (exit 2 before anything is written), then mine with `ex` (None: in this process)."""
-    from cna_dist import manifest as manifestmod
-    from cna_dist.commands.mine import mine as pipeline_mine
-    from cna_dist.validate import validate as run_validate
-
-    m = manifestmod.load(manifest_path)
-    checked = run_validate(m, check_remote=True)
-    result = pipeline_mine(m, progress=progress, executor=ex, checked=checked)
-    if summary is not None:
-        summary.parent.mkdir(parents=True, exist_ok=True)
-        summary.write_text(json.dumps(result.summary, indent=1, default=str) + "\n")
-    return result
-
-
-def run_eval(
-    manifest_path: Path,
-    circuit_uri: str,
-    ex: Any,
-    *,
-    out: str | None = None,
-    multipliers: list[float] | None = None,
-    caa: bool | None = None,
-    max_new_tokens: int | None = None,
-    progress: bool = True,
-) -> str:
-    """Steering checks on the replicas of `ex` (None: one replica in this process); returns eval.json's URI."""
-    from cna_dist import circuit as circuitmod
-    from cna_dist import manifest as manifestmod
-    from cna_dist.commands import eval as eval_run
-
-    m = manifestmod.load(manifest_path)
-    circuit = circuitmod.load(circuit_uri, m.output.storage_options)
-    return eval_run.run_eval(
-        m,
-        circuit,
-        out or f"eval-{circuit.name}-v{circuit.version}",
-        ex if ex is not None else eval_run.LocalReplica(),
-        multipliers=multipliers,
-        caa=caa,
-        max_new_tokens=max_new_tokens,
-        progress=progress,
-    )
+    return contextlib.closing(open_executor(address, replicas, in_process))
 
 
 @main.command()
@@ -145,17 +95,12 @@ def mine(
     manifest: Path, quiet: bool, summary: Path | None, address: str | None, replicas: int | None, in_process: bool
 ) -> None:
     """Capture, reduce and publish MANIFEST's circuit; prints the circuit URI last."""
+    from cna_dist.commands import mine as command
+
     with executor(address, replicas, in_process) as ex:
-        result = run_mine(manifest, ex, progress=not quiet, summary=summary)
-    click.echo(result.circuit.summary())
-    s = result.summary
-    click.echo(
-        f"shards: {s['shards_captured']} captured, {s['shards_reused']} reused, {s['retries']} retried; "
-        f"replicas: {s['replicas']}"
-    )
-    if result.published.status == "unchanged":
-        click.echo(f"unchanged, v{result.published.version}")
-    click.echo(result.published.uri)
+        result = command.run(manifest, ex, progress=not quiet, summary=summary)
+    for line in command.report_lines(result):
+        click.echo(line)
 
 
 @main.command()
@@ -172,6 +117,8 @@ def mine(
 @handled
 def demo(out: Path, quiet: bool, address: str | None, replicas: int | None, in_process: bool) -> None:
     """Build a planted model, mine its circuit and show what it found; no GPU, no network."""
+    from cna_dist.commands import eval as eval_command
+    from cna_dist.commands import mine as mine_command
     from cna_dist.commands.demo import run_demo
 
     with executor(address, replicas, in_process) as ex:
@@ -179,8 +126,8 @@ def demo(out: Path, quiet: bool, address: str | None, replicas: int | None, in_p
             out,
             progress=not quiet,
             echo=click.echo,
-            mine=lambda path: run_mine(path, ex, progress=not quiet, summary=out / "run-summary.json"),
-            evaluate=lambda path, uri: run_eval(path, uri, ex, out=str(out / "eval"), progress=not quiet),
+            mine=lambda path: mine_command.run(path, ex, progress=not quiet, summary=out / "run-summary.json"),
+            evaluate=lambda path, uri: eval_command.run(path, uri, ex, out=str(out / "eval"), progress=not quiet),
         )
 
 
@@ -208,9 +155,9 @@ def nightly(nightly_list: Path, report: str, address: str | None, in_process: bo
     mine_args = ["--in-process"] if in_process else (["--address", address] if address else [])
     with tempfile.TemporaryDirectory(prefix="cna-nightly-") as work:
         result = nightlymod.refresh(nightly_list, report, mine_args, Path(work), echo=click.echo)
-    click.echo(f"{len(result['manifests'])} manifests: " + ", ".join(f"{n} {k}" for k, n in result["counts"].items()))
+    click.echo(f"{len(result.entries)} manifests: " + ", ".join(f"{n} {k}" for k, n in result.counts.items()))
     click.echo(report)
-    if not result["ok"]:
+    if not result.ok:
         sys.exit(1)
 
 
@@ -248,8 +195,10 @@ def eval_command(
 ) -> None:
     """Steer with the circuit at each multiplier (and the controls); write eval.json + plots, print its path."""
     values = parse_floats(multipliers, "--multipliers") if multipliers else None
+    from cna_dist.commands import eval as command
+
     with executor(address, replicas, in_process) as ex:
-        path = run_eval(
+        uri = command.run(
             manifest,
             circuit_uri,
             ex,
@@ -259,15 +208,8 @@ def eval_command(
             max_new_tokens=max_new_tokens,
             progress=not quiet,
         )
-    from cna_dist.io import uri as urimod
-
-    fs, local = urimod.filesystem(path)
-    for r in json.loads(fs.cat_file(local))["results"]:
-        click.echo(
-            f"{r['method']:>6} m={r['multiplier']:<5g} refusal {r['refusal_rate']:.0%}  "
-            f"quality {r['quality']:.3f}  (n={r['n']})"
-        )
-    click.echo(path)
+    for line in command.result_lines(uri):
+        click.echo(line)
 
 
 @main.command()
@@ -280,68 +222,9 @@ def eval_command(
 @handled
 def steer(model_uri: str, circuit_uri: str, multiplier: float, max_new_tokens: int, dtype: str, prompt: str) -> None:
     """Generate for PROMPT with and without the circuit scaled by --multiplier, side by side."""
-    from cna_dist import circuit as circuitmod
-    from cna_dist.core import metrics as evaluate
-    from cna_dist.model import checkpoint as modelmod
-    from cna_dist.model import prompts as promptsmod
-    from cna_dist.model import steer as steermod
-    from cna_dist.model.generate import generate
+    from cna_dist.commands.steer import side_by_side
 
-    c = circuitmod.load(circuit_uri)
-    fingerprint = modelmod.fingerprint(model_uri)
-    if fingerprint != c.model.fingerprint:
-        raise BadInput(f"circuit {c.name} v{c.version} was mined on {c.model.uri}, not this model", field="--model")
-    model, tokenizer = modelmod.load(modelmod.localize(model_uri), dtype=dtype)
-    chat = promptsmod.use_chat_template(tokenizer, None)
-    ids = [promptsmod.encode(tokenizer, promptsmod.render(tokenizer, prompt, chat), chat)]
-    (plain,) = generate(model, tokenizer, ids, max_new_tokens=max_new_tokens)
-    with steermod.steered(model, c.pairs(), multiplier):
-        (steered,) = generate(model, tokenizer, ids, max_new_tokens=max_new_tokens)
-    click.echo(f"prompt: {prompt}")
-    click.echo(f"--- m=1 (no intervention){' [refusal]' if evaluate.is_refusal(plain) else ''}\n{plain.strip()}")
-    click.echo(
-        f"--- m={multiplier:g} ({len(c.neurons)} neurons){' [refusal]' if evaluate.is_refusal(steered) else ''}"
-        f"\n{steered.strip()}"
-    )
-
-
-def _lease_holder(store: Any, run: str) -> str | None:
-    holder = store.lease(run).holder()
-    return None if holder is None else f"{holder.get('host')}:{holder.get('pid')}"
-
-
-def store_report(uri: str) -> dict[str, Any] | None:
-    """Runs, rows, committed and missing shards and bytes of an activation store; None if URI is not one."""
-    from cna_dist.io.store import ActivationStore
-
-    store = ActivationStore(uri)
-    runs = store.runs()
-    if not runs:
-        return None
-    report: dict[str, Any] = {"store": uri, "runs": []}
-    for run_name in runs:
-        meta = store.load_meta(run_name)
-        if meta is None:
-            continue
-        run = store.open_run(meta, create=False)
-        committed = run.committed()
-        capacity = run.array(mode="r").shape[0]
-        slots = -(-capacity // meta.shard_rows) if meta.shard_rows else 0
-        report["runs"].append(
-            {
-                "run": run_name,
-                "model": meta.model_uri,
-                "fingerprint": meta.fingerprint[:16],
-                "shape": [meta.n_layers, meta.intermediate_size],
-                "dtype": meta.dtype,
-                "rows": sum(len(r) for r in committed.values()),
-                "committed_shards": len(committed),
-                "missing_shards": sorted(set(range(slots)) - set(committed)),
-                "bytes": run.nbytes(),
-                "capturing": _lease_holder(store, run_name),
-            }
-        )
-    return report
+    click.echo(side_by_side(model_uri, circuit_uri, multiplier, max_new_tokens, dtype, prompt))
 
 
 @main.command()
@@ -350,37 +233,9 @@ def store_report(uri: str) -> dict[str, Any] | None:
 @handled
 def inspect(uri: str, as_json: bool) -> None:
     """Summarise a circuit file or an activation store."""
-    from cna_dist import circuit as circuitmod
+    from cna_dist.commands.inspect import render
 
-    report = store_report(uri) if not uri.endswith(".json") else None
-    if report is not None:
-        if as_json:
-            click.echo(json.dumps(report, indent=1))
-            return
-        click.echo(f"store {uri}")
-        for r in report["runs"]:
-            click.echo(
-                f"  run {r['run']}: {r['model']} ({r['shape'][0]}x{r['shape'][1]}, {r['dtype']}), "
-                f"{r['rows']} rows, {r['committed_shards']} committed shards, "
-                f"missing shards {r['missing_shards'] or 'none'}, {r['bytes'] / 2**20:.1f} MiB"
-                + (f", being captured by {r['capturing']}" if r["capturing"] else "")
-            )
-        return
-    c = circuitmod.load(uri)
-    if as_json:
-        click.echo(
-            json.dumps(
-                {
-                    "name": c.name,
-                    "version": c.version,
-                    "neurons": len(c.neurons),
-                    "universal": len(c.universal),
-                    "per_layer": c.stats.get("per_layer", {}),
-                }
-            )
-        )
-    else:
-        click.echo(c.summary())
+    click.echo(render(uri, as_json))
 
 
 @main.command()
@@ -417,9 +272,9 @@ def diff(uri_a: str, uri_b: str, as_json: bool, png: Path | None) -> None:
 @handled
 def export_ref(uri: str, out: Path) -> None:
     """Write circuit URI in the reference implementation's JSON format (NeuronSteerer Circuit.load)."""
-    from cna_dist import circuit as circuitmod
+    from cna_dist.commands import reference
 
-    out.write_text(json.dumps(circuitmod.to_reference(circuitmod.load(uri)), indent=2) + "\n")
+    reference.export(uri, out)
     click.echo(str(out))
 
 
@@ -431,27 +286,9 @@ def export_ref(uri: str, out: Path) -> None:
 @handled
 def import_ref(file: Path, name: str, model_uri: str, out: Path) -> None:
     """Convert a reference-format circuit into a cna-circuit/1 file."""
-    import re
+    from cna_dist.commands import reference
 
-    from cna_dist import circuit as circuitmod
-    from cna_dist.model import checkpoint as modelmod
-
-    if not re.match(r"^[A-Za-z0-9._-]+$", name):
-        raise BadInput(f"not a slug: {name!r}", field="--name")
-    info = modelmod.inspect(model_uri)
-    ref = circuitmod.ModelRef(
-        uri=model_uri,
-        architecture=info.architecture,
-        n_layers=info.n_layers,
-        intermediate_size=info.intermediate_size,
-        fingerprint=modelmod.fingerprint(model_uri),
-    )
-    try:
-        data = json.loads(file.read_text())
-    except json.JSONDecodeError as exc:
-        raise BadInput(f"not valid JSON ({exc.msg})", source=str(file)) from None
-    c = circuitmod.from_reference(data, str(file), name=name, model=ref)
-    out.write_text(c.to_json())
+    reference.import_(file, name, model_uri, out)
     click.echo(str(out))
 
 

@@ -36,26 +36,35 @@ def check_writable(uri: str, field_name: str, source: str) -> None:
         raise BadInput(f"no write permission on {probe}", source=source, field=field_name)
 
 
+def check_selection(m: Manifest, info: modelmod.ModelInfo) -> None:
+    """The layers and the k the manifest asks for exist in this model."""
+    n = info.n_layers
+    beyond = [layer for layer in m.select.exclude_layers if layer >= n]
+    if beyond:
+        raise BadInput(
+            f"{beyond} beyond the model's {n} layers (0..{n - 1})", source=m.source, field="select.exclude_layers"
+        )
+    if len(m.select.exclude_layers) >= n:
+        raise BadInput("every layer is excluded", source=m.source, field="select.exclude_layers")
+    n_candidates = (n - len(m.select.exclude_layers)) * info.intermediate_size
+    k = m.select.k_for(n, info.intermediate_size)
+    if k > n_candidates and m.select.top_k is not None:
+        raise BadInput(f"top_k {k} exceeds the {n_candidates} candidate neurons", source=m.source, field="select.top_k")
+    if k > n_candidates:
+        raise BadInput(
+            f"{m.select.top_fraction} of all neurons is k = {k}, over the {n_candidates} candidate neurons",
+            source=m.source,
+            field="select.top_fraction",
+        )
+
+
 def validate(manifest: Manifest, *, check_remote: bool = False) -> Checked:
     checked = Checked(manifest)
     m = manifest
     if urimod.is_local(m.model.uri) or check_remote:
         config = modelmod.read_config(m.model.uri, m.model.storage_options)
         checked.model = modelmod.info_from_config(config, m.model.uri)
-        beyond = [layer for layer in m.select.exclude_layers if layer >= checked.model.n_layers]
-        if beyond:
-            n = checked.model.n_layers
-            raise BadInput(
-                f"{beyond} beyond the model's {n} layers (0..{n - 1})", source=m.source, field="select.exclude_layers"
-            )
-        if len(m.select.exclude_layers) >= checked.model.n_layers:
-            raise BadInput("every layer is excluded", source=m.source, field="select.exclude_layers")
-        n_candidates = (checked.model.n_layers - len(m.select.exclude_layers)) * checked.model.intermediate_size
-        k = m.select.k_for(checked.model.n_layers, checked.model.intermediate_size)
-        if k > n_candidates:
-            raise BadInput(
-                f"top_k {k} exceeds the {n_candidates} candidate neurons", source=m.source, field="select.top_k"
-            )
+        check_selection(m, checked.model)
     else:
         checked.skipped_remote.append(m.model.uri)
     sets = dict(m.prompt_sets())

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Set up a virtualenv with the CPU build of torch (constraints.txt) and run lint + the whole test suite.
+# Set up a virtualenv with the CPU build of torch (constraints.txt) and run lint, the format check and the whole
+# test suite (extra arguments go to pytest, e.g. -m "not ray and not s3 and not slow" for the unit tier).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/pip install -q --disable-pip-version-check -c constraints.txt -e '.[test]'
 .venv/bin/ruff check .
+.venv/bin/ruff format --check .
 exec .venv/bin/python -m pytest -q "$@"

@@ -14,33 +14,35 @@ import pytest
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
+# Test tiers (markers registered in pyproject.toml): a test that uses one of these fixtures gets the marker.
+FIXTURE_MARKERS = {"s3_server": "s3", "ray_head": "ray"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark tests by the fixtures they request; a Ray test is always slow (starting Ray alone takes seconds)."""
+    for item in items:
+        fixtures = getattr(item, "fixturenames", ())
+        for fixture, marker in FIXTURE_MARKERS.items():
+            if fixture in fixtures:
+                item.add_marker(marker)
+        if item.get_closest_marker("ray") is not None and item.get_closest_marker("slow") is None:
+            item.add_marker("slow")
+
 
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from cna_dist.demo.models import save_random_model
 
-    return save_random_model(
-        tmp_path_factory.mktemp("models") / "tiny-llama",
-        arch="llama",
-        n_layers=4,
-        hidden_size=32,
-        intermediate_size=64,
-        seed=1,
-    )
+    path = tmp_path_factory.mktemp("models") / "tiny-llama"
+    return save_random_model(path, arch="llama", n_layers=4, hidden_size=32, intermediate_size=64, seed=1)
 
 
 @pytest.fixture(scope="session")
 def tiny_qwen(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from cna_dist.demo.models import save_random_model
 
-    return save_random_model(
-        tmp_path_factory.mktemp("models") / "tiny-qwen",
-        arch="qwen2",
-        n_layers=3,
-        hidden_size=32,
-        intermediate_size=48,
-        seed=2,
-    )
+    path = tmp_path_factory.mktemp("models") / "tiny-qwen"
+    return save_random_model(path, arch="qwen2", n_layers=3, hidden_size=32, intermediate_size=48, seed=2)
 
 
 @pytest.fixture(scope="session")
@@ -159,3 +161,60 @@ def snapshot(root: Path) -> dict[str, tuple[int, int]]:
         for p in root.rglob("*")
         if p.is_file() or p.is_dir()
     }
+
+
+def make_circuit(
+    selected: list[tuple[int, int]] | None = None, *, name: str = "refusal", seed: int = 0, prompt_sha: str = "a" * 64
+):
+    """A 4 x 16 circuit built the way `mine` builds one: `selected` (ranked as given) or the top 5 outside L0-1."""
+    import numpy as np
+
+    from cna_dist import circuit as circuitmod
+    from cna_dist.core import reduce as r
+
+    rng = np.random.default_rng(seed)
+    pos, neg = rng.standard_normal((4, 16)), rng.standard_normal((4, 16))
+    ids = r.select(pos - neg, 5, [0, 1]) if selected is None else np.array([a * 16 + b for a, b in selected])
+    model = circuitmod.ModelRef(
+        uri="/models/tiny-instruct",
+        architecture="LlamaForCausalLM",
+        n_layers=4,
+        intermediate_size=16,
+        fingerprint="f" * 64,
+    )
+    prompts = {
+        "positive": circuitmod.PromptRef(uri="/p.jsonl", sha256=prompt_sha, count=3),
+        "negative": circuitmod.PromptRef(uri="/n.jsonl", sha256="b" * 64, count=3),
+    }
+    return circuitmod.build(
+        name=name,
+        model=model,
+        params={"k": len(ids)},
+        prompts=prompts,
+        delta=pos - neg,
+        mean_pos=pos,
+        mean_neg=neg,
+        selected=ids.astype(np.int64),
+        universal=None,
+        displaced=np.empty(0, np.int64),
+        run="r1",
+        store=None,
+    )
+
+
+def run_meta(
+    n_layers: int = 5, width: int = 40, dtype: str = "float32", fingerprint: str = "f" * 64, shard_rows: int = 8
+):
+    """The metadata of a store run for a made-up model (the store never opens the model)."""
+    from cna_dist.io.store import RunMeta
+
+    return RunMeta(
+        fingerprint=fingerprint,
+        model_uri="/m",
+        n_layers=n_layers,
+        intermediate_size=width,
+        dtype=dtype,
+        model_dtype="float32",
+        chat_template=True,
+        shard_rows=shard_rows,
+    )

@@ -10,6 +10,7 @@ import torch
 
 from cna_dist.model import capture as cap
 from cna_dist.model import checkpoint as modelmod
+from cna_dist.model import hf
 from cna_dist.model import prompts as promptsmod
 from cna_dist.model.batching import plan_batches
 
@@ -18,7 +19,7 @@ def reference_capture(model, ids: list[int]) -> np.ndarray:
     """The reference method: one prompt, no padding, hooks registered for this prompt only, full model."""
     acts = {}
     handles = []
-    for layer, proj in enumerate(modelmod.down_projs(model)):
+    for layer, proj in enumerate(hf.down_projs(model)):
 
         def hook(module, args, layer=layer):
             acts[layer] = args[0][0, -1].detach().float().clone()
@@ -39,10 +40,11 @@ def random_prompts(vocab: int, n: int, seed: int) -> list[list[int]]:
     return [rng.integers(4, vocab, size=int(length)).tolist() for length in lengths]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ["tiny_llama", "tiny_qwen"])
 def test_batched_equals_single_for_every_batch_size(which: str, request: pytest.FixtureRequest) -> None:
     path: Path = request.getfixturevalue(which)
-    model, tokenizer = modelmod.load(path, dtype="float32")
+    model, tokenizer = hf.load(path, dtype="float32")
     token_ids = random_prompts(model.config.vocab_size, 64, seed=len(which))
     expected = np.stack([reference_capture(model, t) for t in token_ids])
     scale = np.abs(expected).max(axis=2, keepdims=True)  # relative to each layer's magnitude for this prompt
@@ -66,7 +68,7 @@ def test_token_budget_bounds_padded_batch_size() -> None:
 
 
 def test_chat_template_rendering_has_one_bos(tiny_llama: Path) -> None:
-    _, tokenizer = modelmod.load(tiny_llama, dtype="float32")
+    _, tokenizer = hf.load(tiny_llama, dtype="float32")
     assert promptsmod.use_chat_template(tokenizer, None)
     rendered = promptsmod.render(tokenizer, "how do i bake a cake", chat=True)
     ids = promptsmod.encode(tokenizer, rendered, chat=True)
@@ -82,7 +84,7 @@ def test_float16_overflow_saturates_and_is_counted() -> None:
 
 
 def test_capture_skips_lm_head(tiny_llama: Path) -> None:
-    model, tokenizer = modelmod.load(tiny_llama, dtype="float32")
+    model, tokenizer = hf.load(tiny_llama, dtype="float32")
     calls = []
     handle = model.lm_head.register_forward_hook(lambda *a: calls.append(1))
     try:

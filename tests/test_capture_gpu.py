@@ -19,10 +19,10 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from cna_dist.io.store import ShardPlan
+from cna_dist.io.store import ShardPlan, WrittenPart
 from cna_dist.model import capture as cap
-from cna_dist.model import checkpoint as modelmod
-from cna_dist.runtime.replica import Replica
+from cna_dist.model import hf
+from cna_dist.runtime.replica import Replica, ReplicaSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 HOST_SYNC_OPS = {
@@ -64,10 +64,11 @@ class HostSyncOps(TorchDispatchMode):
 
 @pytest.mark.parametrize("which", ["tiny_llama", "tiny_qwen"])
 def test_capture_loop_reads_nothing_back_cpu(which: str, request: pytest.FixtureRequest) -> None:
-    model, tokenizer = modelmod.load(request.getfixturevalue(which), dtype="float32")
+    model, tokenizer = hf.load(request.getfixturevalue(which), dtype="float32")
     token_ids = prompts(model.config.vocab_size, 24)
     with cap.Capturer(model) as capturer:
-        assert capturer.sdpa  # the device-built mask path is the one under test
+        # the device-built 4D mask path is the one under test
+        assert capturer._attention_mask(torch.ones((1, 3), dtype=torch.long)).dim() == 4
         with HostSyncOps() as ops:
             out, overflow = cap.capture_with(
                 capturer, token_ids, tokenizer.pad_token_id, dtype="float16", token_budget=200, max_batch_size=8
@@ -84,12 +85,14 @@ def test_capture_loop_reads_nothing_back_cpu(which: str, request: pytest.Fixture
     not torch.cuda.is_available(), reason="no CUDA GPU: torch.cuda.set_sync_debug_mode only sees CUDA synchronisations"
 )
 def test_no_host_sync_inside_the_batch_loop_cuda(tiny_llama: Path) -> None:
-    model, tokenizer = modelmod.load(tiny_llama, dtype="float32")
+    model, tokenizer = hf.load(tiny_llama, dtype="float32")
     token_ids = prompts(model.config.vocab_size, 32)
     cpu_out, cpu_over = cap.capture(model, token_ids, tokenizer.pad_token_id, dtype="float32", max_batch_size=1)
     model.to("cuda")
     with cap.Capturer(model) as capturer:
-        assert capturer.cuda and capturer.sdpa
+        assert (
+            capturer.cuda and capturer._attention_mask(torch.ones((1, 3), dtype=torch.long, device="cuda")).dim() == 4
+        )
         cap.capture_with(capturer, token_ids[:4], tokenizer.pad_token_id)  # warm-up: handles, pools, pinned slots
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")  # any implicit sync raises; CUDA event waits are not flagged
@@ -113,18 +116,22 @@ class SlowRun:
         self.data: dict[int, np.ndarray] = {}
         self.markers: list[int] = []
 
-    def write_shard(self, plan: ShardPlan, acts: np.ndarray, writer: str = "") -> None:
+    def write_rows(self, plan: ShardPlan, acts: np.ndarray, layers: slice) -> WrittenPart:
         start = time.perf_counter()
         time.sleep(self.write_s)
         self.data[plan.shard] = acts.copy()
-        self.markers.append(plan.shard)
         self.writes[plan.shard] = (start, time.perf_counter())
+        return WrittenPart(plan.shard, layers.start, layers.stop, acts.nbytes)
+
+    def commit(self, plan: ShardPlan, parts: list[WrittenPart], writer: str = "", made_by: dict | None = None) -> None:
+        assert [(p.lo, p.hi) for p in parts] == [(0, self.data[plan.shard].shape[1])]
+        self.markers.append(plan.shard)
 
 
 def test_replica_overlaps_writes_with_the_next_compute(tiny_llama: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Two concurrent calls as Ray's max_concurrency=2 makes them: computes serialise, writes run beside them."""
-    replica = Replica(str(tiny_llama), {}, "float32", False, 0, None, "float32", 8192, 64)
-    vocab = replica.model.config.vocab_size
+    replica = Replica(ReplicaSpec(str(tiny_llama), dtype="float32", capture_dtype="float32"))
+    vocab = replica.backend.model.config.vocab_size
     shards = {s: prompts(vocab, 6, seed=s) for s in range(4)}
     computes: list[tuple[float, float]] = []
     real = cap.capture_with
@@ -162,32 +169,22 @@ def test_replica_overlaps_writes_with_the_next_compute(tiny_llama: Path, monkeyp
     first_write = min(run.writes.values())
     assert computes[1][0] < first_write[1]  # the second shard computed while the first was being written
     for s in range(4):  # every shard written whole, then committed; the data is the capture's
-        expected, _ = real(replica.capturer, shards[s], replica.tokenizer.pad_token_id)
+        expected, _ = real(replica.backend.capturer, shards[s], replica.backend.tokenizer.pad_token_id)
         np.testing.assert_array_equal(run.data[s], expected)
     assert sorted(run.markers) == [0, 1, 2, 3]
-    by_shard = {r["shard"]: r for r in results}
+    by_shard = {r.shard: r for r in results}
     assert set(by_shard) == {0, 1, 2, 3}
     for r in results:
-        assert {
-            "shard",
-            "replica",
-            "rows",
-            "float16_overflow",
-            "seconds",
-            "compute_seconds",
-            "idle_seconds",
-            "queued_seconds",
-            "write_seconds",
-        } <= set(r)
-        assert r["compute_seconds"] >= 0.09 and r["write_seconds"] >= 0.59
+        assert r.rows == 6 and r.seconds >= r.compute_seconds + r.write_seconds - 1e-6
+        assert r.compute_seconds >= 0.09 and r.write_seconds >= 0.59
     # A third shard only arrives when a write returns (0.6 s after its compute) while the other compute takes
     # 0.1 s: the devices sit idle about 0.5 s before it, and the replica reports that as idle_seconds.
-    assert 0.25 < max(r["idle_seconds"] for r in results) < 0.8
-    assert sum(r["queued_seconds"] for r in results) > 0.05  # a call waited behind the other's 0.1 s compute
+    assert 0.25 < max(r.idle_seconds for r in results) < 0.8
+    assert sum(r.queued_seconds for r in results) > 0.05  # a call waited behind the other's 0.1 s compute
 
 
 def test_replica_lock_is_released_when_compute_fails(tiny_llama: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    replica = Replica(str(tiny_llama), {}, "float32", False, 0, None, "float32", 8192, 64)
+    replica = Replica(ReplicaSpec(str(tiny_llama), dtype="float32", capture_dtype="float32"))
 
     def boom(*args, **kwargs):
         raise RuntimeError("device lost")
@@ -199,6 +196,7 @@ def test_replica_lock_is_released_when_compute_fails(tiny_llama: Path, monkeypat
     assert run.markers == [] and not replica._compute_lock.locked()
 
 
+@pytest.mark.slow
 def test_benchmark_smoke_on_cpu(tmp_path: Path) -> None:
     out = tmp_path / "figures.json"
     proc = subprocess.run(

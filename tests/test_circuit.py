@@ -6,7 +6,6 @@ import json
 import threading
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -14,40 +13,7 @@ from cna_dist import circuit as circuitmod
 from cna_dist.errors import BadInput
 from cna_dist.io import registry
 from cna_dist.model import steer
-
-
-def make_circuit(name: str = "refusal", seed: int = 0, prompt_sha: str = "a" * 64) -> circuitmod.Circuit:
-    rng = np.random.default_rng(seed)
-    pos, neg = rng.standard_normal((4, 16)), rng.standard_normal((4, 16))
-    delta = pos - neg
-    from cna_dist.core import reduce as r
-
-    selected = r.select(delta, 5, [0, 1])
-    model = circuitmod.ModelRef(
-        uri="/models/tiny-instruct",
-        architecture="LlamaForCausalLM",
-        n_layers=4,
-        intermediate_size=16,
-        fingerprint="f" * 64,
-    )
-    prompts = {
-        "positive": circuitmod.PromptRef(uri="/p.jsonl", sha256=prompt_sha, count=3),
-        "negative": circuitmod.PromptRef(uri="/n.jsonl", sha256="b" * 64, count=3),
-    }
-    return circuitmod.build(
-        name=name,
-        model=model,
-        params={"k": 5},
-        prompts=prompts,
-        delta=delta,
-        mean_pos=pos,
-        mean_neg=neg,
-        selected=selected,
-        universal=None,
-        displaced=np.empty(0, np.int64),
-        run="r1",
-        store=None,
-    )
+from tests.conftest import make_circuit
 
 
 def test_round_trip_and_sorting(tmp_path: Path) -> None:
@@ -126,9 +92,9 @@ def test_reference_format_round_trip() -> None:
 
 
 def test_steering_m1_is_bit_identical_and_m0_zeroes(tiny_llama: Path) -> None:
-    from cna_dist.model import checkpoint as modelmod
+    from cna_dist.model import hf
 
-    model, _ = modelmod.load(tiny_llama, dtype="float32")
+    model, _ = hf.load(tiny_llama, dtype="float32")
     ids = torch.tensor([[5, 9, 11, 3, 8, 20]])
     pairs = [(2, 3), (3, 10), (3, 11)]
     with torch.no_grad():
@@ -136,7 +102,7 @@ def test_steering_m1_is_bit_identical_and_m0_zeroes(tiny_llama: Path) -> None:
         with steer.steered(model, pairs, 1.0):
             same = model(ids).logits
         seen = {}
-        proj = modelmod.down_projs(model)[3]
+        proj = hf.down_projs(model)[3]
         with steer.steered(model, pairs, 0.0):
             # Registered after the steering hook, so it sees what down_proj receives.
             handle = proj.register_forward_pre_hook(lambda m, a: seen.setdefault("x", a[0].clone()))

@@ -64,4 +64,5 @@ def test_legacy_store_rows_and_circuit_read_as_written(tmp_path: Path) -> None:
     assert (circuit.name, circuit.version, len(circuit.neurons)) == ("legacy", 1, 12)
     inspect = CliRunner().invoke(main, ["inspect", str(root / "store"), "--json"])
     assert inspect.exit_code == 0, inspect.output
-    assert json.loads(inspect.output)["runs"][0]["committed_shards"] == 4
+    report = json.loads(inspect.output)["runs"][0]
+    assert report["committed_shards"] == 4 and report["made_by"] == {"unrecorded": 4}  # markers from before

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from cna_dist import circuit as circuitmod
@@ -34,6 +35,8 @@ def test_demo_recovers_the_planted_gate(tmp_path: Path) -> None:
         assert Path(png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_ray_two_replicas_equal_in_process(tmp_path: Path) -> None:
     from cna_dist.commands.demo import write_inputs
 

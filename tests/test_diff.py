@@ -9,6 +9,7 @@ import pytest
 
 from cna_dist import circuit as circuitmod
 from cna_dist.core import diff
+from tests.conftest import make_circuit
 
 
 def make(
@@ -87,31 +88,11 @@ def test_compare_hand_made() -> None:
 
 
 def test_identical_and_built_circuits() -> None:
-    rng = np.random.default_rng(0)
-    pos, neg = rng.standard_normal((4, 16)), rng.standard_normal((4, 16))
-    model = circuitmod.ModelRef(
-        uri="/m", architecture="LlamaForCausalLM", n_layers=4, intermediate_size=16, fingerprint="f" * 64
-    )
-    delta = pos - neg
-    selected = np.argsort(-np.abs(delta).reshape(-1), kind="stable")[:6]
-    c = circuitmod.build(
-        name="x",
-        model=model,
-        params={},
-        prompts={},
-        delta=delta,
-        mean_pos=pos,
-        mean_neg=neg,
-        selected=selected,
-        universal=None,
-        displaced=np.empty(0, np.int64),
-        run="r",
-        store=None,
-    )
+    c = make_circuit()
     d = diff.compare(c, c)
     assert d["jaccard"] == 1.0 and d["same_model"] is True and d["only_a"] == d["only_b"] == 0
     assert d["rank_correlation"] == pytest.approx(1.0) and d["sign_agreement"] == 1.0
-    assert sum(r["shared"] for r in d["per_layer"]) == 6 and len(d["per_layer"]) == 4
+    assert sum(r["shared"] for r in d["per_layer"]) == len(c.neurons) == 5 and len(d["per_layer"]) == 4
 
 
 def test_rankdata_average_ties() -> None:

@@ -10,10 +10,9 @@ import pytest
 
 from cna_dist.core import metrics as ev
 from cna_dist.demo.words import demo_prompts
-from cna_dist.model import checkpoint as modelmod
 from cna_dist.model import generate as gen
+from cna_dist.model import hf, steer
 from cna_dist.model import prompts as promptsmod
-from cna_dist.model import steer
 
 MAX_NEW = 10
 
@@ -25,7 +24,7 @@ def encode_all(tokenizer, texts: list[str]) -> list[list[int]]:
 
 @pytest.fixture(scope="module")
 def planted_lm(planted):
-    model, tokenizer = modelmod.load(planted.path, dtype="float32")
+    model, tokenizer = hf.load(planted.path, dtype="float32")
     return planted, model, tokenizer
 
 
@@ -115,12 +114,13 @@ def test_planted_refusal_steering_and_random_control(planted_lm, harmful_ids) ->
     assert ev.score(ablated)["quality"] == 1.0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ["planted", "tiny_llama", "tiny_qwen"])
 def test_batched_generation_equals_one_at_a_time(which: str, request: pytest.FixtureRequest) -> None:
     if which == "planted":
         _, model, tokenizer = request.getfixturevalue("planted_lm")
     else:
-        model, tokenizer = modelmod.load(request.getfixturevalue(which), dtype="float32")
+        model, tokenizer = hf.load(request.getfixturevalue(which), dtype="float32")
     sets = demo_prompts()
     texts = [
         sets["eval"][0],
@@ -139,7 +139,7 @@ def test_batched_generation_equals_one_at_a_time(which: str, request: pytest.Fix
 
 
 def test_generation_stays_greedy_whatever_the_checkpoint_config(tiny_llama: Path) -> None:
-    model, tokenizer = modelmod.load(tiny_llama, dtype="float32")
+    model, tokenizer = hf.load(tiny_llama, dtype="float32")
     ids = encode_all(tokenizer, ["how do i bake a cake", "tell me a joke"])
     plain = gen.generate(model, tokenizer, ids, max_new_tokens=MAX_NEW)
     config = model.generation_config
@@ -164,11 +164,11 @@ def test_generation_stays_greedy_whatever_the_checkpoint_config(tiny_llama: Path
 
 
 def test_steering_hooks_are_removed_on_error(tiny_llama: Path) -> None:
-    model, _ = modelmod.load(tiny_llama, dtype="float32")
+    model, _ = hf.load(tiny_llama, dtype="float32")
     with pytest.raises(RuntimeError, match="boom"):
         with steer.steered(model, [(1, 2)], 0.0):
             raise RuntimeError("boom")
-    assert all(not p._forward_pre_hooks for p in modelmod.down_projs(model))
+    assert all(not p._forward_pre_hooks for p in hf.down_projs(model))
 
 
 def test_generate_keeps_prompt_order_and_handles_empty(planted_lm, harmful_ids) -> None:

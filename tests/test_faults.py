@@ -24,10 +24,14 @@ import pytest
 
 from cna_dist import circuit as circuitmod
 from cna_dist import manifest as manifestmod
-from cna_dist.commands import mine as pipeline
 from cna_dist.commands.demo import write_inputs
+from cna_dist.commands.mine import mine
 from cna_dist.io.store import ActivationStore
-from cna_dist.runtime.ray_executor import RayExecutor
+from cna_dist.runtime.calls import capture_shards
+from cna_dist.runtime.executor import RayExecutor
+from cna_dist.runtime.replica import ReplicaSpec
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -82,19 +86,17 @@ def test_killed_replica_mid_capture_gives_the_fault_free_circuit(tmp_path: Path)
     def kill_first_writer(result: dict) -> None:
         # The driver loop waits here, so the victim still has queued shards when it dies.
         if not killed:
-            killed.append(int(result["replica"].rsplit(":", 1)[1]))
+            killed.append(int(result.replica.rsplit(":", 1)[1]))
             kill_and_wait(killed[0])
 
     with RayExecutor(replicas=2, max_in_flight=4, backoff_s=0.1, num_cpus=2) as executor:
-        expected = pipeline.mine(
-            manifestmod.load(demo_manifest(tmp_path / "reference")), progress=False, executor=executor
-        ).circuit
+        expected = mine(manifestmod.load(demo_manifest(tmp_path / "reference")), executor, progress=False).circuit
         executor.on_shard = kill_first_writer
-        result = pipeline.mine(manifestmod.load(manifest), progress=False, executor=executor)
+        result = mine(manifestmod.load(manifest), executor, progress=False)
     s = result.summary
-    assert killed and s["retries"] >= 1
-    assert len(s["replicas"]) >= 2  # the victim committed one shard before it died; the others did the rest
-    assert sum(s["replicas"].values()) == s["shards_captured"] == 18
+    assert killed and s.capture.retries >= 1 and s.capture.replica_deaths >= 1
+    assert len(s.capture.replicas) >= 2  # the victim committed one shard before it died; the others did the rest
+    assert sum(s.capture.replicas.values()) == s.shards_captured == 18
     assert_same_circuit(result.circuit, expected)
     assert_each_row_once(manifest)
 
@@ -195,24 +197,23 @@ def submit(env: dict[str, str], manifest: Path, *extra: str, timeout: float = 30
     )
 
 
+def mine_command(env: dict[str, str], manifest: Path, *extra: str) -> list[str]:
+    """`cna-dist mine` against the test head with one replica."""
+    return [
+        str(BIN / "cna-dist"),
+        "mine",
+        str(manifest),
+        "--quiet",
+        "--replicas",
+        "1",
+        "--address",
+        env["GCS_ADDRESS"],
+        *extra,
+    ]
+
+
 def mine_on_head(env: dict[str, str], manifest: Path, *extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [
-            str(BIN / "cna-dist"),
-            "mine",
-            str(manifest),
-            "--quiet",
-            "--replicas",
-            "1",
-            "--address",
-            env["GCS_ADDRESS"],
-            *extra,
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    return subprocess.run(mine_command(env, manifest, *extra), env=env, capture_output=True, text=True, timeout=300)
 
 
 def reference_circuit(env: dict[str, str], out: Path, max_batch_size: int = 64) -> circuitmod.Circuit:
@@ -242,18 +243,12 @@ def test_killed_driver_then_rerun_reuses_committed_shards(ray_head: dict[str, st
     # One prompt per forward pass and one replica, so capture runs long enough to be interrupted.
     manifest = demo_manifest(tmp_path / "driver", max_batch_size=1)
     commits = tmp_path / "driver" / "store"
-    cmd = [
-        str(BIN / "cna-dist"),
-        "mine",
-        str(manifest),
-        "--quiet",
-        "--replicas",
-        "1",
-        "--address",
-        ray_head["GCS_ADDRESS"],
-    ]
     driver = subprocess.Popen(
-        cmd, env=ray_head, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        mine_command(ray_head, manifest),
+        env=ray_head,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
     try:
         deadline = time.monotonic() + 180
@@ -301,5 +296,5 @@ def test_a_shard_that_keeps_failing_is_reported_by_name(tmp_path: Path) -> None:
     token_ids = {"a" * 64: [10**6], "b" * 64: [1, 2]}  # an id beyond the vocabulary fails inside the replica
     with RayExecutor(replicas=1, backoff_s=0.05, num_cpus=2) as executor:
         with pytest.raises(RunFailure, match=r"shard 0 failed after 3 retries: RayTaskError.*IndexError"):
-            executor.capture(m, run, plans, token_ids, progress=False)
+            capture_shards(executor, ReplicaSpec.from_manifest(m), run, plans, token_ids, progress=False)
     assert not run.committed()

@@ -163,6 +163,21 @@ def k8s_to_jsonschema(node: Any) -> Any:
         return [k8s_to_jsonschema(x) for x in node]
     if not isinstance(node, dict):
         return node
+    out = _convert_keys(node)
+    _int_or_string(out)
+    _nullable(out)
+    _int_range(out)
+    if out.get("x-kubernetes-list-type") == "set":
+        out["uniqueItems"] = True
+    _embedded_resource(out)
+    preserve = out.get("x-kubernetes-preserve-unknown-fields") is True
+    if out.get("type") == "object" and "additionalProperties" not in out and not preserve:
+        out["additionalProperties"] = False
+    return out
+
+
+def _convert_keys(node: dict) -> dict[str, Any]:
+    """Every key but the unverifiable ones, subschemas converted, the rest (enum, type, ...) as they are."""
     out: dict[str, Any] = {}
     for key, value in node.items():
         if key in DROPPED_KEYS:
@@ -172,30 +187,41 @@ def k8s_to_jsonschema(node: Any) -> Any:
         elif key in SUBSCHEMA_KEYS and isinstance(value, (dict, list)):
             out[key] = k8s_to_jsonschema(value)
         else:
-            out[key] = value  # enum, required, pattern, format, type, ... taken as they are
+            out[key] = value
+    return out
+
+
+def _int_or_string(out: dict[str, Any]) -> None:
     if out.pop("x-kubernetes-int-or-string", False):
         out.pop("type", None)
         out.setdefault("anyOf", [{"type": "integer"}, {"type": "string"}])
+
+
+def _nullable(out: dict[str, Any]) -> None:
     if out.pop("nullable", False):
         if isinstance(out.get("type"), str):
             out["type"] = [out["type"], "null"]
         if "enum" in out:
             out["enum"] = [*out["enum"], None]
+
+
+def _int_range(out: dict[str, Any]) -> None:
     if out.get("type") == "integer" and out.get("format") in INT_RANGES:
         low, high = INT_RANGES[out["format"]]
         out["minimum"] = max(out.get("minimum", low), low)
         out["maximum"] = min(out.get("maximum", high), high)
-    if out.get("x-kubernetes-list-type") == "set":
-        out["uniqueItems"] = True
-    preserve = out.get("x-kubernetes-preserve-unknown-fields") is True
-    if out.get("x-kubernetes-embedded-resource") is True and not preserve:
+
+
+def _embedded_resource(out: dict[str, Any]) -> None:
+    """An embedded resource gets apiVersion, kind and the API server's ObjectMeta, unless anything goes."""
+    if (
+        out.get("x-kubernetes-embedded-resource") is True
+        and out.get("x-kubernetes-preserve-unknown-fields") is not True
+    ):
         props = out.setdefault("properties", {})
         props.setdefault("apiVersion", {"type": "string"})
         props.setdefault("kind", {"type": "string"})
         props.setdefault("metadata", k8s_to_jsonschema(OBJECT_META))
-    if out.get("type") == "object" and "additionalProperties" not in out and not preserve:
-        out["additionalProperties"] = False
-    return out
 
 
 def _list_map_keys(validator: Any, keys: list[str], instance: Any, schema: dict) -> Any:
@@ -262,6 +288,7 @@ def test_crds_and_documents_present():
     assert {doc["kind"] for _, doc in PLAIN_DOCS} == PLAIN_KINDS
 
 
+@pytest.mark.slow  # whole documents against the 3 MB of CRDs: ~2-3 s each, ~9 s together
 @pytest.mark.parametrize("doc_id, doc", RAY_DOCS, ids=_ids(RAY_DOCS))
 def test_ray_document_validates_against_crd(doc_id, doc):
     assert doc["kind"] in crd_schemas(), f"{doc_id}: no CRD for kind {doc['kind']}"

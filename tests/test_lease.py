@@ -1,22 +1,29 @@
-"""The run lease: one capturing driver per run, on local disk and on S3; stale leases are taken over."""
+"""The run lease: one capturing driver per run, on local disk and on S3; stale leases are taken over.
+
+Time is a FakeClock: waiting, polling, heartbeat stamps and staleness all move only when the test moves them, and
+heartbeats are driven by the test (`Lease.beat()`), so no test sleeps against a ttl or measures a duration. Two
+tests at the end check the real heartbeat thread on the real clock, waiting for an event, not a time.
+"""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
-import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from cna_dist.errors import RunFailure
 from cna_dist.io.lease import Lease
+from cna_dist.io.objects import open_objects, split_uri
+from tests.fakeclock import FakeClock
 
 
-@pytest.fixture(params=["local", "s3"])
+@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.s3)])
 def lease_uri(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "local":
         return str(tmp_path / "runs" / "r1" / "lease.json")
@@ -25,43 +32,60 @@ def lease_uri(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 
 def test_a_live_lease_makes_the_second_driver_wait_then_fail(lease_uri: str) -> None:
-    with Lease(lease_uri, heartbeat_s=0.2, ttl_s=1.0):
-        said: list[str] = []
-        t0 = time.monotonic()
-        with pytest.raises(RunFailure, match="still capturing this run"):
-            Lease(lease_uri, wait_s=1.5, poll_s=0.1, ttl_s=1.0, echo=said.append).acquire()
-        assert time.monotonic() - t0 >= 1.5  # it waited, and the heartbeat kept the first lease fresh past ttl
-        assert len(said) == 1 and "waiting for" in said[0]
-    second = Lease(lease_uri, wait_s=0).acquire()  # released: free at once
+    clock = FakeClock()
+    first = Lease(lease_uri, ttl_s=3.0, clock=clock).acquire()
+    clock.call_every(1.0, first.beat, until=60.0)  # the holder beats every second of the fake timeline
+    said: list[str] = []
+    with pytest.raises(RunFailure, match="still capturing this run"):
+        Lease(lease_uri, wait_s=10.0, poll_s=0.5, ttl_s=3.0, echo=said.append, clock=clock).acquire()
+    assert clock.monotonic() >= 10.0  # it waited its whole wait_s, more than three ttls, and found the lease live
+    assert len(said) == 1 and "waiting for" in said[0]
+    assert first.holder()["owner"] == first.owner and first.lost is None  # kept fresh by its heartbeat
+    first.release()
+    second = Lease(lease_uri, wait_s=0, clock=clock).acquire()  # released: free at once
     second.release()
     assert second.holder() is None
 
 
 def test_the_waiting_driver_gets_the_lease_when_it_is_released(lease_uri: str) -> None:
-    first = Lease(lease_uri).acquire()
-    threading.Timer(0.5, first.release).start()
-    second = Lease(lease_uri, wait_s=30, poll_s=0.1).acquire()
+    clock = FakeClock()
+    first = Lease(lease_uri, clock=clock).acquire()
+    clock.call_at(5.0, first.release)
+    second = Lease(lease_uri, wait_s=30.0, poll_s=0.5, clock=clock).acquire()
     assert second.holder()["owner"] == second.owner
+    assert 5.0 <= clock.monotonic() < 30.0  # it got the lease at the first poll after the release
     second.release()
 
 
 def test_a_stale_heartbeat_is_taken_over_and_the_old_holder_notices(lease_uri: str) -> None:
-    old = Lease(lease_uri, heartbeat_s=0.3)
-    old.acquire()
-    old._stop.set()  # a driver that hangs: no more heartbeats, but it still thinks it holds the lease
-    old._thread.join()
-    time.sleep(1.2)
-    new = Lease(lease_uri, ttl_s=1.0, wait_s=0).acquire()
+    clock = FakeClock()
+    old = Lease(lease_uri, ttl_s=60.0, clock=clock).acquire()  # then hangs: no more heartbeats
+    clock.advance(59.0)
+    with pytest.raises(RunFailure, match="still capturing"):  # not stale yet
+        Lease(lease_uri, ttl_s=60.0, wait_s=0, clock=clock).acquire()
+    clock.advance(2.0)
+    new = Lease(lease_uri, ttl_s=60.0, wait_s=0, clock=clock).acquire()
     assert new.holder()["owner"] == new.owner
-    old._stop.clear()
-    old._thread = threading.Thread(target=old._beat)
-    old._thread.start()
-    time.sleep(0.8)
+    assert old.beat() is False  # its next heartbeat sees the new holder and does not write
     with pytest.raises(RunFailure, match="taken over"):
         old.check()
     old.release()  # does not delete the new holder's lease
     assert new.holder()["owner"] == new.owner
+    new.check()
     new.release()
+
+
+def test_an_unreadable_lease_is_stale_by_its_age(lease_uri: str) -> None:
+    """A lease without a readable heartbeat (a writer died mid-put) ages by the store's own write time."""
+    folder, key = split_uri(lease_uri)
+    open_objects(folder).put(key, b'{"owner": "half-writ')
+    clock = FakeClock()  # starts at the real time, so it compares with the store's write time
+    with pytest.raises(RunFailure, match="still capturing"):
+        Lease(lease_uri, ttl_s=60.0, wait_s=0, clock=clock).acquire()
+    clock.advance(61.0)
+    lease = Lease(lease_uri, ttl_s=60.0, wait_s=0, clock=clock).acquire()
+    assert lease.holder()["owner"] == lease.owner
+    lease.release()
 
 
 def test_a_dead_driver_on_this_host_is_taken_over_at_once(tmp_path: Path) -> None:
@@ -69,6 +93,34 @@ def test_a_dead_driver_on_this_host_is_taken_over_at_once(tmp_path: Path) -> Non
     code = "import sys; from cna_dist.io.lease import Lease; Lease(sys.argv[1]).acquire(); import os; os._exit(0)"
     subprocess.run([sys.executable, "-c", code, uri], check=True)  # exits holding the lease, never releases
     held = json.loads(Path(uri).read_text())
-    lease = Lease(uri, wait_s=0).acquire()  # the holder's pid is gone: no wait for the ttl
+    lease = Lease(uri, wait_s=0, clock=FakeClock()).acquire()  # the holder's pid is gone: no wait for the ttl
     assert lease.holder()["owner"] != held["owner"]
     lease.release()
+
+
+def until(condition: Callable[[], bool], limit_s: float = 30.0) -> bool:
+    """Whether `condition` became true within limit_s: waiting for an event, never asserting a duration."""
+    end = time.monotonic() + limit_s
+    while not condition():
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def test_the_heartbeat_thread_refreshes_the_lease(tmp_path: Path) -> None:
+    lease = Lease(str(tmp_path / "lease.json"), heartbeat_s=0.02).acquire()
+    first = lease.holder()["heartbeat"]
+    assert until(lambda: lease.holder()["heartbeat"] != first)
+    lease.release()
+    assert lease.holder() is None
+
+
+def test_the_heartbeat_thread_notices_a_takeover(tmp_path: Path) -> None:
+    lease = Lease(str(tmp_path / "lease.json"), heartbeat_s=0.02).acquire()
+    open_objects(str(tmp_path)).put_json("lease.json", {"owner": "someone-else", "host": "elsewhere", "pid": 1})
+    assert until(lambda: lease.lost is not None)
+    with pytest.raises(RunFailure, match="taken over by elsewhere"):
+        lease.check()
+    lease.release()  # the thread has ended; the other holder's lease stays
+    assert lease.holder()["owner"] == "someone-else"

@@ -76,6 +76,13 @@ def test_bad_manifest_exit_2_names_the_fault_and_writes_nothing(
     assert str(workspace) in result.output or name in ("model-not-checkpoint", "model-missing", "missing-prompt-file")
     assert snapshot(workspace.parent) == before
     assert not (workspace.parent / "out").exists()
+    assert not ray_started()  # bad input is refused before any Ray start-up
+
+
+def ray_started() -> bool:
+    import sys
+
+    return "ray" in sys.modules and sys.modules["ray"].is_initialized()
 
 
 BAD_PROMPT_FILES = [
@@ -96,6 +103,7 @@ def test_bad_prompt_file_names_file_and_line(workspace: Path, file: str, content
     for needle in needles:
         assert needle in result.output, (needle, result.output)
     assert snapshot(workspace.parent) == before
+    assert not ray_started()
 
 
 def test_prompt_formats_and_field(workspace: Path) -> None:

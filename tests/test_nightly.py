@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
+import pytest
 import yaml
 from click.testing import CliRunner
 
@@ -26,6 +27,7 @@ def run(nightly_list: Path, report: Path) -> tuple[int, str, dict]:
     return result.exit_code, result.output, json.loads(report.read_text())
 
 
+@pytest.mark.slow
 def test_one_bad_manifest_among_good_ones(tmp_path: Path) -> None:
     base, _ = write_inputs(tmp_path / "inputs")
     prompts = tmp_path / "inputs" / "prompts"

@@ -77,6 +77,7 @@ def test_inspect_store_and_circuit(workspace: Path, tmp_path: Path) -> None:
     (run,) = json.loads(result.output)["runs"]
     assert (run["rows"], run["committed_shards"], run["missing_shards"], run["capturing"]) == (15, 4, [], None)
     assert run["shape"] == [4, 64] and run["dtype"] == "float32" and run["bytes"] > 0
+    assert run["made_by"] == {"hf/single": 4}  # every shard says how its rows were made
     with ActivationStore(store).lease(run["run"]):
         text = CliRunner().invoke(main, ["inspect", store]).output
         assert f"being captured by {socket.gethostname()}:" in text and "15 rows, 4 committed shards" in text

@@ -12,15 +12,14 @@ import pytest
 import torch
 
 from cna_dist.demo.words import demo_prompts
-from cna_dist.model import checkpoint as modelmod
 from cna_dist.model import generate as gen
+from cna_dist.model import hf, steer
 from cna_dist.model import prompts as promptsmod
-from cna_dist.model import steer
 
 
 @pytest.fixture(scope="module")
 def llama(tiny_llama: Path):
-    return modelmod.load(tiny_llama, dtype="float32")
+    return hf.load(tiny_llama, dtype="float32")
 
 
 @pytest.fixture(scope="module")

@@ -11,10 +11,11 @@ import pytest
 from cna_dist.core import reduce as r
 from cna_dist.errors import RunFailure
 from cna_dist.io import stream
-from cna_dist.io.store import ActivationStore, RunMeta
+from cna_dist.io.store import ActivationStore
+from tests.conftest import run_meta as meta
 
 
-@pytest.fixture(params=["local", "s3"])
+@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.s3)])
 def store_uri(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "local":
         return str(tmp_path / "store")
@@ -22,21 +23,6 @@ def store_uri(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     import uuid
 
     return f"s3://cna/{uuid.uuid4().hex}/store"
-
-
-def meta(
-    n_layers: int = 5, width: int = 40, dtype: str = "float32", fingerprint: str = "f" * 64, shard_rows: int = 8
-) -> RunMeta:
-    return RunMeta(
-        fingerprint=fingerprint,
-        model_uri="/m",
-        n_layers=n_layers,
-        intermediate_size=width,
-        dtype=dtype,
-        model_dtype="float32",
-        chat_template=True,
-        shard_rows=shard_rows,
-    )
 
 
 def hashes(n: int, salt: str = "") -> list[str]:
@@ -165,3 +151,44 @@ def test_has_nan_matches_numpy_on_every_special_value(dtype: type) -> None:
             assert has_nan(a) and np.isnan(a).any()
     bits = np.arange(2**16, dtype=np.uint16).view(np.float16)  # every float16 bit pattern
     assert has_nan(bits) and not has_nan(bits[~np.isnan(bits)])
+
+
+def test_stage_writers_own_layer_ranges_and_the_shard_commits_once_all_are_in(tmp_path: Path) -> None:
+    """A 72B-wide layer (29568 neurons) gives layer chunks of 2: two writers of one shard, one chunk range each."""
+    store = ActivationStore(str(tmp_path / "store"))
+    run = store.open_run(meta(n_layers=4, width=29568, dtype="float16", shard_rows=0))
+    assert run.meta.layers_per_chunk == 2
+    (plan,) = run.plan(hashes(5))
+    acts = np.random.default_rng(1).standard_normal((5, 4, 29568)).astype(np.float16)
+    with pytest.raises(RunFailure, match=r"layers 1:3 cut the store's layer chunks of 2"):
+        run.write_rows(plan, acts[:, 1:3], slice(1, 3))
+    with pytest.raises(RunFailure, match=r"do not match \(5, 2, 29568\)"):
+        run.write_rows(plan, acts[:, :3], slice(0, 2))
+    low = run.write_rows(plan, acts[:, 0:2], slice(0, 2))
+    with pytest.raises(RunFailure, match=r"shard 0: written parts \[\(0, 2\)\] do not cover layers 0:4"):
+        run.commit(plan, [low])
+    assert run.committed() == {} and [p.shard for p in run.plan(hashes(5))] == [0]  # written, not committed: absent
+    high = run.write_rows(plan, acts[:, 2:4], slice(2, 4))
+    with pytest.raises(RunFailure, match="do not cover"):
+        run.commit(plan, [low, low, high])  # a range twice is not a cover either
+    run.commit(plan, [high, low], writer="stages", made_by={"backend": "hf", "engine": "pipeline", "library": "x"})
+    assert run.committed() == {0: hashes(5)}
+    marker = run.markers()[0]
+    assert marker["layers"] == [[0, 2], [2, 4]] and marker["made_by"]["engine"] == "pipeline"
+    assert marker["nbytes"] == acts.nbytes
+    ((positions, got),) = list(run.read_rows(np.arange(5), slice(0, 4)))
+    np.testing.assert_array_equal(got[np.argsort(positions)], acts)
+
+
+def test_run_id_ignores_how_rows_were_made(tmp_path: Path) -> None:
+    """Engines and backends are recorded per shard, never in the run id: identical values share one run."""
+    from cna_dist.io.store import run_id
+
+    a, b = meta(), meta()
+    assert run_id(a) == run_id(b)
+    store = ActivationStore(str(tmp_path / "store"))
+    run = store.open_run(a)
+    (plan,) = run.plan(hashes(3))
+    rows = np.zeros((3, a.n_layers, a.intermediate_size), np.float32)
+    run.commit(plan, [run.write_rows(plan, rows, slice(0, a.n_layers))], made_by={"backend": "hf", "engine": "single"})
+    assert store.open_run(b).run == run.run and store.open_run(b).committed() == {0: hashes(3)}

@@ -12,23 +12,15 @@ import pytest
 
 from cna_dist.core import reduce as r
 from cna_dist.io import stream
-from cna_dist.io.store import ActivationStore, Run, RunMeta
+from cna_dist.io.store import ActivationStore, Run
+from tests.conftest import run_meta
 
 ROOT = Path(__file__).resolve().parents[1]
 N_LAYERS, WIDTH = 5, 40
 
 
 def make_run(tmp_path: Path, dtype: str) -> Run:
-    meta = RunMeta(
-        fingerprint="e" * 64,
-        model_uri="/m",
-        n_layers=N_LAYERS,
-        intermediate_size=WIDTH,
-        dtype=dtype,
-        model_dtype="float32",
-        chat_template=True,
-        shard_rows=8,
-    )
+    meta = run_meta(N_LAYERS, WIDTH, dtype, fingerprint="e" * 64)
     return ActivationStore(str(tmp_path / "store")).open_run(meta)
 
 
@@ -58,6 +50,7 @@ def tied_store(tmp_path: Path, dtype: str, seed: int) -> tuple[Run, dict[str, np
     return run, rows, acts
 
 
+@pytest.mark.slow  # ~1.7 s per case, ~10 s for the six
 @pytest.mark.parametrize("dtype", ["float16", "float32"])
 @pytest.mark.parametrize("fraction", [0.005, 0.05, 0.3])  # n = 1, 10, 60: below, within and above one layer
 def test_global_scope_equals_in_memory_with_heavy_ties(
@@ -135,6 +128,7 @@ def test_driver_receives_one_threshold_per_prompt(tmp_path: Path) -> None:
     assert "block_prompt_tops" not in returned
 
 
+@pytest.mark.slow
 def test_benchmark_prints_its_figures(tmp_path: Path) -> None:
     cmd = [
         sys.executable,

@@ -10,57 +10,30 @@ m = 1 is bit-identical to no intervention for every method (tested), so those sh
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from pathlib import Path
+from typing import Any
 
+from cna_dist import manifest as manifestmod
 from cna_dist.circuit import Circuit
-from cna_dist.commands.mine import encode_sets
-from cna_dist.core import metrics as evaluate
+from cna_dist.circuit import load as load_circuit
+from cna_dist.core import metrics
 from cna_dist.errors import BadInput
 from cna_dist.io import uri as urimod
+from cna_dist.io.objects import open_objects, split_uri
 from cna_dist.io.registry import model_slug
 from cna_dist.manifest import Manifest
-from cna_dist.model import checkpoint as modelmod
+from cna_dist.model import checkpoint, steer
 from cna_dist.model import prompts as promptsmod
-from cna_dist.model import steer
 from cna_dist.report.plots import eval_curves, layer_histogram
-from cna_dist.runtime.replica import Replica
+from cna_dist.runtime.calls import replica_map
+from cna_dist.runtime.executor import Executor
+from cna_dist.runtime.replica import ReplicaSpec
+from cna_dist.runtime.scheduler import Report
 from cna_dist.validate import check_writable, validate
 
 BASELINE: dict[str, Any] = {}
-
-
-class Replicas(Protocol):
-    def replica_map(
-        self, m: Manifest, method: str, args: Sequence[tuple], *, progress: str | None = None
-    ) -> tuple[list[Any], dict[str, Any]]: ...
-
-
-class LocalReplica:
-    """One replica in this process, behind the same interface as the Ray driver's `replica_map`."""
-
-    def __init__(self) -> None:
-        self.replica: Replica | None = None
-
-    def replica_map(
-        self, m: Manifest, method: str, args: Sequence[tuple], *, progress: str | None = None
-    ) -> tuple[list[Any], dict[str, Any]]:
-        if self.replica is None:
-            self.replica = Replica(
-                m.model.uri,
-                m.model.storage_options,
-                m.model.dtype,
-                m.model.trust_remote_code,
-                m.model.gpus_per_replica,
-                m.model.max_memory_per_gpu,
-                m.capture.dtype,
-                m.capture.token_budget,
-                m.capture.max_batch_size,
-            )
-        fn = getattr(self.replica, method)
-        return [fn(*a) for a in args], {"retries": 0, "replica_deaths": 0, "failures": []}
 
 
 @dataclass
@@ -78,7 +51,7 @@ def conditions(
 ) -> tuple[list[Condition], list[tuple[int, int]]]:
     """Every (method, multiplier) with its steering spec; m = 1 is the shared baseline."""
     pairs = [list(p) for p in circuit.pairs()]
-    control = evaluate.random_pairs(
+    control = metrics.random_pairs(
         circuit.pairs(), circuit.model.intermediate_size, seed, avoid=[tuple(u) for u in circuit.universal]
     )
     control_pairs = [list(p) for p in control]
@@ -96,28 +69,21 @@ def chunks(n: int, size: int) -> list[range]:
     return [range(lo, min(lo + size, n)) for lo in range(0, n, size)]
 
 
-def run_eval(
-    m: Manifest,
-    circuit: Circuit,
-    out: str,
-    replicas: Replicas,
-    *,
-    multipliers: Sequence[float] | None = None,
-    caa: bool | None = None,
-    max_new_tokens: int | None = None,
-    progress: bool = True,
-) -> str:
-    """Writes OUT/eval.json and its plots; returns the JSON's URI."""
-    spec = m.eval
-    multipliers = list(spec.multipliers if multipliers is None else multipliers)
-    use_caa = spec.caa if caa is None else caa
-    max_new_tokens = max_new_tokens or spec.max_new_tokens
-    patterns = spec.refusal_patterns or evaluate.DEFAULT_REFUSAL_PATTERNS
+@dataclass
+class EvalInputs:
+    """The encoded eval prompts (and CAA's contrastive sets) and whether the chat template rendered them."""
+
+    chat: bool
+    sets: dict[str, promptsmod.Encoded]
+
+
+def prepare(m: Manifest, circuit: Circuit, out: str, use_caa: bool) -> EvalInputs:
+    """Every check that can fail on input, before any generation; then the encoded sets."""
     if m.prompts.eval is None:
         raise BadInput("required key is missing: eval needs held-out prompts", source=m.source, field="prompts.eval")
     check_writable(out, "--out", m.source)  # before hours of generation, not after
     checked = validate(m, check_remote=True)
-    fingerprint = modelmod.fingerprint(m.model.uri, m.model.storage_options)
+    fingerprint = checkpoint.fingerprint(m.model.uri, m.model.storage_options)
     if circuit.model.fingerprint != fingerprint:
         raise BadInput(
             f"circuit {circuit.name} v{circuit.version} was mined on another model "
@@ -125,70 +91,144 @@ def run_eval(
             f"({fingerprint[:12]})",
             field="--circuit",
         )
-    tokenizer = modelmod.load_tokenizer(
-        modelmod.localize(m.model.uri, m.model.storage_options), trust_remote_code=m.model.trust_remote_code
+    tokenizer = checkpoint.load_tokenizer(
+        checkpoint.localize(m.model.uri, m.model.storage_options), trust_remote_code=m.model.trust_remote_code
     )
     chat = promptsmod.use_chat_template(tokenizer, m.model.chat_template)
-    sets = encode_sets(checked, tokenizer, chat, ["eval", *(["positive", "negative"] if use_caa else [])])
+    names = ["eval", *(["positive", "negative"] if use_caa else [])]
+    return EvalInputs(chat, {n: promptsmod.encode_set(checked.prompts[n], tokenizer, chat) for n in names})
 
-    caa_vectors = None
-    caa_layer = None
-    if use_caa:
-        caa_layer = spec.caa_layer if spec.caa_layer is not None else steer.caa_layer(circuit.pairs())
-        if caa_layer >= circuit.model.n_layers:
-            raise BadInput(
-                f"layer {caa_layer} beyond the model's {circuit.model.n_layers} layers",
-                source=m.source,
-                field="eval.caa_layer",
-            )
-        (caa_vectors,), _ = replicas.replica_map(
-            m, "caa_vectors", [(sets["positive"].token_ids, sets["negative"].token_ids, [caa_layer])]
+
+def caa_layer_for(m: Manifest, circuit: Circuit) -> int:
+    layer = m.eval.caa_layer if m.eval.caa_layer is not None else steer.caa_layer(circuit.pairs())
+    if layer >= circuit.model.n_layers:
+        raise BadInput(
+            f"layer {layer} beyond the model's {circuit.model.n_layers} layers", source=m.source, field="eval.caa_layer"
         )
-    conds, control = conditions(circuit, multipliers, spec.random_seed, caa_vectors)
+    return layer
 
-    prompts = sets["eval"]
-    specs: list[dict[str, Any]] = []  # distinct steering specs; conditions sharing one generate once
-    spec_of: dict[int, int] = {}  # id(condition) -> its index in specs
+
+def generate_all(
+    executor: Executor,
+    spec: ReplicaSpec,
+    token_ids: list[list[int]],
+    specs: list[dict[str, Any]],
+    max_new_tokens: int,
+    batch: int,
+    progress: bool,
+) -> tuple[list[list[str]], Report]:
+    """Every prompt under every distinct steering spec, in chunks spread over the replicas; texts per spec."""
+    parts = chunks(len(token_ids), batch)
+    calls = [(k, [token_ids[i] for i in part]) for k in range(len(specs)) for part in parts]
+
+    def call(replica: Any, item: tuple[int, list[list[int]]]) -> Any:
+        return replica.generate.remote(item[1], specs[item[0]], max_new_tokens, batch)
+
+    texts, report = replica_map(executor, spec, call, calls, progress="eval" if progress else None)
+    by_spec: list[list[str]] = [[] for _ in specs]
+    for (k, _), t in zip(calls, texts, strict=True):
+        by_spec[k].extend(t)
+    return by_spec, report
+
+
+def score_all(
+    m: Manifest, conds: list[Condition], texts: list[list[str]], spec_of: list[int], prompts: list[str]
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Refusal and quality per condition, in method then multiplier order, plus a few samples of each."""
+    patterns = m.eval.refusal_patterns or metrics.DEFAULT_REFUSAL_PATTERNS
+    results, samples = [], []
+    order = {"cna": 0, "random": 1, "caa": 2}
+    for i in sorted(range(len(conds)), key=lambda i: (order[conds[i].method], conds[i].multiplier)):
+        c, generated = conds[i], texts[spec_of[i]]
+        results.append({"method": c.method, "multiplier": c.multiplier, **metrics.score(generated, patterns)})
+        if c.method == "caa":
+            results[-1]["alpha"] = c.multiplier - 1.0
+        for text, completion in list(zip(prompts, generated, strict=True))[: m.eval.samples]:
+            samples.append({"method": c.method, "multiplier": c.multiplier, "prompt": text, "completion": completion})
+    return results, samples
+
+
+def distinct_specs(conds: list[Condition]) -> tuple[list[dict[str, Any]], list[int]]:
+    """The distinct steering specs, and each condition's index into them: conditions sharing one generate once."""
+    specs: list[dict[str, Any]] = []
+    spec_of = []
     for c in conds:
         if c.spec not in specs:
             specs.append(c.spec)
-        spec_of[id(c)] = specs.index(c.spec)
-    parts = chunks(len(prompts.token_ids), spec.max_batch_size)
-    calls = [(k, part) for k in range(len(specs)) for part in parts]
-    texts, report = replicas.replica_map(
-        m,
-        "generate",
-        [([prompts.token_ids[i] for i in part], specs[k], max_new_tokens, spec.max_batch_size) for k, part in calls],
-        progress="eval" if progress else None,
+        spec_of.append(specs.index(c.spec))
+    return specs, spec_of
+
+
+def run_eval(
+    m: Manifest,
+    circuit: Circuit,
+    out: str,
+    executor: Executor,
+    *,
+    multipliers: Sequence[float] | None = None,
+    caa: bool | None = None,
+    max_new_tokens: int | None = None,
+    progress: bool = True,
+) -> str:
+    """Writes OUT/eval.json and its plots; returns the JSON's URI."""
+    settings = EvalSettings(
+        list(m.eval.multipliers if multipliers is None else multipliers),
+        m.eval.caa if caa is None else caa,
+        max_new_tokens or m.eval.max_new_tokens,
     )
-    by_spec: dict[int, list[str]] = {}
-    for (k, _), t in zip(calls, texts, strict=True):
-        by_spec.setdefault(k, []).extend(t)
+    inputs = prepare(m, circuit, out, settings.caa)
+    spec = ReplicaSpec.from_manifest(m)
+    caa_vectors = None
+    if settings.caa:
+        settings.caa_layer = caa_layer_for(m, circuit)
+        pos, neg = inputs.sets["positive"].token_ids, inputs.sets["negative"].token_ids
+        (caa_vectors,), _ = replica_map(
+            executor, spec, lambda replica, layers: replica.caa_vectors.remote(pos, neg, layers), [[settings.caa_layer]]
+        )
+    conds, control = conditions(circuit, settings.multipliers, m.eval.random_seed, caa_vectors)
+    specs, spec_of = distinct_specs(conds)
+    prompts = inputs.sets["eval"]
+    try:
+        texts, report = generate_all(
+            executor, spec, prompts.token_ids, specs, settings.max_new_tokens, m.eval.max_batch_size, progress
+        )
+    finally:
+        executor.release_replicas()
+    results, samples = score_all(m, conds, texts, spec_of, prompts.prompts.texts)
+    run = {
+        "generations": len(specs) * len(prompts.token_ids),
+        "retries": report.retries,
+        "replica_deaths": report.replica_deaths,
+    }
+    return write_outputs(m, circuit, out, settings, inputs, control, results, samples, run)
 
-    results, samples = [], []
-    order = {"cna": 0, "random": 1, "caa": 2}
-    for c in sorted(conds, key=lambda c: (order[c.method], c.multiplier)):
-        generated = by_spec[spec_of[id(c)]]
-        results.append({"method": c.method, "multiplier": c.multiplier, **evaluate.score(generated, patterns)})
-        if c.method == "caa":
-            results[-1]["alpha"] = c.multiplier - 1.0
-        for text, completion in list(zip(prompts.prompts.texts, generated, strict=True))[: spec.samples]:
-            samples.append({"method": c.method, "multiplier": c.multiplier, "prompt": text, "completion": completion})
 
+@dataclass
+class EvalSettings:
+    multipliers: list[float]
+    caa: bool
+    max_new_tokens: int
+    caa_layer: int | None = None
+
+
+def write_outputs(
+    m: Manifest,
+    circuit: Circuit,
+    out: str,
+    settings: EvalSettings,
+    inputs: EvalInputs,
+    control: list[tuple[int, int]],
+    results: list[dict[str, Any]],
+    samples: list[dict[str, Any]],
+    run: dict[str, int],
+) -> str:
+    """eval.json and its two plots under OUT; returns eval.json's URI."""
     opts = m.output.storage_options
     plots = {"curves": urimod.join(out, "eval.png"), "layers": urimod.join(out, "circuit-layers.png")}
-    eval_curves(
-        results,
-        plots["curves"],
-        title=f"{circuit.name} v{circuit.version} on {model_slug(m.model.uri)}",
-        storage_options=opts,
-    )
-    layer_histogram(
-        {f"{circuit.name} v{circuit.version}": circuit},
-        plots["layers"],
-        title="circuit neurons per layer",
-        storage_options=opts,
-    )
+    title = f"{circuit.name} v{circuit.version}"
+    eval_curves(results, plots["curves"], title=f"{title} on {model_slug(m.model.uri)}", storage_options=opts)
+    layer_histogram({title: circuit}, plots["layers"], title="circuit neurons per layer", storage_options=opts)
+    prompts = inputs.sets["eval"].prompts
     doc = {
         "schema": "cna-eval/1",
         "circuit": {
@@ -197,28 +237,54 @@ def run_eval(
             "neurons": len(circuit.neurons),
             "model": circuit.model.uri,
         },
-        "prompts": {"uri": prompts.prompts.uri, "sha256": prompts.prompts.sha256, "count": len(prompts.token_ids)},
+        "prompts": {"uri": prompts.uri, "sha256": prompts.sha256, "count": len(prompts.texts)},
         "settings": {
-            "multipliers": multipliers,
-            "max_new_tokens": max_new_tokens,
+            "multipliers": settings.multipliers,
+            "max_new_tokens": settings.max_new_tokens,
             "greedy": True,
-            "refusal_patterns": list(patterns),
-            "random_seed": spec.random_seed,
-            "caa": use_caa,
-            "caa_layer": caa_layer,
-            "chat_template": chat,
+            "refusal_patterns": list(m.eval.refusal_patterns or metrics.DEFAULT_REFUSAL_PATTERNS),
+            "random_seed": m.eval.random_seed,
+            "caa": settings.caa,
+            "caa_layer": settings.caa_layer,
+            "chat_template": inputs.chat,
         },
         "random_control": [list(p) for p in control],
         "results": results,
         "samples": samples,
         "plots": plots,
-        "run": {
-            "generations": len(specs) * len(prompts.token_ids),
-            "retries": report["retries"],
-            "replica_deaths": report["replica_deaths"],
-        },
+        "run": run,
     }
-    uri = urimod.join(out, "eval.json")
-    fs, path = urimod.filesystem(uri, opts)
-    fs.pipe_file(path, (json.dumps(doc, indent=1) + "\n").encode())
-    return uri
+    outputs = open_objects(out, opts)
+    outputs.put_json("eval.json", doc)
+    return outputs.uri("eval.json")
+
+
+def run(
+    manifest_path: Path,
+    circuit_uri: str,
+    executor: Executor,
+    *,
+    out: str | None = None,
+    multipliers: list[float] | None = None,
+    caa: bool | None = None,
+    max_new_tokens: int | None = None,
+    progress: bool = True,
+) -> str:
+    """The `eval` command: steering checks on the executor's replicas; returns eval.json's URI."""
+    m = manifestmod.load(manifest_path)
+    circuit = load_circuit(circuit_uri, m.output.storage_options)
+    out = out or f"eval-{circuit.name}-v{circuit.version}"
+    return run_eval(
+        m, circuit, out, executor, multipliers=multipliers, caa=caa, max_new_tokens=max_new_tokens, progress=progress
+    )
+
+
+def result_lines(eval_uri: str) -> list[str]:
+    """What `cna-dist eval` prints: one line per condition, eval.json's URI last."""
+    folder, name = split_uri(eval_uri)
+    lines = [
+        f"{r['method']:>6} m={r['multiplier']:<5g} refusal {r['refusal_rate']:.0%}  quality {r['quality']:.3f}  "
+        f"(n={r['n']})"
+        for r in open_objects(folder).get_json(name)["results"]
+    ]
+    return [*lines, eval_uri]

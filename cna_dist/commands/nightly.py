@@ -12,6 +12,8 @@ import os
 import subprocess
 import sys
 import time
+from collections import Counter
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -19,7 +21,7 @@ from typing import Any
 import yaml
 
 from cna_dist.errors import BadInput
-from cna_dist.io import uri as urimod
+from cna_dist.io.objects import open_objects, split_uri
 
 STATUS_BY_EXIT = {0: None, 2: "bad_input"}
 
@@ -44,44 +46,92 @@ def load_list(path: Path) -> list[Path]:
     return [(path.parent / e).resolve() for e in entries]
 
 
-def mine_one(manifest: Path, mine_args: list[str], workdir: Path) -> dict[str, Any]:
+@dataclass
+class Mined:
+    """What a successful child `mine` reported (its --summary JSON), and the new version's diff if any."""
+
+    circuit: str
+    version: int
+    shards_captured: int
+    shards_reused: int
+    retries: int
+    diff: dict[str, Any] | None
+
+
+@dataclass
+class Entry:
+    """One manifest's night: `mined` when it exited 0, `error` (its last error line) otherwise."""
+
+    manifest: str
+    seconds: float
+    exit_code: int
+    status: str  # published | unchanged | bad_input | failed
+    mined: Mined | None = None
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "manifest": self.manifest,
+            "seconds": self.seconds,
+            "exit_code": self.exit_code,
+            "status": self.status,
+        }
+        if self.mined is not None:
+            out.update(asdict(self.mined))
+        if self.error is not None:
+            out["error"] = self.error
+        return out
+
+
+@dataclass
+class Report:
+    list: str
+    started_at: str
+    finished_at: str
+    entries: list[Entry]
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return dict(Counter(e.status for e in self.entries))
+
+    @property
+    def ok(self) -> bool:
+        return all(e.status in ("published", "unchanged") for e in self.entries)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema": "cna-nightly/1",
+            "list": self.list,
+            "started_at": self.started_at,
+            "finished_at": self.finished_at,
+            "counts": self.counts,
+            "ok": self.ok,
+            "manifests": [e.to_dict() for e in self.entries],
+        }
+
+
+def mine_one(manifest: Path, mine_args: list[str], workdir: Path) -> Entry:
     """`cna-dist mine MANIFEST` in a child process; its summary JSON and exit code become one report entry."""
     summary = workdir / f"{len(list(workdir.iterdir())):03d}-summary.json"
-    cmd = [
-        sys.executable,
-        "-m",
-        "cna_dist.cli",
-        "mine",
-        str(manifest),
-        "--quiet",
-        "--summary",
-        str(summary),
-        *mine_args,
-    ]
+    cmd = [sys.executable, "-m", "cna_dist.cli", "mine", str(manifest), "--quiet", "--summary", str(summary)]
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
-    entry: dict[str, Any] = {
-        "manifest": str(manifest),
-        "seconds": round(time.perf_counter() - t0, 2),
-        "exit_code": proc.returncode,
-    }
+    proc = subprocess.run([*cmd, *mine_args], capture_output=True, text=True, env=os.environ.copy())
+    seconds = round(time.perf_counter() - t0, 2)
     if proc.returncode == 0 and summary.is_file():
         s = json.loads(summary.read_text())
-        entry.update(
-            status=s["status"],
-            circuit=s["circuit"],
-            version=s["version"],
-            shards_captured=s["shards_captured"],
-            shards_reused=s["shards_reused"],
-            retries=s["retries"],
+        mined = Mined(
+            s["circuit"],
+            s["version"],
+            s["shards_captured"],
+            s["shards_reused"],
+            s["retries"],
+            _parent_diff(s["circuit"]),
         )
-        entry["diff"] = _parent_diff(s["circuit"])
-    else:
-        entry["status"] = STATUS_BY_EXIT.get(proc.returncode) or "failed"
-        lines = [ln for ln in (proc.stderr + proc.stdout).splitlines() if ln.strip()]
-        errors = [ln for ln in lines if ln.startswith(("error:", "failed:"))]
-        entry["error"] = (errors or lines or [f"exit code {proc.returncode}"])[-1][:2000]
-    return entry
+        return Entry(str(manifest), seconds, 0, s["status"], mined=mined)
+    lines = [ln for ln in (proc.stderr + proc.stdout).splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ln.startswith(("error:", "failed:"))]
+    error = (errors or lines or [f"exit code {proc.returncode}"])[-1][:2000]
+    return Entry(str(manifest), seconds, proc.returncode, STATUS_BY_EXIT.get(proc.returncode) or "failed", error=error)
 
 
 def _parent_diff(circuit_uri: str) -> dict[str, Any] | None:
@@ -100,27 +150,15 @@ def _parent_diff(circuit_uri: str) -> dict[str, Any] | None:
     }
 
 
-def refresh(list_path: Path, report_uri: str, mine_args: list[str], workdir: Path, echo: Any = print) -> dict[str, Any]:
-    manifests = load_list(list_path)
-    started = datetime.now(UTC).isoformat(timespec="seconds")
-    entries = []
-    for manifest in manifests:
+def refresh(list_path: Path, report_uri: str, mine_args: list[str], workdir: Path, echo: Any = print) -> Report:
+    """Mine each manifest of the list in turn, then write the report to `report_uri` (any fsspec URI)."""
+    report = Report(str(list_path), datetime.now(UTC).isoformat(timespec="seconds"), "", [])
+    for manifest in load_list(list_path):
         entry = mine_one(manifest, mine_args, workdir)
-        entries.append(entry)
-        detail = entry.get("circuit") or entry.get("error", "")
-        echo(f"{entry['status']:>10}  {manifest.name}  {detail}")
-    counts: dict[str, int] = {}
-    for e in entries:
-        counts[e["status"]] = counts.get(e["status"], 0) + 1
-    report = {
-        "schema": "cna-nightly/1",
-        "list": str(list_path),
-        "started_at": started,
-        "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "counts": counts,
-        "ok": all(e["status"] in ("published", "unchanged") for e in entries),
-        "manifests": entries,
-    }
-    fs, path = urimod.filesystem(report_uri)
-    fs.pipe_file(path, (json.dumps(report, indent=1) + "\n").encode())
+        report.entries.append(entry)
+        detail = entry.mined.circuit if entry.mined else entry.error
+        echo(f"{entry.status:>10}  {manifest.name}  {detail}")
+    report.finished_at = datetime.now(UTC).isoformat(timespec="seconds")
+    folder, key = split_uri(report_uri)
+    open_objects(folder).put_json(key, report.to_dict())
     return report

@@ -7,11 +7,12 @@ shows at a glance how much the circuit moved.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from cna_dist.circuit import Circuit
+if TYPE_CHECKING:  # circuits are read, never built or loaded here: no I/O in the core
+    from cna_dist.circuit import Circuit
 
 Pair = tuple[int, int]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,81 +62,17 @@ def save_planted_model(path: str | Path, seed: int = 0) -> PlantedModel:
     def noise(*shape: int, std: float) -> torch.Tensor:
         return torch.randn(*shape, generator=gen) * std
 
-    d, inter, hd = _P_HIDDEN, _P_INTER, _P_HIDDEN // _P_HEADS
-    vocab = tok.get_vocab()
-    chain = ["<|assistant|>"] + _CHAIN_WORDS
-    id_dim = {w: _ID0 + i for i, w in enumerate(chain)}
-    n0 = _ID0 + len(chain)
-    nz = slice(n0, d)
-    n_noise = d - n0
-    slow = hd // 2 - 1  # RoPE channel with the lowest frequency
-
-    with torch.no_grad():
+    layout = _Layout.of(tok)
+    with torch.no_grad():  # the order of the calls fixes the order of the noise draws: keep it
         for name, param in model.named_parameters():
             param.fill_(1.0 if "norm" in name else 0.0)
-
-        emb = model.model.embed_tokens.weight
-        emb[:, _CONST] = 1.0
-        emb[:, nz] = noise(len(vocab), n_noise, std=0.1)
-        for w in HARM_WORDS:
-            emb[vocab[w], _HARM] = 1.0
-        for w, dim in id_dim.items():
-            emb[vocab[w], dim] = 1.0
-
+        _wire_embeddings(model, layout, noise)
         for layer_idx, layer in enumerate(model.model.layers):
-            attn, mlp = layer.self_attn, layer.mlp
-            if layer_idx == 0:
-                attn.q_proj.weight[slow, _CONST] = 1.5
-                attn.k_proj.weight[slow, _HARM] = 1.5
-                attn.v_proj.weight[0, _HARM] = 0.15
-                attn.o_proj.weight[_SEEN, 0] = 1.0
-                # kv head 1 -> query head 2 (q = 0: uniform average over the prefix) -> noise dims
-                attn.v_proj.weight[hd : 2 * hd, nz] = noise(hd, n_noise, std=1.0 / math.sqrt(n_noise))
-                attn.o_proj.weight[nz, 2 * hd : 3 * hd] = noise(n_noise, hd, std=0.5 / math.sqrt(hd))
-            else:
-                attn.q_proj.weight[:, nz] = noise(d, n_noise, std=0.05)
-                attn.k_proj.weight[:, nz] = noise(attn.k_proj.weight.shape[0], n_noise, std=0.05)
-                attn.v_proj.weight[:, nz] = noise(attn.v_proj.weight.shape[0], n_noise, std=0.05)
-                attn.o_proj.weight[nz, :] = noise(n_noise, d, std=0.01)
-
-            # Every neuron gets small random reads of const + noise dims and writes into noise dims only.
-            mlp.gate_proj.weight[:, nz] = noise(inter, n_noise, std=0.05)
-            mlp.gate_proj.weight[:, _CONST] = noise(inter, std=0.05)
-            mlp.up_proj.weight[:, nz] = noise(inter, n_noise, std=0.05)
-            mlp.up_proj.weight[:, _CONST] = noise(inter, std=0.05)
-            mlp.down_proj.weight[nz, :] = noise(n_noise, inter, std=0.01)
-
-        for k, (layer_idx, j) in enumerate(_GATE):
-            mlp = model.model.layers[layer_idx].mlp
-            scale = 1.0 + 0.05 * k  # distinct magnitudes, so no two gate neurons tie
-            for proj in (mlp.gate_proj, mlp.up_proj):
-                proj.weight[j, :] = 0.0
-            mlp.gate_proj.weight[j, _SEEN] = 2.0 * scale
-            mlp.gate_proj.weight[j, _CONST] = -1.0
-            mlp.up_proj.weight[j, _CONST] = 0.25 * scale
-            mlp.down_proj.weight[:, j] = 0.0
-            mlp.down_proj.weight[_REFUSE, j] = 0.03
-
-        for k, (layer_idx, j) in enumerate(_UNIVERSAL):
-            mlp = model.model.layers[layer_idx].mlp
-            for proj in (mlp.gate_proj, mlp.up_proj):
-                proj.weight[j, :] = 0.0
-            mlp.gate_proj.weight[j, _CONST] = 1.0
-            mlp.up_proj.weight[j, _CONST] = 1.5 + 0.1 * k
-            if (layer_idx, j) in _UNIVERSAL_HARM:
-                mlp.up_proj.weight[j, _SEEN] = 2.0
-            mlp.down_proj.weight[:, j] = 0.0
-
-        head = model.lm_head.weight
-        head[:, nz] = noise(len(vocab), n_noise, std=0.01)
-        head[vocab["sure"], id_dim["<|assistant|>"]] = 1.0
-        refuse_first = vocab[REFUSAL_TEXT.split()[0]]
-        head[refuse_first, _REFUSE] = 2.0
-        for phrase in (REFUSAL_TEXT, ANSWER_TEXT):
-            words = phrase.split() + ["</s>"]
-            for cur, nxt in zip(words[:-1], words[1:], strict=True):
-                head[vocab[nxt], id_dim[cur]] = 5.0
-                head[refuse_first, id_dim[cur]] = -10.0
+            _wire_attention(layer.self_attn, layer_idx, layout, noise)
+            _wire_background_mlp(layer.mlp, layout, noise)
+        _wire_gate(model)
+        _wire_universal(model)
+        _wire_lm_head(model, layout, noise)
 
     model.eval()
     save_checkpoint(model, tok, path)
@@ -145,3 +82,108 @@ def save_planted_model(path: str | Path, seed: int = 0) -> PlantedModel:
         json.dumps({"gate": [list(g) for g in gate], "universal": [list(u) for u in universal]})
     )
     return PlantedModel(path, gate, universal, REFUSAL_TEXT, ANSWER_TEXT)
+
+
+Noise = Callable[..., torch.Tensor]
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """The residual dims of one tokenizer's planted model: an id dim per reply-chain token, then noise dims."""
+
+    vocab: dict[str, int]
+    id_dim: dict[str, int]
+    nz: slice
+    n_noise: int
+    hd: int
+    slow: int  # RoPE channel with the lowest frequency
+
+    @classmethod
+    def of(cls, tok: transformers.PreTrainedTokenizerFast) -> _Layout:
+        chain = ["<|assistant|>"] + _CHAIN_WORDS
+        n0 = _ID0 + len(chain)
+        hd = _P_HIDDEN // _P_HEADS
+        return cls(
+            vocab=tok.get_vocab(),
+            id_dim={w: _ID0 + i for i, w in enumerate(chain)},
+            nz=slice(n0, _P_HIDDEN),
+            n_noise=_P_HIDDEN - n0,
+            hd=hd,
+            slow=hd // 2 - 1,
+        )
+
+
+def _wire_embeddings(model: transformers.LlamaForCausalLM, lay: _Layout, noise: Noise) -> None:
+    emb = model.model.embed_tokens.weight
+    emb[:, _CONST] = 1.0
+    emb[:, lay.nz] = noise(len(lay.vocab), lay.n_noise, std=0.1)
+    for w in HARM_WORDS:
+        emb[lay.vocab[w], _HARM] = 1.0
+    for w, dim in lay.id_dim.items():
+        emb[lay.vocab[w], dim] = 1.0
+
+
+def _wire_attention(attn: torch.nn.Module, layer_idx: int, lay: _Layout, noise: Noise) -> None:
+    d, hd, nz, n_noise = _P_HIDDEN, lay.hd, lay.nz, lay.n_noise
+    if layer_idx == 0:
+        attn.q_proj.weight[lay.slow, _CONST] = 1.5
+        attn.k_proj.weight[lay.slow, _HARM] = 1.5
+        attn.v_proj.weight[0, _HARM] = 0.15
+        attn.o_proj.weight[_SEEN, 0] = 1.0
+        # kv head 1 -> query head 2 (q = 0: uniform average over the prefix) -> noise dims
+        attn.v_proj.weight[hd : 2 * hd, nz] = noise(hd, n_noise, std=1.0 / math.sqrt(n_noise))
+        attn.o_proj.weight[nz, 2 * hd : 3 * hd] = noise(n_noise, hd, std=0.5 / math.sqrt(hd))
+    else:
+        attn.q_proj.weight[:, nz] = noise(d, n_noise, std=0.05)
+        attn.k_proj.weight[:, nz] = noise(attn.k_proj.weight.shape[0], n_noise, std=0.05)
+        attn.v_proj.weight[:, nz] = noise(attn.v_proj.weight.shape[0], n_noise, std=0.05)
+        attn.o_proj.weight[nz, :] = noise(n_noise, d, std=0.01)
+
+
+def _wire_background_mlp(mlp: torch.nn.Module, lay: _Layout, noise: Noise) -> None:
+    """Every neuron gets small random reads of const + noise dims and writes into noise dims only."""
+    inter, nz, n_noise = _P_INTER, lay.nz, lay.n_noise
+    mlp.gate_proj.weight[:, nz] = noise(inter, n_noise, std=0.05)
+    mlp.gate_proj.weight[:, _CONST] = noise(inter, std=0.05)
+    mlp.up_proj.weight[:, nz] = noise(inter, n_noise, std=0.05)
+    mlp.up_proj.weight[:, _CONST] = noise(inter, std=0.05)
+    mlp.down_proj.weight[nz, :] = noise(n_noise, inter, std=0.01)
+
+
+def _wire_gate(model: transformers.LlamaForCausalLM) -> None:
+    for k, (layer_idx, j) in enumerate(_GATE):
+        mlp = model.model.layers[layer_idx].mlp
+        scale = 1.0 + 0.05 * k  # distinct magnitudes, so no two gate neurons tie
+        for proj in (mlp.gate_proj, mlp.up_proj):
+            proj.weight[j, :] = 0.0
+        mlp.gate_proj.weight[j, _SEEN] = 2.0 * scale
+        mlp.gate_proj.weight[j, _CONST] = -1.0
+        mlp.up_proj.weight[j, _CONST] = 0.25 * scale
+        mlp.down_proj.weight[:, j] = 0.0
+        mlp.down_proj.weight[_REFUSE, j] = 0.03
+
+
+def _wire_universal(model: transformers.LlamaForCausalLM) -> None:
+    for k, (layer_idx, j) in enumerate(_UNIVERSAL):
+        mlp = model.model.layers[layer_idx].mlp
+        for proj in (mlp.gate_proj, mlp.up_proj):
+            proj.weight[j, :] = 0.0
+        mlp.gate_proj.weight[j, _CONST] = 1.0
+        mlp.up_proj.weight[j, _CONST] = 1.5 + 0.1 * k
+        if (layer_idx, j) in _UNIVERSAL_HARM:
+            mlp.up_proj.weight[j, _SEEN] = 2.0
+        mlp.down_proj.weight[:, j] = 0.0
+
+
+def _wire_lm_head(model: transformers.LlamaForCausalLM, lay: _Layout, noise: Noise) -> None:
+    """A bigram chain on the id dims; after `<|assistant|>` the refuse dim picks the refusal phrase."""
+    head, vocab, id_dim = model.lm_head.weight, lay.vocab, lay.id_dim
+    head[:, lay.nz] = noise(len(vocab), lay.n_noise, std=0.01)
+    head[vocab["sure"], id_dim["<|assistant|>"]] = 1.0
+    refuse_first = vocab[REFUSAL_TEXT.split()[0]]
+    head[refuse_first, _REFUSE] = 2.0
+    for phrase in (REFUSAL_TEXT, ANSWER_TEXT):
+        words = phrase.split() + ["</s>"]
+        for cur, nxt in zip(words[:-1], words[1:], strict=True):
+            head[vocab[nxt], id_dim[cur]] = 5.0
+            head[refuse_first, id_dim[cur]] = -10.0

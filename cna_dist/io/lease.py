@@ -13,21 +13,22 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import socket
 import threading
-import time
 import uuid
 from collections.abc import Callable
 from typing import Any
 
+from cna_dist.clock import SYSTEM_CLOCK, Clock
 from cna_dist.errors import RunFailure
-from cna_dist.io import uri as urimod
-from cna_dist.io.exclusive import VersionTaken, create_exclusive
+from cna_dist.io.objects import AlreadyExists, ClaimContended, open_objects, split_uri
 
 TTL_S = 300.0
 HEARTBEAT_S = 30.0
 WAIT_S = 3600.0
 POLL_S = 5.0
+CONTENDED_S = 0.2  # the most a driver backs off when a rival's claim on the lease is in flight
 
 
 def _alive_here(holder: dict[str, Any]) -> bool | None:
@@ -44,6 +45,12 @@ def _alive_here(holder: dict[str, Any]) -> bool | None:
 
 
 class Lease:
+    """The lease object at `uri`. Heartbeat times, staleness, waiting and polling all read `clock`.
+
+    The heartbeat thread calls `beat()` every `heartbeat_s` (real seconds: it only paces the thread, and `release`
+    must not wait for it); a test with a fake clock calls `beat()` itself.
+    """
+
     def __init__(
         self,
         uri: str,
@@ -54,10 +61,13 @@ class Lease:
         wait_s: float = WAIT_S,
         poll_s: float = POLL_S,
         echo: Callable[[str], None] | None = None,
+        clock: Clock = SYSTEM_CLOCK,
     ):
         self.uri = uri
         self.storage_options = storage_options or {}
-        self.fs, self.path = urimod.filesystem(uri, self.storage_options)
+        self.clock = clock
+        root, self.key = split_uri(uri)
+        self.objects = open_objects(root, self.storage_options, clock=clock)
         self.ttl_s, self.heartbeat_s, self.wait_s, self.poll_s = ttl_s, heartbeat_s, wait_s, poll_s
         self.echo = echo
         self.owner = uuid.uuid4().hex
@@ -67,12 +77,12 @@ class Lease:
 
     def _body(self) -> bytes:
         return json.dumps(
-            {"owner": self.owner, "host": socket.gethostname(), "pid": os.getpid(), "heartbeat": time.time()}
+            {"owner": self.owner, "host": socket.gethostname(), "pid": os.getpid(), "heartbeat": self.clock.time()}
         ).encode()
 
     def holder(self) -> dict[str, Any] | None:
         try:
-            return json.loads(self.fs.cat_file(self.path))
+            return json.loads(self.objects.get(self.key))
         except FileNotFoundError:
             return None
         except (ValueError, OSError):
@@ -84,31 +94,37 @@ class Lease:
         beat = holder.get("heartbeat")
         if not isinstance(beat, int | float):
             try:
-                beat = self.fs.modified(self.path).timestamp()
-            except (FileNotFoundError, OSError, NotImplementedError):
+                beat = self.objects.modified(self.key)
+            except (OSError, NotImplementedError):
+                beat = None
+            if beat is None:
                 return False
-        return time.time() - beat > self.ttl_s
+        return self.clock.time() - beat > self.ttl_s
 
-    def acquire(self) -> Lease:
-        deadline = time.monotonic() + self.wait_s
-        told = False
+    def _take(self) -> dict[str, Any] | None:
+        """Create the lease, clearing a stale one first; the live holder's record when it is not ours to take."""
         while True:
             try:
-                create_exclusive(self.uri, self._body(), self.storage_options)
-                break
-            except VersionTaken:
+                self.objects.create_if_absent(self.key, self._body())
+                return None
+            except ClaimContended:  # a rival is creating it right now (claims-only S3): let one of us win
+                self.clock.sleep(random.uniform(0, CONTENDED_S))
+                continue
+            except AlreadyExists:
                 pass
             holder = self.holder()
             if holder is None:
                 continue  # released between our create and our read: try again at once
-            if self._stale(holder):
-                try:
-                    self.fs.rm_file(self.path)
-                except FileNotFoundError:
-                    pass
-                continue
+            if not self._stale(holder):
+                return holder
+            self.objects.delete(self.key)
+
+    def acquire(self) -> Lease:
+        deadline = self.clock.monotonic() + self.wait_s
+        told = False
+        while (holder := self._take()) is not None:
             who = f"{holder.get('host')}:{holder.get('pid')}"
-            if time.monotonic() >= deadline:
+            if self.clock.monotonic() >= deadline:
                 raise RunFailure(
                     f"{self.uri} is held by the driver {who}, which is still capturing this run "
                     f"(waited {self.wait_s:.0f} s); one driver captures a run at a time"
@@ -116,21 +132,27 @@ class Lease:
             if not told and self.echo is not None:
                 self.echo(f"waiting for {who} to finish capturing this run ({self.uri})")
                 told = True
-            time.sleep(self.poll_s)
-        self._thread = threading.Thread(target=self._beat, name="cna-lease", daemon=True)
+            self.clock.sleep(self.poll_s)
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="cna-lease", daemon=True)
         self._thread.start()
         return self
 
-    def _beat(self) -> None:
-        while not self._stop.wait(self.heartbeat_s):
-            holder = self.holder()
-            if not holder or holder.get("owner") != self.owner:
-                self.lost = f"lease {self.uri} was taken over by {holder and holder.get('host')}"
-                return
-            try:
-                self.fs.pipe_file(self.path, self._body())
-            except OSError:
-                pass  # a missed beat only brings staleness nearer; the next one retries
+    def _run(self) -> None:
+        while not self._stop.wait(self.heartbeat_s) and self.beat():
+            pass
+
+    def beat(self) -> bool:
+        """One heartbeat: re-read the lease and refresh it while it is ours; False (and `lost` set) once it is not."""
+        holder = self.holder()
+        if not holder or holder.get("owner") != self.owner:
+            self.lost = f"lease {self.uri} was taken over by {holder and holder.get('host')}"
+            return False
+        try:
+            self.objects.put(self.key, self._body())
+        except OSError:
+            pass  # a missed beat only brings staleness nearer; the next one retries
+        return True
 
     def check(self) -> None:
         if self.lost:
@@ -142,7 +164,7 @@ class Lease:
             self._thread.join()
         holder = self.holder()
         if holder and holder.get("owner") == self.owner:
-            self.fs.rm_file(self.path)
+            self.objects.delete(self.key)
 
     def __enter__(self) -> Lease:
         return self.acquire()

@@ -5,13 +5,15 @@ Layout under STORE:
     runs/<run>/run.json                 model fingerprint, shape, capture params, chunking (written once)
     runs/<run>/acts/                    Zarr array [row, layer, neuron], chunks (rows_per_chunk, layers_per_chunk,
                                         neurons), fill NaN (a missing chunk can never read as data), crc32c per chunk
-    runs/<run>/commits/<shard>.json     written after the shard's data: the sha256 of every rendered prompt in
-                                        its rows, in row order. No marker, no shard.
+    runs/<run>/commits/<shard>.json     written after all of the shard's data: the sha256 of every rendered prompt
+                                        in its rows, in row order, and how they were made. No marker, no shard.
 
 `run` = hash(model fingerprint, capture params); a row belongs to a rendered prompt's hash, so any manifest
 using the same model and capture params reuses every committed row. Shard i owns rows
 [i * shard_rows, (i + 1) * shard_rows), a whole number of row chunks: writers never share a chunk.
-Only the driver grows the array (metadata), before it hands out shards.
+A shard may have several writers, each owning a range of layer chunks (a pipeline stage): each writes its part
+(`write_rows`), and the marker comes once every part is in (`commit`). Only the driver grows the array (metadata),
+before it hands out shards.
 """
 
 from __future__ import annotations
@@ -89,6 +91,16 @@ def has_nan(a: np.ndarray) -> bool:
 
 
 @dataclass(frozen=True)
+class WrittenPart:
+    """A writer's receipt: shard `shard`'s rows for layers [lo, hi) are in the store (not yet committed)."""
+
+    shard: int
+    lo: int
+    hi: int
+    nbytes: int
+
+
+@dataclass(frozen=True)
 class ShardPlan:
     shard: int
     start: int
@@ -125,9 +137,9 @@ class Run:
         return self._path("commits", f"{shard:08d}.json")
 
     # -- reading the state ---------------------------------------------------------------------------------
-    def committed(self) -> dict[int, list[str]]:
-        """Shard -> row hashes, for every shard whose marker exists. A corrupt marker is an error, not absent."""
-        out: dict[int, list[str]] = {}
+    def markers(self) -> dict[int, dict[str, Any]]:
+        """Shard -> its commit marker, for every committed shard. A corrupt marker is an error, not absent."""
+        out: dict[int, dict[str, Any]] = {}
         folder = self._path("commits")
         try:
             names = self.fs.ls(folder, detail=False)
@@ -135,17 +147,24 @@ class Run:
             return out
         for name in names:
             base = name.rstrip("/").rsplit("/", 1)[-1]
-            if not base.endswith(".json"):
-                continue
-            try:
-                marker = json.loads(self.fs.cat_file(name))
-                shard, rows = int(marker["shard"]), list(marker["rows"])
-                if shard != int(base[:-5]) or not all(isinstance(r, str) and len(r) == 64 for r in rows):
-                    raise ValueError("shard number or row hashes malformed")
-            except Exception as exc:  # noqa: BLE001 - name the object and stop: never guess at a marker
-                raise RunFailure(f"corrupt commit marker {name}: {type(exc).__name__}: {exc}") from exc
-            out[shard] = rows
+            if base.endswith(".json"):
+                marker = self._marker(name, base)
+                out[int(marker["shard"])] = marker
         return out
+
+    def _marker(self, name: str, base: str) -> dict[str, Any]:
+        try:
+            marker = json.loads(self.fs.cat_file(name))
+            shard, rows = int(marker["shard"]), list(marker["rows"])
+            if shard != int(base[:-5]) or not all(isinstance(r, str) and len(r) == 64 for r in rows):
+                raise ValueError("shard number or row hashes malformed")
+        except Exception as exc:  # noqa: BLE001 - name the object and stop: never guess at a marker
+            raise RunFailure(f"corrupt commit marker {name}: {type(exc).__name__}: {exc}") from exc
+        return marker
+
+    def committed(self) -> dict[int, list[str]]:
+        """Shard -> row hashes, for every shard whose marker exists."""
+        return {shard: list(marker["rows"]) for shard, marker in self.markers().items()}
 
     def row_index(self, committed: dict[int, list[str]] | None = None) -> dict[str, int]:
         committed = self.committed() if committed is None else committed
@@ -177,20 +196,55 @@ class Run:
                 arr.resize((needed, *arr.shape[1:]))
         return plans
 
-    def write_shard(self, plan: ShardPlan, acts: np.ndarray, writer: str = "") -> None:
-        """Write the rows, then the marker: a shard interrupted before its marker is simply absent."""
-        if acts.shape != (len(plan.hashes), self.meta.n_layers, self.meta.intermediate_size):
-            raise RunFailure(f"shard {plan.shard}: activations of shape {acts.shape} do not match the run")
-        arr = self.array()
-        arr[plan.start : plan.start + len(plan.hashes)] = acts
+    def write_rows(self, plan: ShardPlan, acts: np.ndarray, layers: slice) -> WrittenPart:
+        """Write one writer's part of a shard: its rows for a range of layers (a pipeline stage owns a range).
+
+        The range must start and end on the store's layer-chunk boundaries (or the last layer), so two writers of
+        one shard never write the same chunk. Nothing is committed: see `commit`.
+        """
+        lo, hi = layers.start or 0, self.meta.n_layers if layers.stop is None else layers.stop
+        per = self.meta.layers_per_chunk
+        if not 0 <= lo < hi <= self.meta.n_layers:
+            raise RunFailure(f"shard {plan.shard}: layers {lo}:{hi} are outside the run's {self.meta.n_layers}")
+        if lo % per or (hi % per and hi != self.meta.n_layers):
+            raise RunFailure(
+                f"shard {plan.shard}: layers {lo}:{hi} cut the store's layer chunks of {per}; another writer of this "
+                "shard would share a chunk"
+            )
+        expected = (len(plan.hashes), hi - lo, self.meta.intermediate_size)
+        if acts.shape != expected:
+            raise RunFailure(f"shard {plan.shard}: activations of shape {acts.shape} do not match {expected}")
+        self.array()[plan.start : plan.start + len(plan.hashes), lo:hi] = acts
+        return WrittenPart(plan.shard, lo, hi, int(acts.nbytes))
+
+    def commit(
+        self, plan: ShardPlan, parts: list[WrittenPart], writer: str = "", made_by: dict[str, str] | None = None
+    ) -> None:
+        """Write the shard's marker once its parts cover every layer exactly once: no marker, no shard.
+
+        Called after every writer's `write_rows` returned, so a marker never precedes its data; a shard interrupted
+        before its marker is simply absent and is captured again. `made_by` (backend, library, engine) records how
+        the rows were made without entering the run id.
+        """
+        spans = sorted((p.lo, p.hi) for p in parts if p.shard == plan.shard)
+        edges = [0] + [edge for span in spans for edge in span] + [self.meta.n_layers]
+        if len(spans) != len(parts) or any(edges[i] != edges[i + 1] for i in range(0, len(edges), 2)):
+            raise RunFailure(f"shard {plan.shard}: written parts {spans} do not cover layers 0:{self.meta.n_layers}")
         marker = {
             "shard": plan.shard,
             "rows": plan.hashes,
             "n_rows": len(plan.hashes),
             "writer": writer,
-            "nbytes": int(acts.nbytes),
+            "nbytes": sum(p.nbytes for p in parts),
+            "layers": [list(span) for span in spans],
         }
+        if made_by:
+            marker["made_by"] = made_by
         self.fs.pipe_file(self.commit_path(plan.shard), json.dumps(marker).encode())
+
+    def write_shard(self, plan: ShardPlan, acts: np.ndarray, writer: str = "") -> None:
+        """One writer for the whole shard: all its layers, then the marker."""
+        self.commit(plan, [self.write_rows(plan, acts, slice(0, self.meta.n_layers))], writer)
 
     # -- reading blocks --------------------------------------------------------------------------------------
     def read_rows(self, rows: np.ndarray, layers: slice) -> Iterator[tuple[np.ndarray, np.ndarray]]:

@@ -12,6 +12,14 @@ import numpy as np
 import torch
 
 
+@dataclass(frozen=True)
+class Limits:
+    """How big a batch may get: padded tokens (rows x longest prompt) and rows. A longer prompt goes alone."""
+
+    token_budget: int = 8192
+    max_batch_size: int = 64
+
+
 def plan_batches(lengths: Sequence[int], token_budget: int, max_batch_size: int) -> list[list[int]]:
     """Group prompt indices into batches of similar length whose padded size fits the budget.
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from cna_dist.model.batching import Batch, batches
-from cna_dist.model.checkpoint import decoder, down_projs
+from cna_dist.model.hf import decoder, device_mask_maker, down_projs
 
 STORE_DTYPES = {"float16": np.float16, "float32": np.float32}
 _TORCH_STORE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
@@ -54,10 +54,7 @@ class Capturer:
         self.intermediate_size = self.projs[0].in_features
         self.device = self.decoder.embed_tokens.weight.device
         self.cuda = self.device.type == "cuda"
-        config = getattr(model, "config", None)
-        self.sdpa = getattr(config, "_attn_implementation", None) == "sdpa"
-        window = getattr(config, "sliding_window", None)
-        self.sliding_window = window if isinstance(window, int) and window > 0 else None
+        self._attention_mask = device_mask_maker(model)
         self._buffer: torch.Tensor | None = None
         self._slots: dict[tuple[int, torch.dtype], torch.Tensor] = {}
         self._submitted = 0
@@ -80,20 +77,6 @@ class Capturer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    def _attention_mask(self, mask: torch.Tensor) -> torch.Tensor:
-        """The mask transformers would build from `mask`, made on the device without reading it back.
-
-        Causal and key-is-real, as transformers' SDPA mask; a padding query also sees itself so no row is fully
-        masked (no NaN from any SDPA kernel), which changes nothing for real rows. Used for SDPA only, and only
-        while the batch fits a sliding window, where the window changes nothing either.
-        """
-        width = mask.shape[1]
-        if not self.sdpa or (self.sliding_window is not None and width > self.sliding_window):
-            return mask  # transformers builds it (with a host read); correct for any attention and window
-        causal = torch.ones((width, width), dtype=torch.bool, device=mask.device).tril_()
-        eye = torch.eye(width, dtype=torch.bool, device=mask.device)
-        return ((causal & mask.bool()[:, None, :]) | eye)[:, None]
 
     def _slot(self, rows: int, dtype: torch.dtype) -> torch.Tensor:
         """One of two pinned host buffers, alternating per batch, grown on demand (reused: pinning is slow)."""

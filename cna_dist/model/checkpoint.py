@@ -1,10 +1,14 @@
-"""Model checkpoints: check, localise, fingerprint, load through transformers, find the MLP layers."""
+"""Model checkpoints as files: check, read the config, fingerprint, localise to a node, load the tokenizer.
+
+Loading the model itself is a backend's job (`cna_dist.model.hf`).
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,16 +65,21 @@ def info_from_config(config: dict, uri: str) -> ModelInfo:
             source=uri,
             field="model_type",
         )
-    try:
-        return ModelInfo(
-            architecture=(config.get("architectures") or [model_type])[0],
-            model_type=model_type,
-            n_layers=int(config["num_hidden_layers"]),
-            intermediate_size=int(config["intermediate_size"]),
-            hidden_size=int(config["hidden_size"]),
-        )
-    except KeyError as exc:
-        raise BadInput(f"config.json lacks {exc.args[0]!r}", source=uri, field=exc.args[0]) from None
+    sizes = {}
+    for key in ("num_hidden_layers", "intermediate_size", "hidden_size"):
+        if key not in config:
+            raise BadInput(f"config.json lacks {key!r}", source=uri, field=key)
+        value = config[key]
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise BadInput(f"config.json has {key} = {value!r}, not a positive integer", source=uri, field=key)
+        sizes[key] = value
+    return ModelInfo(
+        architecture=(config.get("architectures") or [model_type])[0],
+        model_type=model_type,
+        n_layers=sizes["num_hidden_layers"],
+        intermediate_size=sizes["intermediate_size"],
+        hidden_size=sizes["hidden_size"],
+    )
 
 
 def inspect(uri: str, storage_options: dict[str, Any] | None = None) -> ModelInfo:
@@ -138,15 +147,15 @@ def localize(uri: str, storage_options: dict[str, Any] | None = None) -> Path:
             fs, path = urimod.filesystem(uri, storage_options)
             partial = target.with_name(target.name + ".partial")
             if partial.exists():
-                import shutil
-
                 shutil.rmtree(partial)
             partial.mkdir(parents=True)
             for entry in fs.ls(path, detail=False):
                 if fs.isfile(entry):
                     fs.get(entry, str(partial / Path(entry).name))
+            (partial / ".complete").write_text(fp)  # inside the copy: the rename publishes data and marker at once
+            if target.exists():  # a copy renamed into place by an older version that died before its marker
+                shutil.rmtree(target)
             partial.rename(target)
-            done.write_text(fp)
     return target
 
 
@@ -166,46 +175,3 @@ def load_tokenizer(path: Path, *, trust_remote_code: bool = False) -> Any:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
     return tokenizer
-
-
-def load(
-    path: Path,
-    *,
-    dtype: str = "auto",
-    trust_remote_code: bool = False,
-    device_map: Any = None,
-    max_memory: dict | None = None,
-) -> tuple[Any, Any]:
-    """Load (model, tokenizer) from a local checkpoint folder, in eval mode, SDPA attention."""
-    from transformers import AutoModelForCausalLM
-
-    tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
-    kwargs: dict[str, Any] = {
-        "dtype": torch_dtype(dtype),
-        "trust_remote_code": trust_remote_code,
-        "attn_implementation": "sdpa",
-    }
-    if device_map is not None:
-        kwargs["device_map"] = device_map
-    if max_memory is not None:
-        kwargs["max_memory"] = max_memory
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    model.eval()
-    return model, tokenizer
-
-
-def decoder(model: Any) -> Any:
-    """The decoder stack without the lm_head: capture needs only the MLP inputs."""
-    inner = getattr(model, "model", None)
-    if inner is None or not hasattr(inner, "layers"):
-        raise BadInput(f"{type(model).__name__}: no model.layers; cna-dist supports {sorted(SUPPORTED)}")
-    return inner
-
-
-def down_projs(model: Any) -> list[Any]:
-    """Every decoder layer's mlp.down_proj, in layer order; its input is the neuron activation."""
-    layers = decoder(model).layers
-    try:
-        return [layer.mlp.down_proj for layer in layers]
-    except AttributeError:
-        raise BadInput(f"{type(model).__name__}: decoder layers have no mlp.down_proj") from None

@@ -44,43 +44,54 @@ def _text_of(item: Any, field: str, where: str) -> str:
     return text
 
 
+def _lines(text: str) -> list[str]:
+    """Lines split at \\n only (a \\r before it dropped): JSON strings may hold U+2028 and friends unescaped."""
+    return [line.removesuffix("\r") for line in text.split("\n")]
+
+
+def _parse_txt(text: str, key: str) -> list[str]:
+    return [line for line in _lines(text) if line.strip()]
+
+
+def _parse_jsonl(text: str, key: str) -> list[str]:
+    texts: list[str] = []
+    for number, line in enumerate(_lines(text), start=1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise BadInput(f"line {number}: invalid JSON ({exc.msg})") from None
+        texts.append(_text_of(item, key, f"line {number}"))
+    return texts
+
+
+def _parse_json(text: str, key: str) -> list[str]:
+    try:
+        items = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise BadInput(f"invalid JSON at line {exc.lineno}: {exc.msg}") from None
+    if not isinstance(items, list):
+        raise BadInput(f"expected a JSON list, got {type(items).__name__}")
+    return [_text_of(item, key, f"item {index}") for index, item in enumerate(items)]
+
+
+_PARSERS = {".txt": _parse_txt, ".jsonl": _parse_jsonl, ".json": _parse_json}
+
+
 def parse(data: bytes, uri: str, field: str | None) -> list[str]:
     """Parse prompt-file bytes; errors name the file and the line (or list index)."""
     suffix = next((s for s in FORMATS if uri.lower().endswith(s)), None)
     if suffix is None:
         raise BadInput(f"unsupported prompt file type (use one of {', '.join(FORMATS)})", source=uri)
     try:
-        text = data.decode("utf-8")
+        text = data.decode("utf-8-sig")  # a BOM (Windows editors write one) is not part of the first prompt
     except UnicodeDecodeError as exc:
         raise BadInput(f"not UTF-8 text ({exc})", source=uri) from None
-    key = field or "prompt"
-    texts: list[str] = []
-    if suffix == ".txt":
-        texts = [line for line in text.splitlines() if line.strip()]
-    elif suffix == ".jsonl":
-        for number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise BadInput(f"line {number}: invalid JSON ({exc.msg})", source=uri) from None
-            try:
-                texts.append(_text_of(item, key, f"line {number}"))
-            except BadInput as exc:
-                raise BadInput(str(exc), source=uri) from None
-    else:
-        try:
-            items = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise BadInput(f"invalid JSON at line {exc.lineno}: {exc.msg}", source=uri) from None
-        if not isinstance(items, list):
-            raise BadInput(f"expected a JSON list, got {type(items).__name__}", source=uri)
-        for index, item in enumerate(items):
-            try:
-                texts.append(_text_of(item, key, f"item {index}"))
-            except BadInput as exc:
-                raise BadInput(str(exc), source=uri) from None
+    try:
+        texts = _PARSERS[suffix](text, field or "prompt")
+    except BadInput as exc:
+        raise BadInput(str(exc), source=uri) from None
     if not texts:
         raise BadInput("prompt file holds no prompts", source=uri)
     return texts
@@ -122,3 +133,26 @@ def render(tokenizer: Any, text: str, chat: bool) -> str:
 def encode(tokenizer: Any, rendered: str, chat: bool) -> list[int]:
     """Token ids without a second BOS: a chat template already carries its own special tokens."""
     return list(tokenizer(rendered, add_special_tokens=not chat)["input_ids"])
+
+
+@dataclass
+class Encoded:
+    """A prompt set as the model sees it: rendered text, token ids and the hash of each rendered prompt."""
+
+    prompts: Prompts
+    rendered: list[str]
+    token_ids: list[list[int]]
+    row_hashes: list[str]
+
+
+def encode_set(prompts: Prompts, tokenizer: Any, chat: bool, max_length: int | None = None) -> Encoded:
+    """Render and tokenize a set; a prompt over `max_length` tokens is an error naming it (never truncated)."""
+    rendered = [render(tokenizer, t, chat) for t in prompts.texts]
+    ids = [encode(tokenizer, r, chat) for r in rendered]
+    too_long = [i for i, t in enumerate(ids) if max_length is not None and len(t) > max_length]
+    if too_long:
+        raise BadInput(
+            f"prompt {too_long[0]} has {len(ids[too_long[0]])} tokens, over capture.max_length {max_length}",
+            source=prompts.uri,
+        )
+    return Encoded(prompts, rendered, ids, [sha256_text(r) for r in rendered])

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from cna_dist.model.capture import batches
-from cna_dist.model.checkpoint import decoder, down_projs
+from cna_dist.model.hf import decoder, down_projs, mlps
 
 
 def scales(
@@ -54,11 +54,6 @@ def steered(model: torch.nn.Module, pairs: Iterable[tuple[int, int]], multiplier
 # ------------------------------------------------------------------------------------------------------- CAA
 # Contrastive activation addition, the baseline the paper compares CNA with: add alpha * (mean_pos - mean_neg) of
 # one layer's MLP output at every position.
-
-
-def mlps(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """Every decoder layer's MLP block, in layer order; CAA reads and shifts its output (hidden_size wide)."""
-    return [layer.mlp for layer in decoder(model).layers]
 
 
 def _checked_layers(layers: Iterable[int], n_layers: int) -> list[int]:

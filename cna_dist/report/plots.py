@@ -17,7 +17,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from cna_dist.circuit import Circuit
-from cna_dist.io import uri as urimod
+from cna_dist.io.objects import open_objects, split_uri
 
 DPI = 120
 METHOD_ORDER = ("cna", "random", "caa")
@@ -33,9 +33,8 @@ def _save(fig: Figure, path: str | Path, storage_options: dict[str, Any] | None)
     FigureCanvasAgg(fig)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=DPI)
-    fs, inner = urimod.filesystem(str(path), storage_options)
-    with fs.open(inner, "wb") as f:
-        f.write(buf.getvalue())
+    folder, name = split_uri(str(path))
+    open_objects(folder, storage_options).put(name, buf.getvalue())
     return str(path)
 
 

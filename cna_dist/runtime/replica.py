@@ -1,8 +1,9 @@
-"""A model replica as a Ray actor: loads once, captures shards and writes them straight into the store.
+"""A model replica: loads once, captures shards and writes them straight into the store; generates for eval.
 
-The driver runs the actor with two concurrent calls. A lock covers the compute part of `capture_shard` only,
-so while one call writes its shard (data, then its commit marker) the other call already computes the next
-one: the GPU does not sit idle during store writes, and a call still returns only after its marker is written.
+The same class runs in this process (InProcessExecutor) and as a Ray actor (RayExecutor), always with two
+concurrent calls. A lock covers the compute part of `capture_shard` only, so while one call writes its shard
+(data, then its commit marker) the other call already computes the next one: the devices do not sit idle during
+store writes, and a call still returns only after its marker is written.
 """
 
 from __future__ import annotations
@@ -11,119 +12,116 @@ import os
 import socket
 import threading
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 from cna_dist.io.store import Run, ShardPlan
-from cna_dist.model import capture as capturemod
-from cna_dist.model import checkpoint as modelmod
+from cna_dist.manifest import Manifest
+from cna_dist.model import checkpoint
+from cna_dist.model.backend import CaptureBackend, load_backend
+from cna_dist.model.batching import Limits
+
+CONCURRENCY = 2  # calls a replica runs at once: one computes while the other writes its shard
+
+
+@dataclass(frozen=True)
+class ReplicaSpec:
+    """Everything a replica is built from, taken from the manifest once; plain data, so it travels to actors."""
+
+    model_uri: str
+    storage_options: dict[str, Any] = field(default_factory=dict, hash=False)
+    dtype: str = "auto"
+    trust_remote_code: bool = False
+    gpus: int = 0
+    max_memory_per_gpu: str | None = None
+    capture_dtype: str = "float16"
+    token_budget: int = 8192
+    max_batch_size: int = 64
+    backend: str = "hf"
+
+    def limits(self, max_batch_size: int | None = None) -> Limits:
+        return Limits(self.token_budget, max_batch_size or self.max_batch_size)
+
+    @classmethod
+    def from_manifest(cls, m: Manifest) -> ReplicaSpec:
+        return cls(
+            model_uri=m.model.uri,
+            storage_options=dict(m.model.storage_options),
+            dtype=m.model.dtype,
+            trust_remote_code=m.model.trust_remote_code,
+            gpus=m.model.gpus_per_replica,
+            max_memory_per_gpu=m.model.max_memory_per_gpu,
+            capture_dtype=m.capture.dtype,
+            token_budget=m.capture.token_budget,
+            max_batch_size=m.capture.max_batch_size,
+        )
+
+
+@dataclass(frozen=True)
+class ShardResult:
+    """What a capture call returns: a small report, never activations.
+
+    compute_seconds: the capture itself. idle_seconds: how long the devices sat without work between the previous
+    shard's compute and this one's on this replica (0 for the first), which in steady state is the compute time
+    lost to store writes and dispatch. queued_seconds: how long the call waited for the lock, i.e. computed-behind-
+    another-shard time, the overlap at work. write_seconds: data plus marker.
+    """
+
+    shard: int
+    replica: str
+    rows: int
+    float16_overflow: int
+    seconds: float
+    compute_seconds: float
+    idle_seconds: float
+    queued_seconds: float
+    write_seconds: float
 
 
 class Replica:
-    """Plain class; the driver wraps it with ray.remote so it is testable without Ray."""
-
-    def __init__(
-        self,
-        model_uri: str,
-        storage_options: dict[str, Any],
-        dtype: str,
-        trust_remote_code: bool,
-        gpus: int,
-        max_memory_per_gpu: str | None,
-        capture_dtype: str,
-        token_budget: int,
-        max_batch_size: int,
-    ):
-        import torch
-
-        path = modelmod.localize(model_uri, storage_options)
-        device_map = None
-        max_memory = None
-        if gpus > 0 and torch.cuda.is_available():
-            device_map = "auto" if gpus > 1 else {"": 0}
-            if max_memory_per_gpu:
-                max_memory = {i: max_memory_per_gpu for i in range(torch.cuda.device_count())}
-        self.model, self.tokenizer = modelmod.load(
-            path, dtype=dtype, trust_remote_code=trust_remote_code, device_map=device_map, max_memory=max_memory
+    def __init__(self, spec: ReplicaSpec, backend: CaptureBackend | None = None):
+        """Loads `spec`'s model (copied to this node first if remote), unless a loaded `backend` is given."""
+        self.spec = spec
+        self.backend = backend or load_backend(
+            spec.backend,
+            checkpoint.localize(spec.model_uri, spec.storage_options),
+            dtype=spec.dtype,
+            trust_remote_code=spec.trust_remote_code,
+            gpus=spec.gpus,
+            max_memory_per_gpu=spec.max_memory_per_gpu,
         )
-        self.capturer = capturemod.Capturer(self.model)
-        self.capture_dtype = capture_dtype
-        self.token_budget = token_budget
-        self.max_batch_size = max_batch_size
         self.name = f"{socket.gethostname()}:{os.getpid()}"
-        self._compute_lock = threading.Lock()  # one capture at a time on this replica's devices
-        self._compute_end: float | None = None  # when the last compute released the lock
+        self._compute_lock = threading.Lock()  # one computation at a time on this replica's devices
+        self._compute_end: float | None = None  # when the last capture released the lock
 
     def pid(self) -> int:
         return os.getpid()
 
-    def capture_shard(self, run: Run, plan: ShardPlan, token_ids: list[list[int]]) -> dict[str, Any]:
-        """Capture under the compute lock, then write and commit outside it (overlapping the next compute).
-
-        compute_seconds: the capture itself. idle_seconds: how long the devices sat without work between the
-        previous shard's compute and this one's on this replica (0 for the first), which in steady state is
-        the compute time lost to store writes and dispatch. queued_seconds: how long this call waited for the
-        lock, i.e. computed-behind-another-shard time, the overlap at work. write_seconds: data plus marker.
-        """
+    def capture_shard(self, run: Run, plan: ShardPlan, token_ids: list[list[int]]) -> ShardResult:
+        """Capture under the compute lock, then write and commit outside it (overlapping the next compute)."""
         t0 = time.perf_counter()
         with self._compute_lock:
             start = time.perf_counter()
             idle = 0.0 if self._compute_end is None else max(0.0, start - self._compute_end)
             try:
-                out, overflow = capturemod.capture_with(
-                    self.capturer,
-                    token_ids,
-                    self.tokenizer.pad_token_id,
-                    dtype=self.capture_dtype,
-                    token_budget=self.token_budget,
-                    max_batch_size=self.max_batch_size,
-                )
+                acts, overflow = self.backend.capture(token_ids, self.spec.capture_dtype, self.spec.limits())
             finally:
                 self._compute_end = end = time.perf_counter()
-        run.write_shard(plan, out, writer=self.name)
+        part = run.write_rows(plan, acts, slice(0, acts.shape[1]))
+        run.commit(plan, [part], writer=self.name, made_by=self.backend.made_by())
         done = time.perf_counter()
-        return {
-            "shard": plan.shard,
-            "replica": self.name,
-            "rows": len(token_ids),
-            "float16_overflow": overflow,
-            "seconds": done - t0,
-            "compute_seconds": end - start,
-            "idle_seconds": idle,
-            "queued_seconds": start - t0,
-            "write_seconds": done - end,
-        }
+        return ShardResult(
+            plan.shard, self.name, len(token_ids), overflow, done - t0, end - start, idle, start - t0, done - end
+        )
 
-    # -- evaluation: the same loaded model generates under a steering condition ---------------------------------
     def generate(
         self, token_ids: list[list[int]], condition: dict[str, Any], max_new_tokens: int, max_batch_size: int
     ) -> list[str]:
         """Greedy completions under `condition`: {"pairs", "multiplier"} scales neurons, {"caa", "alpha"} adds."""
-        from cna_dist.model import steer
-
-        with self._compute_lock, steer.condition(self.model, condition):
-            from cna_dist.model.generate import generate
-
-            return generate(
-                self.model,
-                self.tokenizer,
-                token_ids,
-                max_new_tokens=max_new_tokens,
-                max_batch_size=max_batch_size,
-                token_budget=self.token_budget,
-            )
+        with self._compute_lock:
+            return self.backend.generate(token_ids, condition, max_new_tokens, self.spec.limits(max_batch_size))
 
     def caa_vectors(self, pos_ids: list[list[int]], neg_ids: list[list[int]], layers: list[int]) -> dict[int, list]:
         """CAA's mean MLP-output difference per layer, as lists so they travel as plain data."""
-        from cna_dist.model import steer
-
         with self._compute_lock:
-            vectors = steer.caa_vectors(
-                self.model,
-                pos_ids,
-                neg_ids,
-                self.tokenizer.pad_token_id,
-                layers,
-                token_budget=self.token_budget,
-                max_batch_size=self.max_batch_size,
-            )
-        return {layer: v.tolist() for layer, v in vectors.items()}
+            return self.backend.caa_vectors(pos_ids, neg_ids, layers, self.spec.limits())

@@ -1,0 +1,32 @@
+"""`steer`: one prompt, generated with and without the circuit scaled by m, side by side."""
+
+from __future__ import annotations
+
+from cna_dist import circuit as circuitmod
+from cna_dist.core.metrics import is_refusal
+from cna_dist.errors import BadInput
+from cna_dist.model import checkpoint, hf
+from cna_dist.model import prompts as promptsmod
+from cna_dist.model.batching import Limits
+from cna_dist.model.generate import generate
+
+
+def side_by_side(
+    model_uri: str, circuit_uri: str, multiplier: float, max_new_tokens: int, dtype: str, prompt: str
+) -> str:
+    c = circuitmod.load(circuit_uri)
+    if checkpoint.fingerprint(model_uri) != c.model.fingerprint:
+        raise BadInput(f"circuit {c.name} v{c.version} was mined on {c.model.uri}, not this model", field="--model")
+    backend = hf.HFBackend.load(checkpoint.localize(model_uri), dtype=dtype, trust_remote_code=False)
+    tokenizer = backend.tokenizer
+    chat = promptsmod.use_chat_template(tokenizer, None)
+    ids = [promptsmod.encode(tokenizer, promptsmod.render(tokenizer, prompt, chat), chat)]
+    (plain,) = generate(backend.model, tokenizer, ids, max_new_tokens=max_new_tokens)
+    condition = {"pairs": [list(p) for p in c.pairs()], "multiplier": multiplier}
+    (steered,) = backend.generate(ids, condition, max_new_tokens, Limits(max_batch_size=1))
+    return (
+        f"prompt: {prompt}\n"
+        f"--- m=1 (no intervention){' [refusal]' if is_refusal(plain) else ''}\n{plain.strip()}\n"
+        f"--- m={multiplier:g} ({len(c.neurons)} neurons){' [refusal]' if is_refusal(steered) else ''}\n"
+        f"{steered.strip()}"
+    )

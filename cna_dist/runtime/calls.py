@@ -1,0 +1,103 @@
+"""The driver's two kinds of replica work, over any executor: capture shards, and map a call over items.
+
+Each is a scheduler run with a progress bar; what the calls do lives in `Replica`, where they run in the executor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from tqdm import tqdm
+
+from cna_dist.io.store import Run, ShardPlan
+from cna_dist.runtime.executor import Executor
+from cna_dist.runtime.replica import ReplicaSpec, ShardResult
+from cna_dist.runtime.scheduler import Report, Scheduler
+
+
+@dataclass
+class CaptureReport:
+    """What capture did: overflowed values, shards per replica, retries and deaths survived."""
+
+    float16_overflow: int = 0
+    replicas: dict[str, int] = field(default_factory=dict)
+    retries: int = 0
+    replica_deaths: int = 0
+    failures: list[dict[str, str]] = field(default_factory=list)
+
+    def add(self, result: ShardResult) -> None:
+        self.float16_overflow += result.float16_overflow
+        self.replicas[result.replica] = self.replicas.get(result.replica, 0) + 1
+
+    def finish(self, report: Report) -> CaptureReport:
+        self.retries, self.replica_deaths = report.retries, report.replica_deaths
+        self.failures = [asdict(f) for f in report.failures]
+        return self
+
+
+def capture_shards(
+    executor: Executor,
+    spec: ReplicaSpec,
+    run: Run,
+    plans: list[ShardPlan],
+    token_ids: dict[str, list[int]],
+    *,
+    progress: bool = True,
+) -> CaptureReport:
+    """Each shard goes to a replica, which captures, writes and commits it; only a ShardResult comes back.
+
+    The replicas are released afterwards, so their CPUs and GPUs go to the reduce tasks.
+    """
+    report = CaptureReport()
+    if not plans:
+        return report
+
+    def call(replica: Any, plan: ShardPlan) -> Hashable:
+        return replica.capture_shard.remote(run, plan, [token_ids[h] for h in plan.hashes])
+
+    bar = tqdm(total=sum(len(p.hashes) for p in plans), desc="capture", unit="prompt", disable=not progress)
+    scheduler = Scheduler(executor.replicas(spec), call, executor.settings)
+
+    def done(i: int, result: ShardResult) -> None:
+        report.add(result)
+        bar.update(result.rows)
+        bar.set_postfix(shards=f"{sum(report.replicas.values())}/{len(plans)}", retried=scheduler.report.retries)
+        if executor.on_shard is not None:
+            executor.on_shard(result)
+
+    try:
+        report.finish(scheduler.run(plans, done, [f"shard {p.shard}" for p in plans]))
+    finally:
+        bar.close()
+        executor.release_replicas()
+    return report
+
+
+def replica_map(
+    executor: Executor,
+    spec: ReplicaSpec,
+    fn: Callable[[Any, Any], Hashable],
+    items: Sequence[Any],
+    *,
+    progress: str | None = None,
+) -> tuple[list[Any], Report]:
+    """`fn(replica, item)` for each item on the replicas, results in item order, with capture's retries.
+
+    The replicas stay up for the next call (eval makes several); the caller releases them.
+    """
+    results: list[Any] = [None] * len(items)
+    bar = tqdm(total=len(items), desc=progress or "", disable=progress is None)
+
+    def done(i: int, result: Any) -> None:
+        results[i] = result
+        bar.update(1)
+
+    try:
+        report = Scheduler(executor.replicas(spec), fn, executor.settings).run(
+            items, done, [f"call #{i}" for i in range(len(items))]
+        )
+    finally:
+        bar.close()
+    return results, report

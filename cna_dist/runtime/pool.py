@@ -1,0 +1,120 @@
+"""Replica pools: start, size, probe and release replicas, in this process or as Ray actors.
+
+A call is written once, `fn(replica, item) -> handle`, as against a Ray actor: `replica.capture_shard.remote(...)`.
+In this process `LocalActor` gives a plain `Replica` that shape, each call running on a small thread pool, so
+both pools run the same replica code with the same concurrency (two calls per replica: a write overlaps the next
+compute).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+from collections.abc import Callable, Hashable
+from typing import Any
+
+from cna_dist.runtime.replica import Replica, ReplicaSpec
+from cna_dist.runtime.scheduler import ReplicaLost, ReplicaRestarting
+
+
+class _LocalMethod:
+    def __init__(self, threads: cf.ThreadPoolExecutor, method: Callable[..., Any]):
+        self.threads, self.method = threads, method
+
+    def remote(self, *args: Any, **kwargs: Any) -> cf.Future:
+        return self.threads.submit(self.method, *args, **kwargs)
+
+
+class LocalActor:
+    """A replica object with Ray's call shape: `actor.method.remote(*args)` returns a future."""
+
+    def __init__(self, target: Any, concurrency: int):
+        self.target = target
+        self.threads = cf.ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="cna-replica")
+
+    def __getattr__(self, name: str) -> _LocalMethod:
+        return _LocalMethod(self.threads, getattr(self.target, name))
+
+    def close(self) -> None:
+        self.threads.shutdown(wait=True)
+
+
+class LocalPool:
+    """One replica in this process. It cannot die without the driver, so it is never lost."""
+
+    def __init__(self, spec: ReplicaSpec, concurrency: int = 2, factory: Callable[[ReplicaSpec], Any] = Replica):
+        self.spec = spec
+        self.actor = LocalActor(factory(spec), concurrency)
+
+    def __len__(self) -> int:
+        return 1
+
+    def replica(self, r: int) -> LocalActor:
+        return self.actor
+
+    def wait(self, handles: list[Hashable], timeout: float) -> list[Hashable]:
+        done, _ = cf.wait(handles, timeout=timeout, return_when=cf.FIRST_COMPLETED)  # type: ignore[arg-type]
+        return list(done)
+
+    def result(self, handle: Hashable) -> Any:
+        return handle.result()  # type: ignore[attr-defined]
+
+    def probe(self, r: int) -> Hashable:
+        return self.actor.pid.remote()
+
+    def close(self) -> None:
+        self.actor.close()
+
+
+class RayPool:
+    """Replica actors on a Ray cluster, restarted by Ray when their process dies (max_restarts)."""
+
+    def __init__(
+        self, spec: ReplicaSpec, n: int, *, concurrency: int = 2, max_restarts: int = 3, replica_cls: type = Replica
+    ):
+        import ray
+
+        self.ray, self.spec = ray, spec
+        actor_cls = ray.remote(replica_cls).options(
+            num_gpus=spec.gpus, num_cpus=1, max_restarts=max_restarts, max_task_retries=0, max_concurrency=concurrency
+        )
+        self.actors = [actor_cls.remote(spec) for _ in range(n)]
+
+    @staticmethod
+    def size(gpus_per_replica: int, requested: int | None = None) -> int:
+        """Replicas to start: as requested, else as many as the cluster's GPUs (or CPUs, less one for the driver)."""
+        import ray
+
+        if requested:
+            return requested
+        resources = ray.cluster_resources()
+        if gpus_per_replica > 0:
+            return max(1, int(resources.get("GPU", 0) // gpus_per_replica))
+        return max(1, int(resources.get("CPU", 1)) - 1)
+
+    def __len__(self) -> int:
+        return len(self.actors)
+
+    def replica(self, r: int) -> Any:
+        return self.actors[r]
+
+    def wait(self, handles: list[Hashable], timeout: float) -> list[Hashable]:
+        finished, _ = self.ray.wait(handles, num_returns=1, timeout=timeout)
+        return finished
+
+    def result(self, handle: Hashable) -> Any:
+        from ray.exceptions import ActorUnavailableError, RayActorError
+
+        try:
+            return self.ray.get(handle)
+        except ActorUnavailableError as exc:  # the process died and Ray is bringing it back
+            raise ReplicaRestarting(str(exc)) from exc
+        except RayActorError as exc:
+            raise ReplicaLost(str(exc)) from exc
+
+    def probe(self, r: int) -> Hashable:
+        return self.actors[r].pid.remote()
+
+    def close(self) -> None:
+        for actor in self.actors:
+            self.ray.kill(actor)
+        self.actors = []
