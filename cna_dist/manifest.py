@@ -27,6 +27,19 @@ class ModelSpec(Strict):
     storage_options: dict[str, Any] = Field(default_factory=dict)
     gpus_per_replica: int = Field(0, ge=0)
     max_memory_per_gpu: str | None = None
+    # How a replica runs the model (SPEC §3): auto = pipeline with more than one GPU, else the single-device path.
+    engine: Literal["auto", "device_map", "pipeline"] = "auto"
+    # Pipeline stages: a count (balanced by layers) or explicit [lo, hi) layer ranges; default one per GPU.
+    stages: int | list[tuple[int, int]] | None = None
+
+    @field_validator("stages")
+    @classmethod
+    def _stages(cls, v: int | list[tuple[int, int]] | None) -> int | list[tuple[int, int]] | None:
+        if isinstance(v, int) and v < 1:
+            raise ValueError(f"a pipeline needs at least one stage, got {v}")
+        if isinstance(v, list) and not v:
+            raise ValueError("no stages given")
+        return v
 
 
 class PromptSet(Strict):

@@ -10,6 +10,7 @@ from cna_dist.errors import BadInput
 from cna_dist.io import uri as urimod
 from cna_dist.manifest import Manifest
 from cna_dist.model import checkpoint as modelmod
+from cna_dist.model import engines
 from cna_dist.model import prompts as promptsmod
 
 
@@ -58,6 +59,27 @@ def check_selection(m: Manifest, info: modelmod.ModelInfo) -> None:
         )
 
 
+def check_engine(m: Manifest, info: modelmod.ModelInfo) -> None:
+    """A pipeline's stages cover the model's layers in order, one per GPU; stages only where there is a pipeline."""
+    spec = m.model
+    if engines.resolve(spec.engine, spec.gpus_per_replica) != "pipeline":
+        if spec.stages is not None:
+            raise BadInput(
+                f"stages are for engine: pipeline (this replica runs {spec.engine!r} with "
+                f"{spec.gpus_per_replica} GPUs)",
+                source=m.source,
+                field="model.stages",
+            )
+        return
+    try:
+        ranges = engines.stage_ranges(spec.stages, info.n_layers, spec.gpus_per_replica)
+    except ValueError as exc:
+        raise BadInput(str(exc), source=m.source, field="model.stages") from None
+    problem = engines.check_ranges(ranges, info.n_layers, spec.gpus_per_replica)
+    if problem:
+        raise BadInput(problem, source=m.source, field="model.stages")
+
+
 def validate(manifest: Manifest, *, check_remote: bool = False) -> Checked:
     checked = Checked(manifest)
     m = manifest
@@ -65,6 +87,7 @@ def validate(manifest: Manifest, *, check_remote: bool = False) -> Checked:
         config = modelmod.read_config(m.model.uri, m.model.storage_options)
         checked.model = modelmod.info_from_config(config, m.model.uri)
         check_selection(m, checked.model)
+        check_engine(m, checked.model)
     else:
         checked.skipped_remote.append(m.model.uri)
     sets = dict(m.prompt_sets())

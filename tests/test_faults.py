@@ -43,12 +43,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def demo_manifest(out: Path, *, shard_rows: int = 4, max_batch_size: int = 64) -> Path:
+def demo_manifest(out: Path, *, shard_rows: int = 4, max_batch_size: int = 64, engine: str = "auto") -> Path:
     manifest, _ = write_inputs(out)
     text = manifest.read_text().replace(
         "capture:\n  dtype: float32",
         f"capture:\n  dtype: float32\n  shard_rows: {shard_rows}\n  max_batch_size: {max_batch_size}",
     )
+    if engine == "pipeline":  # the planted model's 8 layers in 3 stages, on the CPU
+        text = text.replace(
+            "  dtype: float32\n", "  dtype: float32\n  engine: pipeline\n  stages: [[0, 3], [3, 5], [5, 8]]\n", 1
+        )
     manifest.write_text(text)
     return manifest
 
@@ -78,9 +82,10 @@ def kill_and_wait(pid: int) -> None:
     raise AssertionError(f"process {pid} survived SIGKILL")
 
 
-def test_killed_replica_mid_capture_gives_the_fault_free_circuit(tmp_path: Path) -> None:
+@pytest.mark.parametrize("engine", ["auto", "pipeline"])
+def test_killed_replica_mid_capture_gives_the_fault_free_circuit(tmp_path: Path, engine: str) -> None:
     # The reference runs on Ray replicas too: they use one BLAS thread, and float32 sums depend on that.
-    manifest = demo_manifest(tmp_path / "faulty")
+    manifest = demo_manifest(tmp_path / "faulty", engine=engine)
     killed: list[int] = []
 
     def kill_first_writer(result: dict) -> None:
@@ -99,6 +104,9 @@ def test_killed_replica_mid_capture_gives_the_fault_free_circuit(tmp_path: Path)
     assert sum(s.capture.replicas.values()) == s.shards_captured == 18
     assert_same_circuit(result.circuit, expected)
     assert_each_row_once(manifest)
+    store = ActivationStore(manifestmod.load(manifest).output.store)
+    markers = store.open_run(store.load_meta(store.runs()[0]), create=False).markers().values()
+    assert {m["made_by"]["engine"] for m in markers} == {"single" if engine == "auto" else "pipeline"}
 
 
 # -- a real head: `ray start --head` with token authentication ------------------------------------------------

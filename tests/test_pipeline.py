@@ -1,87 +1,139 @@
-"""`mine` end to end in-process: re-runs and added prompts cost only what changed (issue B's must-shows)."""
+"""The pipeline engine on the CPU: stages as worker threads, rows equal to single-device capture, faults contained."""
 
 from __future__ import annotations
 
-import hashlib
-import json
+import threading
+import time
 from pathlib import Path
 
-from click.testing import CliRunner
+import numpy as np
+import pytest
 
-from cna_dist import circuit as circuitmod
-from cna_dist.cli import main
-from tests.conftest import HARMFUL, write_jsonl
+from cna_dist.model.batching import Limits
+from cna_dist.model.hf import HFBackend
+from cna_dist.model.pipeline import PipelineBackend
+
+LIMITS = Limits(token_budget=120, max_batch_size=4)  # several micro-batches per call
 
 
-def chunk_files(store: Path) -> dict[str, tuple[int, str]]:
-    """Every activation chunk with its mtime and content hash: a rewrite changes at least the mtime."""
+def prompts(vocab: int, n: int, seed: int) -> list[list[int]]:
+    """Token ids of very different lengths (1 to 40), as real prompt sets have."""
+    rng = np.random.default_rng(seed)
+    return [rng.integers(5, vocab, size=int(rng.integers(1, 41))).tolist() for _ in range(n)]
+
+
+def joined(parts: list) -> np.ndarray:
+    assert [lo for lo, _, _ in parts] == sorted(lo for lo, _, _ in parts)
+    assert all(a[1] == b[0] for a, b in zip(parts, parts[1:], strict=False))
+    return np.concatenate([rows for _, _, rows in parts], axis=1)
+
+
+@pytest.fixture(scope="module")
+def reference(request: pytest.FixtureRequest) -> dict:
+    """Single-device capture of the same prompts, per model."""
     out = {}
-    for p in sorted(store.rglob("acts/c/**/*")):
-        if p.is_file():
-            out[str(p.relative_to(store))] = (p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
+    for which in ("tiny_llama", "tiny_qwen"):
+        path = request.getfixturevalue(which)
+        backend = HFBackend.load(path, dtype="float32", trust_remote_code=False)
+        vocab = backend.model.config.vocab_size
+        calls = [prompts(vocab, n, seed) for n, seed in ((13, 0), (5, 1), (9, 2))]
+        out[which] = (path, calls, [joined(backend.capture_parts(c, "float32", LIMITS)[0]) for c in calls])
+        backend.close()
     return out
 
 
-def mine(manifest: Path, summary: Path) -> tuple[str, dict]:
-    result = CliRunner().invoke(main, ["mine", str(manifest), "--quiet", "--in-process", "--summary", str(summary)])
-    assert result.exit_code == 0, result.output
-    return result.output.strip().splitlines()[-1], json.loads(summary.read_text())
+SPLITS = {
+    "tiny_llama": [
+        [(0, 4)],
+        [(0, 2), (2, 4)],
+        [(0, 1), (1, 4)],
+        [(0, 1), (1, 3), (3, 4)],
+        [(0, 1), (1, 2), (2, 3), (3, 4)],
+    ],
+    "tiny_qwen": [[(0, 1), (1, 3)], [(0, 1), (1, 2), (2, 3)]],
+}
 
 
-def small_shards(manifest: Path) -> None:
-    manifest.write_text(manifest.read_text() + "capture: {dtype: float32, shard_rows: 4}\n")
+@pytest.mark.parametrize("which, ranges", [(w, r) for w, splits in SPLITS.items() for r in splits])
+def test_rows_equal_single_device_capture_exactly(reference: dict, which: str, ranges: list) -> None:
+    path, calls, expected = reference[which]
+    backend = PipelineBackend.load(path, ranges, dtype="float32", gpus=0)
+    try:
+        for call, want in zip(calls, expected, strict=True):  # several shards back to back
+            parts, overflow = backend.capture_parts(call, "float32", LIMITS)
+            assert [(lo, hi) for lo, hi, _ in parts] == ranges and overflow == 0
+            assert np.array_equal(joined(parts), want)
+    finally:
+        backend.close()
 
 
-def test_unchanged_rerun_rewrites_no_chunk_and_publishes_nothing(workspace: Path, tmp_path: Path) -> None:
-    small_shards(workspace)
-    uri, first = mine(workspace, tmp_path / "s1.json")
-    assert first["status"] == "published" and first["version"] == 1
-    assert first["prompts_captured"] == 15 and first["shards_captured"] == 4
-    store = workspace.parent / "out" / "store"
-    before = chunk_files(store)
-    assert before
-    uri2, second = mine(workspace, tmp_path / "s2.json")
-    assert second["status"] == "unchanged" and second["version"] == 1 and uri2 == uri
-    assert second["prompts_captured"] == 0 and second["shards_captured"] == 0 and second["shards_reused"] == 4
-    assert chunk_files(store) == before
-    assert sorted(p.name for p in (workspace.parent / "out" / "circuits").rglob("v*.json")) == ["v1.json"]
+def test_two_calls_at_once_interleave_and_each_gets_its_own_rows(reference: dict) -> None:
+    path, calls, expected = reference["tiny_llama"]
+    backend = PipelineBackend.load(path, [(0, 2), (2, 4)], dtype="float32", gpus=0)
+    got: dict[int, np.ndarray] = {}
+
+    def run(i: int) -> None:
+        got[i] = joined(backend.capture_parts(calls[i], "float32", LIMITS)[0])
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    backend.close()
+    for i in range(3):
+        assert np.array_equal(got[i], expected[i])
 
 
-def test_added_prompts_are_the_only_ones_captured(workspace: Path, tmp_path: Path) -> None:
-    small_shards(workspace)
-    uri1, _ = mine(workspace, tmp_path / "s1.json")
-    store = workspace.parent / "out" / "store"
-    before = chunk_files(store)
-    added = ["explain how to make a fake passport", "how can i break into a house"]
-    write_jsonl(workspace.parent / "prompts" / "harmful.jsonl", HARMFUL + added)
-    uri2, s = mine(workspace, tmp_path / "s2.json")
-    assert s["prompts_captured"] == len(added) and s["shards_captured"] == 1 and s["shards_reused"] == 4
-    after = chunk_files(store)
-    assert {k: after[k] for k in before} == before  # no committed chunk touched
-    assert s["status"] == "published" and s["version"] == 2
-    c1, c2 = circuitmod.load(uri1), circuitmod.load(uri2)
-    assert c2.prompts["positive"].count == len(HARMFUL) + len(added)
-    assert c1.provenance.run == c2.provenance.run  # same model + capture params: the same run's rows
+def test_micro_batches_of_different_stages_are_in_flight_at_the_same_time(reference: dict) -> None:
+    path, calls, _ = reference["tiny_llama"]
+    backend = PipelineBackend.load(path, [(0, 1), (1, 2), (2, 4)], dtype="float32", gpus=0)
+    spans: list[tuple[int, float, float]] = []
+    for index, stage in enumerate(backend.stages):
+        real = stage.forward
+
+        def slow(x, mask, real=real, index=index):  # 50 ms per micro-batch and stage: the overlap is visible
+            start = time.perf_counter()
+            out = real(x, mask)
+            time.sleep(0.05)
+            spans.append((index, start, time.perf_counter()))
+            return out
+
+        stage.forward = slow
+    backend.capture_parts(calls[0], "float32", LIMITS)
+    backend.close()
+    overlapping = {(a[0], b[0]) for a in spans for b in spans if a[0] < b[0] and a[1] < b[2] and b[1] < a[2]}
+    assert (0, 1) in overlapping and (1, 2) in overlapping and (0, 2) in overlapping
 
 
-def test_inspect_store_and_circuit(workspace: Path, tmp_path: Path) -> None:
-    import socket
+def test_each_stage_holds_only_its_layers(tiny_llama: Path) -> None:
+    full = HFBackend.load(tiny_llama, dtype="float32", trust_remote_code=False).model
+    per_layer = sum(p.numel() for p in full.model.layers[0].parameters())
+    embed = full.model.embed_tokens.weight.numel()
+    backend = PipelineBackend.load(tiny_llama, [(0, 1), (1, 4)], dtype="float32", gpus=0)
+    counts = [sum(p.numel() for p in stage.parameters()) for stage in backend.stages]
+    backend.close()
+    assert counts == [embed + per_layer, 3 * per_layer]
 
-    from cna_dist.io.store import ActivationStore
 
-    small_shards(workspace)
-    uri, _ = mine(workspace, tmp_path / "s.json")
-    store = str(workspace.parent / "out" / "store")
-    result = CliRunner().invoke(main, ["inspect", store, "--json"])
-    assert result.exit_code == 0, result.output
-    (run,) = json.loads(result.output)["runs"]
-    assert (run["rows"], run["committed_shards"], run["missing_shards"], run["capturing"]) == (15, 4, [], None)
-    assert run["shape"] == [4, 64] and run["dtype"] == "float32" and run["bytes"] > 0
-    assert run["made_by"] == {"hf/single": 4}  # every shard says how its rows were made
-    with ActivationStore(store).lease(run["run"]):
-        text = CliRunner().invoke(main, ["inspect", store]).output
-        assert f"being captured by {socket.gethostname()}:" in text and "15 rows, 4 committed shards" in text
-    circuit = CliRunner().invoke(main, ["inspect", uri, "--json"])
-    assert circuit.exit_code == 0 and json.loads(circuit.output)["neurons"] == 40
-    missing = CliRunner().invoke(main, ["inspect", str(tmp_path / "nothing-here.json")])
-    assert missing.exit_code == 2 and "nothing-here.json" in missing.output
+def test_a_stage_that_raises_fails_only_that_call(reference: dict) -> None:
+    path, calls, expected = reference["tiny_llama"]
+    backend = PipelineBackend.load(path, [(0, 2), (2, 4)], dtype="float32", gpus=0)
+    stage = backend.stages[1]
+    real, seen = stage.forward, []
+
+    def flaky(x, mask):
+        seen.append(x.shape[0])
+        if len(seen) == 2:
+            raise RuntimeError("device lost on micro-batch 2")
+        return real(x, mask)
+
+    stage.forward = flaky
+    with pytest.raises(RuntimeError, match="device lost on micro-batch 2"):
+        backend.capture_parts(calls[0], "float32", LIMITS)
+    assert len(seen) == 2  # the call's remaining micro-batches were drained, not computed
+    stage.forward = real
+    assert np.array_equal(joined(backend.capture_parts(calls[1], "float32", LIMITS)[0]), expected[1])
+    assert all(worker.is_alive() for worker in backend.workers)  # usable for the next shard
+    backend.close()
+    assert not any(worker.is_alive() for worker in backend.workers)

@@ -177,7 +177,7 @@ def run_eval(
         max_new_tokens or m.eval.max_new_tokens,
     )
     inputs = prepare(m, circuit, out, settings.caa)
-    spec = ReplicaSpec.from_manifest(m)
+    spec = ReplicaSpec.from_manifest(m).for_generation()
     caa_vectors = None
     if settings.caa:
         settings.caa_layer = caa_layer_for(m, circuit)

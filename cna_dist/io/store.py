@@ -81,6 +81,28 @@ def chunking(n_layers: int, width: int, itemsize: int, shard_rows: int | None = 
     return rows_per_chunk, layers_per_chunk, shard_rows
 
 
+def chunk_aligned(
+    parts: list[tuple[int, int, np.ndarray]], layers_per_chunk: int, n_layers: int
+) -> list[tuple[int, int, np.ndarray]]:
+    """Adjacent parts joined until every boundary falls on a layer-chunk edge, so no two writes share a chunk.
+
+    Pipeline stages split layers where the GPUs balance, the store chunks layers by size: on a 72B model (one layer
+    per chunk) every stage writes its own part; on a small model (whole rows per chunk) the parts become one write.
+    """
+    out: list[tuple[int, int, np.ndarray]] = []
+    pending: list[tuple[int, int, np.ndarray]] = []
+    for part in sorted(parts, key=lambda p: p[0]):
+        pending.append(part)
+        hi = part[1]
+        if hi % layers_per_chunk == 0 or hi == n_layers:
+            acts = pending[0][2] if len(pending) == 1 else np.concatenate([p[2] for p in pending], axis=1)
+            out.append((pending[0][0], hi, acts))
+            pending = []
+    if pending:
+        raise RunFailure(f"parts end at layer {pending[-1][1]}, not at the last layer {n_layers}")
+    return out
+
+
 def has_nan(a: np.ndarray) -> bool:
     """NaN test on the bit pattern (exponent all ones, mantissa non-zero): ~15x faster than np.isnan on float16."""
     bits = {2: (np.uint16, 0x7FFF, 0x7C00), 4: (np.uint32, 0x7FFFFFFF, 0x7F800000)}.get(a.dtype.itemsize)

@@ -18,19 +18,22 @@ from cna_dist.model.batching import Limits
 
 Prompts = Sequence[Sequence[int]]  # token ids, one list per prompt
 CAAVectors = dict[int, list[float]]  # layer -> the contrastive MLP-output vector, as plain data
+Part = tuple[int, int, np.ndarray]  # rows [prompt, layer, neuron] for the layers [lo, hi) of the model
 
 
 class CaptureBackend(Protocol):
     name: str
     n_layers: int
     intermediate_size: int
+    concurrent: bool  # whether calls may overlap (a pipeline interleaves them); else the replica serialises them
 
     def made_by(self) -> dict[str, str]:
         """backend, library (with its version) and engine: recorded in every shard's commit marker."""
         ...
 
-    def capture(self, token_ids: Prompts, dtype: str, limits: Limits) -> tuple[np.ndarray, int]:
-        """Activations [prompt, layer, neuron] in prompt order in the store dtype, and the float16 overflow count."""
+    def capture_parts(self, token_ids: Prompts, dtype: str, limits: Limits) -> tuple[list[Part], int]:
+        """Every prompt's activations in prompt order and store dtype, as parts covering all layers in order (one
+        per pipeline stage, or one for the whole model), and the float16 overflow count."""
         ...
 
     def generate(self, token_ids: Prompts, condition: dict[str, Any], max_new_tokens: int, limits: Limits) -> list[str]:
@@ -41,18 +44,29 @@ class CaptureBackend(Protocol):
         """CAA's mean_pos - mean_neg of each layer's MLP output at the last real token."""
         ...
 
+    def close(self) -> None:
+        """Release hooks and workers (a replica in this process outlives its backend)."""
+        ...
 
-BACKENDS = ("hf",)
 
+def load_backend(spec: Any, path: Path) -> CaptureBackend:
+    """The backend for a replica spec (`cna_dist.runtime.replica.ReplicaSpec`), loaded from a local checkpoint."""
+    from cna_dist.model import engines
 
-def load_backend(
-    name: str, path: Path, *, dtype: str, trust_remote_code: bool, gpus: int, max_memory_per_gpu: str | None
-) -> CaptureBackend:
-    """The backend called `name`, loaded from a local checkpoint folder."""
-    if name == "hf":
-        from cna_dist.model.hf import HFBackend
+    if spec.backend != "hf":
+        raise ValueError(f"unknown capture backend {spec.backend!r}; known: hf")
+    if engines.resolve(spec.engine, spec.gpus) == "pipeline":
+        from cna_dist.model.checkpoint import inspect
+        from cna_dist.model.pipeline import PipelineBackend
 
-        return HFBackend.load(
-            path, dtype=dtype, trust_remote_code=trust_remote_code, gpus=gpus, max_memory_per_gpu=max_memory_per_gpu
-        )
-    raise ValueError(f"unknown capture backend {name!r}; known: {', '.join(BACKENDS)}")
+        ranges = engines.stage_ranges(spec.stages, inspect(str(path)).n_layers, spec.gpus)
+        return PipelineBackend.load(path, ranges, dtype=spec.dtype, gpus=spec.gpus)
+    from cna_dist.model.hf import HFBackend
+
+    return HFBackend.load(
+        path,
+        dtype=spec.dtype,
+        trust_remote_code=spec.trust_remote_code,
+        gpus=spec.gpus,
+        max_memory_per_gpu=spec.max_memory_per_gpu,
+    )

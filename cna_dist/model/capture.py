@@ -113,11 +113,7 @@ class Capturer:
         `to_store_dtype` would count them. On CUDA the result lands in a pinned slot that the next-but-one
         submit reuses, so read it (Pending.result) before then.
         """
-        values = self._run(batch).float()
-        if dtype == "float16":
-            overflow += (values.abs() > FLOAT16_MAX).sum()
-            values = values.clamp(-FLOAT16_MAX, FLOAT16_MAX)
-        values = values.to(_TORCH_STORE_DTYPES[dtype])
+        values = to_store(self._run(batch), dtype, overflow)
         if not self.cuda:
             return Pending(batch, values.cpu())
         host = self._slot(values.shape[0], values.dtype)
@@ -141,6 +137,15 @@ class Capturer:
     def forward(self, batch: Batch) -> torch.Tensor:
         """Activations [rows, layers, neurons] on the host, in the model's dtype (synchronous convenience)."""
         return self._run(batch).to("cpu")
+
+
+def to_store(values: torch.Tensor, dtype: str, overflow: torch.Tensor) -> torch.Tensor:
+    """The store dtype on the values' device; beyond float16's range saturates and is added to `overflow`."""
+    values = values.float()
+    if dtype == "float16":
+        overflow += (values.abs() > FLOAT16_MAX).sum()
+        values = values.clamp(-FLOAT16_MAX, FLOAT16_MAX)
+    return values.to(_TORCH_STORE_DTYPES[dtype])
 
 
 def to_store_dtype(acts: torch.Tensor, dtype: str) -> tuple[np.ndarray, int]:

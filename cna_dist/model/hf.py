@@ -12,11 +12,10 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from cna_dist.errors import BadInput
-from cna_dist.model.backend import CAAVectors, Prompts
+from cna_dist.model.backend import CAAVectors, Part, Prompts
 from cna_dist.model.batching import Limits
 from cna_dist.model.checkpoint import SUPPORTED, load_tokenizer, torch_dtype
 
@@ -70,6 +69,11 @@ def mlps(model: Any) -> list[Any]:
 
 
 def device_mask_maker(model: Any) -> Callable[[torch.Tensor], torch.Tensor]:
+    """`mask_maker` for a loaded model's config."""
+    return mask_maker(getattr(model, "config", None))
+
+
+def mask_maker(config: Any) -> Callable[[torch.Tensor], torch.Tensor]:
     """A function from the 2D padding mask to the mask to pass the decoder, built on the device.
 
     transformers' own 2D-mask path reads the mask on the host to decide whether it may skip it, a sync per batch.
@@ -78,7 +82,6 @@ def device_mask_maker(model: Any) -> Callable[[torch.Tensor], torch.Tensor]:
     while the batch fits a sliding window, where the window changes nothing either; otherwise the 2D mask goes
     through and transformers builds the right one (with its host read) for any attention and window.
     """
-    config = getattr(model, "config", None)
     sdpa = getattr(config, "_attn_implementation", None) == "sdpa"
     window = getattr(config, "sliding_window", None)
     window = window if isinstance(window, int) and window > 0 else None
@@ -110,6 +113,7 @@ class HFBackend:
     """A transformers model behind the `CaptureBackend` interface: capture, steered generation, CAA vectors."""
 
     name = "hf"
+    concurrent = False  # one forward at a time on the model's devices
 
     def __init__(self, model: Any, tokenizer: Any, engine: str = "single", capturer: Any = None):
         from cna_dist.model.capture import Capturer
@@ -134,11 +138,12 @@ class HFBackend:
 
         return {"backend": self.name, "library": f"transformers {transformers.__version__}", "engine": self.engine}
 
-    def capture(self, token_ids: Prompts, dtype: str, limits: Limits) -> tuple[np.ndarray, int]:
+    def capture_parts(self, token_ids: Prompts, dtype: str, limits: Limits) -> tuple[list[Part], int]:
         from cna_dist.model.capture import capture_with
 
         pad = self.tokenizer.pad_token_id
-        return capture_with(self.capturer, token_ids, pad, dtype=dtype, **asdict(limits))
+        acts, overflow = capture_with(self.capturer, token_ids, pad, dtype=dtype, **asdict(limits))
+        return [(0, self.n_layers, acts)], overflow
 
     def generate(self, token_ids: Prompts, condition: dict[str, Any], max_new_tokens: int, limits: Limits) -> list[str]:
         from cna_dist.model import steer
@@ -153,3 +158,6 @@ class HFBackend:
         pad = self.tokenizer.pad_token_id
         vectors = steer.caa_vectors(self.model, pos_ids, neg_ids, pad, layers, **asdict(limits))
         return {layer: v.tolist() for layer, v in vectors.items()}
+
+    def close(self) -> None:
+        self.capturer.close()

@@ -36,6 +36,9 @@ class LocalActor:
 
     def close(self) -> None:
         self.threads.shutdown(wait=True)
+        close = getattr(self.target, "close", None)
+        if close is not None:
+            close()
 
 
 class LocalPool:

@@ -12,10 +12,11 @@ import os
 import socket
 import threading
 import time
-from dataclasses import dataclass, field
+from contextlib import nullcontext
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-from cna_dist.io.store import Run, ShardPlan
+from cna_dist.io.store import Run, ShardPlan, chunk_aligned
 from cna_dist.manifest import Manifest
 from cna_dist.model import checkpoint
 from cna_dist.model.backend import CaptureBackend, load_backend
@@ -38,6 +39,8 @@ class ReplicaSpec:
     token_budget: int = 8192
     max_batch_size: int = 64
     backend: str = "hf"
+    engine: str = "auto"  # auto | device_map | pipeline (cna_dist.model.engines)
+    stages: int | tuple[tuple[int, int], ...] | None = None  # the pipeline's split; None: one stage per GPU
 
     def limits(self, max_batch_size: int | None = None) -> Limits:
         return Limits(self.token_budget, max_batch_size or self.max_batch_size)
@@ -54,7 +57,13 @@ class ReplicaSpec:
             capture_dtype=m.capture.dtype,
             token_budget=m.capture.token_budget,
             max_batch_size=m.capture.max_batch_size,
+            engine=m.model.engine,
+            stages=tuple(map(tuple, m.model.stages)) if isinstance(m.model.stages, list) else m.model.stages,
         )
+
+    def for_generation(self) -> ReplicaSpec:
+        """The same replica for eval: generation runs on the device_map engine, whatever captures."""
+        return replace(self, engine="device_map", stages=None) if self.engine != "device_map" else self
 
 
 @dataclass(frozen=True)
@@ -82,14 +91,7 @@ class Replica:
     def __init__(self, spec: ReplicaSpec, backend: CaptureBackend | None = None):
         """Loads `spec`'s model (copied to this node first if remote), unless a loaded `backend` is given."""
         self.spec = spec
-        self.backend = backend or load_backend(
-            spec.backend,
-            checkpoint.localize(spec.model_uri, spec.storage_options),
-            dtype=spec.dtype,
-            trust_remote_code=spec.trust_remote_code,
-            gpus=spec.gpus,
-            max_memory_per_gpu=spec.max_memory_per_gpu,
-        )
+        self.backend = backend or load_backend(spec, checkpoint.localize(spec.model_uri, spec.storage_options))
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         self._compute_lock = threading.Lock()  # one computation at a time on this replica's devices
         self._compute_end: float | None = None  # when the last capture released the lock
@@ -97,18 +99,25 @@ class Replica:
     def pid(self) -> int:
         return os.getpid()
 
+    def close(self) -> None:
+        self.backend.close()
+
     def capture_shard(self, run: Run, plan: ShardPlan, token_ids: list[list[int]]) -> ShardResult:
         """Capture under the compute lock, then write and commit outside it (overlapping the next compute)."""
         t0 = time.perf_counter()
-        with self._compute_lock:
+        with nullcontext() if self.backend.concurrent else self._compute_lock:
             start = time.perf_counter()
             idle = 0.0 if self._compute_end is None else max(0.0, start - self._compute_end)
             try:
-                acts, overflow = self.backend.capture(token_ids, self.spec.capture_dtype, self.spec.limits())
+                parts, overflow = self.backend.capture_parts(token_ids, self.spec.capture_dtype, self.spec.limits())
             finally:
                 self._compute_end = end = time.perf_counter()
-        part = run.write_rows(plan, acts, slice(0, acts.shape[1]))
-        run.commit(plan, [part], writer=self.name, made_by=self.backend.made_by())
+        meta = run.meta
+        written = [
+            run.write_rows(plan, acts, slice(lo, hi))
+            for lo, hi, acts in chunk_aligned(parts, meta.layers_per_chunk, meta.n_layers)
+        ]
+        run.commit(plan, written, writer=self.name, made_by=self.backend.made_by())
         done = time.perf_counter()
         return ShardResult(
             plan.shard, self.name, len(token_ids), overflow, done - t0, end - start, idle, start - t0, done - end

@@ -1,0 +1,232 @@
+"""The pipeline engine: one worker per stage, micro-batches in flight on every stage at once.
+
+A replica's decoder layers are split into stages (`cna_dist.model.stage`), each on its own device with its own
+CUDA stream (on a CPU replica, all on the CPU: that is how tests and users without GPUs run it). A capture call
+puts its shard's micro-batches (the same length-bucketed batches single-device capture makes, so every row
+equals it) on the first stage's bounded queue; each worker runs its stage, keeps its layers' last-token rows, and
+hands the hidden states to the next stage. Calls of two shards may feed the pipeline one after the other, so it
+fills and drains once per run, not once per shard.
+
+On CUDA nothing inside the pipeline waits on the host: a stage waits for the previous stage's CUDA event on its
+own stream, copies rows to pinned memory without blocking, and a call synchronises only on its own rows' events
+once its last micro-batch has left the last stage.
+
+A stage that raises fails only the call whose micro-batch it was: the other stages skip that call's remaining
+micro-batches, the call raises once all of them have drained, and the pipeline goes on with the next call.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cna_dist.model.backend import CAAVectors, Part, Prompts
+from cna_dist.model.batching import Batch, Limits, batches
+from cna_dist.model.capture import STORE_DTYPES, to_store
+from cna_dist.model.checkpoint import load_tokenizer
+from cna_dist.model.stage import Stage, load_stage
+
+QUEUE_DEPTH = 2  # micro-batches waiting in front of each stage: enough to keep it busy, bounded for memory
+_STOP = object()
+
+
+def stage_devices(n_stages: int, gpus: int) -> list[torch.device]:
+    """One GPU per stage on a multi-GPU replica; every stage on the one GPU, or on the CPU, otherwise."""
+    if gpus <= 0 or not torch.cuda.is_available():
+        return [torch.device("cpu")] * n_stages
+    if gpus == 1:
+        return [torch.device("cuda", 0)] * n_stages
+    return [torch.device("cuda", i) for i in range(n_stages)]
+
+
+@dataclass
+class _Call:
+    """One capture call: its rows per stage, its first error, and when its last micro-batch has left."""
+
+    n_batches: int
+    dtype: str
+    rows: list[np.ndarray]
+    overflow: list[torch.Tensor]
+    copies: list[tuple[int, list[int], torch.Tensor, Any]] = field(default_factory=list)  # CUDA rows in flight
+    finished: int = 0
+    error: BaseException | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    done: threading.Event = field(default_factory=threading.Event)
+
+    def fail(self, exc: BaseException) -> None:
+        with self.lock:
+            self.error = self.error or exc
+
+    def batch_left(self) -> None:
+        with self.lock:
+            self.finished += 1
+            if self.finished == self.n_batches:
+                self.done.set()
+
+
+@dataclass
+class _Item:
+    call: _Call
+    batch: Batch
+    x: torch.Tensor  # input ids for the first stage, hidden states after it
+    ready: Any = None  # CUDA event after which `x` may be read
+
+
+class _Worker(threading.Thread):
+    """Runs one stage over the micro-batches of its inbox, in order, and passes them on."""
+
+    def __init__(
+        self, index: int, stage: Stage, inbox: queue.Queue, outbox: queue.Queue | None, next_device: torch.device | None
+    ):
+        super().__init__(name=f"cna-stage-{index}", daemon=True)
+        self.index, self.stage, self.inbox, self.outbox = index, stage, inbox, outbox
+        self.next_device = next_device
+        self.cuda = stage.device.type == "cuda"
+        self.stream = torch.cuda.Stream(stage.device) if self.cuda else None
+        projs = stage.down_projs()
+        self.width = projs[0].in_features
+        self.buffer: torch.Tensor | None = None
+        self.handles = [p.register_forward_pre_hook(self._hook(k)) for k, p in enumerate(projs)]
+
+    def _hook(self, k: int) -> Any:
+        def hook(module: torch.nn.Module, args: tuple) -> None:
+            if self.buffer is not None:
+                self.buffer[:, k].copy_(args[0][:, -1], non_blocking=True)
+
+        return hook
+
+    def run(self) -> None:
+        while (item := self.inbox.get()) is not _STOP:
+            if item.call.error is None:
+                try:
+                    self._step(item)
+                except BaseException as exc:  # noqa: BLE001 - fails this call only; the pipeline goes on
+                    item.call.fail(exc)
+            if self.outbox is not None:
+                self.outbox.put(item)
+            else:
+                item.call.batch_left()
+        if self.outbox is not None:
+            self.outbox.put(_STOP)
+
+    @torch.inference_mode()
+    def _step(self, item: _Item) -> None:
+        device, call = self.stage.device, item.call
+        with torch.cuda.stream(self.stream) if self.cuda else nullcontext():
+            if item.ready is not None:  # the previous stage's kernels and its copy of `x` onto this device
+                torch.cuda.current_stream(device).wait_event(item.ready)
+                item.x.record_stream(torch.cuda.current_stream(device))
+            x = item.x.to(device, non_blocking=True)  # input ids from pinned host memory on the first stage
+            mask = item.batch.attention_mask.to(device, non_blocking=True)
+            shape = (x.shape[0], self.stage.hi - self.stage.lo, self.width)
+            self.buffer = torch.empty(shape, dtype=self.stage.dtype, device=device)
+            try:
+                hidden = self.stage(x, mask)
+                values = to_store(self.buffer, call.dtype, call.overflow[self.index])
+            finally:
+                self.buffer = None
+            self._file(item, values)
+            if self.next_device is not None:  # sent by this stage, on its stream: ordered after the compute
+                hidden = hidden.to(self.next_device, non_blocking=True)
+            item.x, item.ready = hidden, self._event()
+
+    def _file(self, item: _Item, values: torch.Tensor) -> None:
+        if not self.cuda:
+            item.call.rows[self.index][item.batch.indices] = values.numpy()
+            return
+        host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+        host.copy_(values, non_blocking=True)
+        item.call.copies.append((self.index, item.batch.indices, host, self._event()))
+
+    def _event(self) -> Any:
+        if not self.cuda:
+            return None
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(self.stage.device))
+        return event
+
+
+class PipelineBackend:
+    """A `CaptureBackend` whose capture runs through a pipeline of stages; generation is not its job (eval runs
+    pipeline manifests on the device_map engine)."""
+
+    name = "hf"
+    concurrent = True  # calls feed the pipeline one after another themselves: the replica holds no compute lock
+
+    def __init__(self, stages: list[Stage], pad_id: int, queue_depth: int = QUEUE_DEPTH):
+        self.stages, self.pad_id = stages, pad_id
+        self.n_layers = stages[-1].hi
+        self.intermediate_size = stages[0].down_projs()[0].in_features
+        boxes: list[queue.Queue] = [queue.Queue(maxsize=queue_depth) for _ in stages]
+        nexts = [(boxes[i + 1], stages[i + 1].device) for i in range(len(stages) - 1)] + [(None, None)]
+        self.workers = [_Worker(i, stage, boxes[i], *nexts[i]) for i, stage in enumerate(stages)]
+        self._feed = threading.Lock()  # one call's micro-batches enter the pipeline together, in order
+        for worker in self.workers:
+            worker.start()
+
+    @classmethod
+    def load(cls, path: Path, ranges: Sequence[tuple[int, int]], *, dtype: str, gpus: int) -> PipelineBackend:
+        """Each stage loads only its own layers from the checkpoint's safetensors (never the whole model)."""
+        devices = stage_devices(len(ranges), gpus)
+        stages = [load_stage(path, lo, hi, device=d, dtype=dtype) for (lo, hi), d in zip(ranges, devices, strict=True)]
+        return cls(stages, load_tokenizer(path).pad_token_id)
+
+    def made_by(self) -> dict[str, str]:
+        import transformers
+
+        spans = ",".join(f"{s.lo}-{s.hi}@{s.device}" for s in self.stages)
+        return {
+            "backend": self.name,
+            "library": f"transformers {transformers.__version__}",
+            "engine": "pipeline",
+            "stages": spans,
+        }
+
+    def capture_parts(self, token_ids: Prompts, dtype: str, limits: Limits) -> tuple[list[Part], int]:
+        """Every prompt's rows, one part per stage ([prompt, stage's layers, neuron]), and the float16 overflow."""
+        pin = self.workers[0].cuda
+        plan = list(batches(token_ids, self.pad_id, limits.token_budget, limits.max_batch_size, pin=pin))
+        call = _Call(
+            len(plan),
+            dtype,
+            [self._rows(len(token_ids), s, dtype) for s in self.stages],
+            [torch.zeros((), dtype=torch.int64, device=s.device) for s in self.stages],
+        )
+        if not plan:
+            return self._parts(call), 0
+        with self._feed:
+            for batch in plan:
+                self.workers[0].inbox.put(_Item(call, batch, batch.input_ids))
+        call.done.wait()
+        if call.error is not None:
+            raise call.error
+        for index, indices, host, event in call.copies:
+            event.synchronize()
+            call.rows[index][indices] = host.numpy()
+        overflow = sum(int(c.cpu()) for c in call.overflow)
+        return self._parts(call), overflow
+
+    def _rows(self, n: int, stage: Stage, dtype: str) -> np.ndarray:
+        return np.empty((n, stage.hi - stage.lo, self.intermediate_size), dtype=STORE_DTYPES[dtype])
+
+    def _parts(self, call: _Call) -> list[Part]:
+        return [(s.lo, s.hi, rows) for s, rows in zip(self.stages, call.rows, strict=True)]
+
+    def generate(self, token_ids: Prompts, condition: dict[str, Any], max_new_tokens: int, limits: Limits) -> list[str]:
+        raise NotImplementedError("the pipeline engine captures only; eval generates on the device_map engine")
+
+    def caa_vectors(self, pos_ids: Prompts, neg_ids: Prompts, layers: Sequence[int], limits: Limits) -> CAAVectors:
+        raise NotImplementedError("the pipeline engine captures only; eval runs CAA on the device_map engine")
+
+    def close(self) -> None:
+        self.workers[0].inbox.put(_STOP)
+        for worker in self.workers:
+            worker.join()
