@@ -9,12 +9,14 @@ dense bf16 FLOP/s. It then runs the replica's overlapped shard path (compute und
 store write beside it) against a local Zarr store and reports the GPU idle time the writes still cause.
 
     .venv/bin/python benchmarks/capture_gpu.py --shape qwen2.5-7b --prompts 2048 --repeats 3
+    .venv/bin/python benchmarks/capture_gpu.py --shape qwen2.5-72b-stage --engine pipeline --stages 2
     .venv/bin/python benchmarks/capture_gpu.py --shape tiny --prompts 16 --repeats 1      # CPU smoke test
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import queue
 import statistics
@@ -36,6 +38,7 @@ from reference import reference  # noqa: E402  (benchmarks/reference.py, beside 
 
 from cna_dist.model import capture as cap  # noqa: E402
 from cna_dist.model import prompts as prompts_mod  # noqa: E402
+from cna_dist.model.batching import Limits  # noqa: E402
 
 DATASETS = ROOT.parent / "shared" / "datasets"
 DATASET_FILES = ("harmful_train.json", "harmless_train.json")
@@ -139,6 +142,29 @@ def build_model(shape: str, device: torch.device, dtype: torch.dtype) -> torch.n
     return model.eval()
 
 
+def make_backend(model: torch.nn.Module, engine: str, n_stages: int) -> Any:
+    """The replica backend over the built model. `pipeline`: stages on the model's device (one GPU: the machinery's
+    overhead against the single-device run), each taking its layers' modules from the model, no copy."""
+    from cna_dist.model.hf import HFBackend
+
+    if engine == "single":
+        return HFBackend(model, SimpleNamespace(pad_token_id=0))
+    from cna_dist.model.engines import balanced
+    from cna_dist.model.pipeline import PipelineBackend
+    from cna_dist.model.stage import Stage
+
+    inner, config = model.model, model.config
+    device, dtype = inner.embed_tokens.weight.device, inner.embed_tokens.weight.dtype
+    stages = []
+    for lo, hi in balanced(config.num_hidden_layers, n_stages):
+        stage = Stage(config, lo, hi, device="meta", dtype=dtype)  # no memory: its modules are the model's
+        stage.device, stage.rotary_emb = device, inner.rotary_emb
+        stage.layers = torch.nn.ModuleList(list(inner.layers[lo:hi]))
+        stage.embed_tokens = inner.embed_tokens if lo == 0 else None
+        stages.append(stage)
+    return PipelineBackend(stages, pad_id=0)
+
+
 def non_embedding_params(model: torch.nn.Module) -> int:
     """Parameters the capture multiplies by: the decoder stack without the embedding (the lm_head is skipped)."""
     inner = model.model
@@ -209,20 +235,19 @@ def peak_tflops(device: torch.device, override: float | None) -> tuple[float | N
 
 
 def measure_writes(
-    capturer: cap.Capturer, token_ids: list[list[int]], args: argparse.Namespace, store_dir: Path
+    backend: Any, token_ids: list[list[int]], args: argparse.Namespace, store_dir: Path
 ) -> dict[str, Any]:
     """The replica's shard path as Ray runs it: two concurrent capture_shard calls per replica, the driver
     handing a replica its next shard when one returns, each shard written and committed to a local Zarr store.
     """
     from cna_dist.io.store import ActivationStore, RunMeta
-    from cna_dist.model.hf import HFBackend
     from cna_dist.runtime.replica import Replica, ReplicaSpec
 
     meta = RunMeta(
         fingerprint="benchmark",
         model_uri="random",
-        n_layers=capturer.n_layers,
-        intermediate_size=capturer.intermediate_size,
+        n_layers=backend.n_layers,
+        intermediate_size=backend.intermediate_size,
         dtype=args.store_dtype,
         model_dtype=args.dtype,
         chat_template=True,
@@ -234,8 +259,7 @@ def measure_writes(
     spec = ReplicaSpec(
         "random", capture_dtype=args.store_dtype, token_budget=args.token_budget, max_batch_size=args.batch
     )
-    backend = HFBackend(capturer.model, SimpleNamespace(pad_token_id=0), capturer=capturer)  # built, not loaded
-    replica = Replica(spec, backend)
+    replica = Replica(spec, backend)  # the model already built (no checkpoint to load)
     work: queue.Queue = queue.Queue()
     for plan in plans:
         work.put(plan)
@@ -303,6 +327,8 @@ def main() -> None:
     parser.add_argument("--no-writes", action="store_true", help="skip the overlapped store-write measurement")
     parser.add_argument("--shard-rows", type=int, default=None, help="rows per store shard (default: the store's)")
     parser.add_argument("--store", type=Path, default=None, help="folder for the write measurement (default tmp)")
+    parser.add_argument("--engine", choices=["single", "pipeline"], default="single", help="replica engine")
+    parser.add_argument("--stages", type=int, default=2, help="pipeline stages (with --engine pipeline)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
@@ -335,12 +361,12 @@ def main() -> None:
     )
     print(f"peak: {peak_text}")
 
-    with cap.Capturer(model) as capturer:
+    limits = Limits(args.token_budget, args.batch)
+    with contextlib.closing(make_backend(model, args.engine, args.stages)) as backend:
 
         def project(ids: list[list[int]]) -> np.ndarray:
-            return cap.capture_with(
-                capturer, ids, 0, dtype=args.store_dtype, token_budget=args.token_budget, max_batch_size=args.batch
-            )[0]
+            parts, _ = backend.capture_parts(ids, args.store_dtype, limits)
+            return np.concatenate([rows for _, _, rows in parts], axis=1)
 
         warm = token_ids[: min(len(token_ids), 2 * args.batch)]
         timed(lambda: project(warm), device)  # kernels, allocator pools, pinned slots
@@ -358,6 +384,7 @@ def main() -> None:
 
         figures: dict[str, Any] = {
             "shape": args.shape,
+            "engine": args.engine if args.engine == "single" else f"pipeline ({args.stages} stages on one device)",
             "device": device_name,
             "dtype": args.dtype,
             "non_embedding_params": n_params,
@@ -392,7 +419,7 @@ def main() -> None:
         writes = None
         if not args.no_writes:
             with tempfile.TemporaryDirectory(dir=args.store) as tmp:
-                writes = measure_writes(capturer, token_ids, args, Path(tmp) / "store")
+                writes = measure_writes(backend, token_ids, args, Path(tmp) / "store")
             figures["writes"] = writes
             print(
                 f"writes: {writes['shards']} shards of {writes['shard_rows']} rows, {writes['store_mb']:.0f} MB "
@@ -410,7 +437,10 @@ def main() -> None:
         return f"{100 * x['mfu']:.1f}%" if x["mfu"] is not None else "n/a"
 
     print("== summary ==")
-    print(f"shape: {args.shape} on {device_name}, {args.dtype}, mean prompt {n_tokens / len(token_ids):.1f} tokens")
+    print(
+        f"shape: {args.shape} on {device_name}, {args.dtype}, engine {figures['engine']}, "
+        f"mean prompt {n_tokens / len(token_ids):.1f} tokens"
+    )
     print(f"project:   {p['prompts_per_s']:.1f} prompts/s, {p['tokens_per_s']:.0f} tokens/s, MFU {mfu_of(p)}")
     print(f"reference: {r['prompts_per_s']:.1f} prompts/s, {r['tokens_per_s']:.0f} tokens/s, MFU {mfu_of(r)}")
     print(f"ratio (project / reference prompts/s): {ratio:.2f}x")

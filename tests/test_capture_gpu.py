@@ -197,7 +197,8 @@ def test_replica_lock_is_released_when_compute_fails(tiny_llama: Path, monkeypat
 
 
 @pytest.mark.slow
-def test_benchmark_smoke_on_cpu(tmp_path: Path) -> None:
+@pytest.mark.parametrize("engine", [["--engine", "single"], ["--engine", "pipeline", "--stages", "2"]], ids=str)
+def test_benchmark_smoke_on_cpu(tmp_path: Path, engine: list[str]) -> None:
     out = tmp_path / "figures.json"
     proc = subprocess.run(
         [
@@ -213,6 +214,7 @@ def test_benchmark_smoke_on_cpu(tmp_path: Path) -> None:
             "cpu",
             "--json",
             str(out),
+            *engine,
         ],
         capture_output=True,
         text=True,
@@ -236,6 +238,7 @@ def test_benchmark_smoke_on_cpu(tmp_path: Path) -> None:
     figures = json.loads(out.read_text())
     assert figures["project"]["prompts_per_s"] > 0 and figures["reference"]["prompts_per_s"] > 0
     assert figures["writes"]["shards"] >= 1 and figures["project"]["mfu"] is None
+    assert figures["rel_max_abs_diff"] < 1e-3 and figures["engine"].startswith(engine[1])
 
 
 def test_benchmark_shapes_are_the_real_ones() -> None:

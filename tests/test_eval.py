@@ -140,3 +140,15 @@ def test_steer_shows_both_generations(mined: tuple[Path, str], tiny_llama: Path)
     assert "[refusal]" in plain and "[refusal]" not in steered
     wrong = CliRunner().invoke(main, ["steer", "--model", str(tiny_llama), "--circuit", circuit_uri, prompt])
     assert wrong.exit_code == 2 and "--model" in wrong.output
+
+
+def test_eval_of_a_pipeline_manifest_generates_on_device_map(mined: tuple[Path, str], tmp_path: Path) -> None:
+    """Generation is not the pipeline's job: eval of a pipeline manifest runs the device_map engine, same results."""
+    manifest, circuit_uri = mined
+    data = yaml.safe_load(manifest.read_text())
+    data["model"].update(engine="pipeline", stages=[[0, 4], [4, 8]])
+    pipeline = manifest.with_name("pipeline.yaml")
+    pipeline.write_text(yaml.safe_dump(data))
+    plain = run_eval(manifest, circuit_uri, tmp_path / "plain", "--in-process")
+    piped = run_eval(pipeline, circuit_uri, tmp_path / "piped", "--in-process")
+    assert piped["results"] == plain["results"] and piped["samples"] == plain["samples"]
