@@ -28,7 +28,9 @@ class ModelSpec(Strict):
     gpus_per_replica: int = Field(0, ge=0)
     max_memory_per_gpu: str | None = None
     # How a replica runs the model (SPEC §3): auto = pipeline with more than one GPU, else the single-device path.
-    engine: Literal["auto", "device_map", "pipeline"] = "auto"
+    engine: Literal["auto", "device_map", "pipeline", "stream"] = "auto"
+    # stream: hidden states of a shard beyond this many bytes wait in host memory (None: all on the device)
+    stream_hidden_budget: int | None = Field(None, ge=1)
     # Pipeline stages: a count (balanced by layers) or explicit [lo, hi) layer ranges; default one per GPU.
     stages: int | list[tuple[int, int]] | None = None
 

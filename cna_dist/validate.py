@@ -59,9 +59,24 @@ def check_selection(m: Manifest, info: modelmod.ModelInfo) -> None:
         )
 
 
+def check_stream(m: Manifest) -> None:
+    """The stream engine runs on one device; its hidden-state budget means nothing to another engine."""
+    spec = m.model
+    if spec.engine == "stream" and spec.gpus_per_replica > 1:
+        raise BadInput(
+            f"the stream engine runs on one device, not {spec.gpus_per_replica} GPUs (give each GPU its own replica: "
+            "gpus_per_replica 1)",
+            source=m.source,
+            field="model.engine",
+        )
+    if spec.stream_hidden_budget is not None and spec.engine != "stream":
+        raise BadInput("for engine: stream only", source=m.source, field="model.stream_hidden_budget")
+
+
 def check_engine(m: Manifest, info: modelmod.ModelInfo) -> None:
     """A pipeline's stages cover the model's layers in order, one per GPU; stages only where there is a pipeline."""
     spec = m.model
+    check_stream(m)
     if engines.resolve(spec.engine, spec.gpus_per_replica) != "pipeline":
         if spec.stages is not None:
             raise BadInput(

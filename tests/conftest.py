@@ -218,3 +218,41 @@ def run_meta(
         chat_template=True,
         shard_rows=shard_rows,
     )
+
+
+ENGINE_LIMITS_ARGS = {"token_budget": 120, "max_batch_size": 4}  # several micro-batches per capture call
+
+
+def ragged_prompts(vocab: int, n: int, seed: int) -> list[list[int]]:
+    """Token ids of very different lengths (1 to 40), as real prompt sets have."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    return [rng.integers(5, vocab, size=int(rng.integers(1, 41))).tolist() for _ in range(n)]
+
+
+def joined_parts(parts: list):
+    """A backend's parts as one [prompt, layer, neuron] array; they must cover the layers from 0, in order."""
+    import numpy as np
+
+    assert parts[0][0] == 0 and all(a[1] == b[0] for a, b in zip(parts, parts[1:], strict=False))
+    return np.concatenate([rows for _, _, rows in parts], axis=1)
+
+
+@pytest.fixture(scope="module")
+def engine_reference(request: pytest.FixtureRequest) -> dict:
+    """Single-device capture of three calls of ragged prompts, per tiny model and store dtype: what engines match."""
+    from cna_dist.model.batching import Limits
+    from cna_dist.model.hf import HFBackend
+
+    out = {}
+    for which in ("tiny_llama", "tiny_qwen"):
+        path = request.getfixturevalue(which)
+        backend = HFBackend.load(path, dtype="float32", trust_remote_code=False)
+        vocab = backend.model.config.vocab_size
+        calls = [ragged_prompts(vocab, n, seed) for n, seed in ((13, 0), (5, 1), (9, 2))]
+        limits = Limits(**ENGINE_LIMITS_ARGS)
+        want = {d: [backend.capture_parts(c, d, limits) for c in calls] for d in ("float32", "float16")}
+        out[which] = (path, calls, want)
+        backend.close()
+    return out

@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -110,8 +111,9 @@ def test_no_host_sync_inside_the_batch_loop_cuda(tiny_llama: Path) -> None:
 class SlowRun:
     """A store stand-in whose writes take `write_s` and record when they ran (data, then marker)."""
 
-    def __init__(self, write_s: float):
+    def __init__(self, write_s: float, n_layers: int = 4):
         self.write_s = write_s
+        self.meta = SimpleNamespace(n_layers=n_layers, layers_per_chunk=n_layers)  # whole rows per chunk
         self.writes: dict[int, tuple[float, float]] = {}
         self.data: dict[int, np.ndarray] = {}
         self.markers: list[int] = []

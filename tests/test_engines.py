@@ -84,6 +84,19 @@ def test_bad_stages_are_bad_input_naming_model_stages(workspace: Path, model: di
     assert info.value.field == "model.stages"
 
 
+@pytest.mark.parametrize(
+    "model, field, message",
+    [
+        ({"engine": "stream", "gpus_per_replica": 2}, "model.engine", "runs on one device, not 2 GPUs"),
+        ({"stream_hidden_budget": 1024}, "model.stream_hidden_budget", "for engine: stream only"),
+    ],
+)
+def test_bad_stream_settings(workspace: Path, model: dict, field: str, message: str) -> None:
+    with pytest.raises(BadInput, match=message) as info:
+        validate(manifest_with(workspace, **model))
+    assert info.value.field == field
+
+
 def test_stage_count_zero_is_refused_by_the_schema(workspace: Path) -> None:
     with pytest.raises(BadInput, match="at least one stage") as info:
         manifest_with(workspace, engine="pipeline", stages=0)

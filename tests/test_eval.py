@@ -142,11 +142,14 @@ def test_steer_shows_both_generations(mined: tuple[Path, str], tiny_llama: Path)
     assert wrong.exit_code == 2 and "--model" in wrong.output
 
 
-def test_eval_of_a_pipeline_manifest_generates_on_device_map(mined: tuple[Path, str], tmp_path: Path) -> None:
-    """Generation is not the pipeline's job: eval of a pipeline manifest runs the device_map engine, same results."""
+@pytest.mark.parametrize("engine", [{"engine": "pipeline", "stages": [[0, 4], [4, 8]]}, {"engine": "stream"}], ids=str)
+def test_eval_of_a_capture_engine_manifest_generates_on_device_map(
+    mined: tuple[Path, str], tmp_path: Path, engine: dict
+) -> None:
+    """Generation is not a capture engine's job: eval of a pipeline or stream manifest runs device_map, same results."""
     manifest, circuit_uri = mined
     data = yaml.safe_load(manifest.read_text())
-    data["model"].update(engine="pipeline", stages=[[0, 4], [4, 8]])
+    data["model"].update(engine)
     pipeline = manifest.with_name("pipeline.yaml")
     pipeline.write_text(yaml.safe_dump(data))
     plain = run_eval(manifest, circuit_uri, tmp_path / "plain", "--in-process")

@@ -49,10 +49,9 @@ def demo_manifest(out: Path, *, shard_rows: int = 4, max_batch_size: int = 64, e
         "capture:\n  dtype: float32",
         f"capture:\n  dtype: float32\n  shard_rows: {shard_rows}\n  max_batch_size: {max_batch_size}",
     )
-    if engine == "pipeline":  # the planted model's 8 layers in 3 stages, on the CPU
-        text = text.replace(
-            "  dtype: float32\n", "  dtype: float32\n  engine: pipeline\n  stages: [[0, 3], [3, 5], [5, 8]]\n", 1
-        )
+    extra = {"pipeline": "  engine: pipeline\n  stages: [[0, 3], [3, 5], [5, 8]]\n", "stream": "  engine: stream\n"}
+    if engine in extra:  # into the model section (the first `dtype:`): stages of the planted model's 8 layers
+        text = text.replace("  dtype: float32\n", "  dtype: float32\n" + extra[engine], 1)
     manifest.write_text(text)
     return manifest
 
@@ -82,7 +81,7 @@ def kill_and_wait(pid: int) -> None:
     raise AssertionError(f"process {pid} survived SIGKILL")
 
 
-@pytest.mark.parametrize("engine", ["auto", "pipeline"])
+@pytest.mark.parametrize("engine", ["auto", "pipeline", "stream"])
 def test_killed_replica_mid_capture_gives_the_fault_free_circuit(tmp_path: Path, engine: str) -> None:
     # The reference runs on Ray replicas too: they use one BLAS thread, and float32 sums depend on that.
     manifest = demo_manifest(tmp_path / "faulty", engine=engine)
@@ -106,7 +105,7 @@ def test_killed_replica_mid_capture_gives_the_fault_free_circuit(tmp_path: Path,
     assert_each_row_once(manifest)
     store = ActivationStore(manifestmod.load(manifest).output.store)
     markers = store.open_run(store.load_meta(store.runs()[0]), create=False).markers().values()
-    assert {m["made_by"]["engine"] for m in markers} == {"single" if engine == "auto" else "pipeline"}
+    assert {m["made_by"]["engine"] for m in markers} == {"single" if engine == "auto" else engine}
 
 
 # -- a real head: `ray start --head` with token authentication ------------------------------------------------

@@ -123,6 +123,17 @@ def test_pipeline_engine_mines_the_single_device_circuit_and_shares_its_run(work
     assert made_by(workspace.parent / "out-single" / "store") == {"hf/single": 4, "hf/pipeline": 1}
 
 
+def test_stream_engine_mines_the_single_device_circuit(workspace: Path, tmp_path: Path) -> None:
+    small_shards(workspace)
+    uri_single, _ = mine(with_model(workspace, "single"), tmp_path / "a.json")
+    stream = with_model(workspace, "stream", engine="stream", stream_hidden_budget=1)  # every shard spills to host
+    uri_stream, s = mine(stream, tmp_path / "b.json")
+    a, b = circuitmod.load(uri_single), circuitmod.load(uri_stream)
+    assert a.pairs() == b.pairs() and [n.delta for n in a.neurons] == [n.delta for n in b.neurons]
+    assert a.universal == b.universal and s["shards_captured"] == 4
+    assert made_by(workspace.parent / "out-stream" / "store") == {"hf/stream": 4}
+
+
 def test_a_stage_failure_is_retried_and_the_circuit_is_unchanged(workspace: Path, tmp_path: Path, monkeypatch) -> None:
     from cna_dist.model.stage import Stage
 

@@ -12,34 +12,18 @@ import pytest
 from cna_dist.model.batching import Limits
 from cna_dist.model.hf import HFBackend
 from cna_dist.model.pipeline import PipelineBackend
+from tests.conftest import ENGINE_LIMITS_ARGS, joined_parts
 
-LIMITS = Limits(token_budget=120, max_batch_size=4)  # several micro-batches per call
-
-
-def prompts(vocab: int, n: int, seed: int) -> list[list[int]]:
-    """Token ids of very different lengths (1 to 40), as real prompt sets have."""
-    rng = np.random.default_rng(seed)
-    return [rng.integers(5, vocab, size=int(rng.integers(1, 41))).tolist() for _ in range(n)]
-
-
-def joined(parts: list) -> np.ndarray:
-    assert [lo for lo, _, _ in parts] == sorted(lo for lo, _, _ in parts)
-    assert all(a[1] == b[0] for a, b in zip(parts, parts[1:], strict=False))
-    return np.concatenate([rows for _, _, rows in parts], axis=1)
+LIMITS = Limits(**ENGINE_LIMITS_ARGS)
 
 
 @pytest.fixture(scope="module")
-def reference(request: pytest.FixtureRequest) -> dict:
-    """Single-device capture of the same prompts, per model."""
-    out = {}
-    for which in ("tiny_llama", "tiny_qwen"):
-        path = request.getfixturevalue(which)
-        backend = HFBackend.load(path, dtype="float32", trust_remote_code=False)
-        vocab = backend.model.config.vocab_size
-        calls = [prompts(vocab, n, seed) for n, seed in ((13, 0), (5, 1), (9, 2))]
-        out[which] = (path, calls, [joined(backend.capture_parts(c, "float32", LIMITS)[0]) for c in calls])
-        backend.close()
-    return out
+def reference(engine_reference: dict) -> dict:
+    """Single-device rows (float32) of the same calls, per model."""
+    return {
+        which: (path, calls, [joined_parts(p) for p, _ in want["float32"]])
+        for which, (path, calls, want) in engine_reference.items()
+    }
 
 
 SPLITS = {
@@ -62,7 +46,7 @@ def test_rows_equal_single_device_capture_exactly(reference: dict, which: str, r
         for call, want in zip(calls, expected, strict=True):  # several shards back to back
             parts, overflow = backend.capture_parts(call, "float32", LIMITS)
             assert [(lo, hi) for lo, hi, _ in parts] == ranges and overflow == 0
-            assert np.array_equal(joined(parts), want)
+            assert np.array_equal(joined_parts(parts), want)
     finally:
         backend.close()
 
@@ -73,7 +57,7 @@ def test_two_calls_at_once_interleave_and_each_gets_its_own_rows(reference: dict
     got: dict[int, np.ndarray] = {}
 
     def run(i: int) -> None:
-        got[i] = joined(backend.capture_parts(calls[i], "float32", LIMITS)[0])
+        got[i] = joined_parts(backend.capture_parts(calls[i], "float32", LIMITS)[0])
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
     for t in threads:
@@ -133,7 +117,7 @@ def test_a_stage_that_raises_fails_only_that_call(reference: dict) -> None:
         backend.capture_parts(calls[0], "float32", LIMITS)
     assert len(seen) == 2  # the call's remaining micro-batches were drained, not computed
     stage.forward = real
-    assert np.array_equal(joined(backend.capture_parts(calls[1], "float32", LIMITS)[0]), expected[1])
+    assert np.array_equal(joined_parts(backend.capture_parts(calls[1], "float32", LIMITS)[0]), expected[1])
     assert all(worker.is_alive() for worker in backend.workers)  # usable for the next shard
     backend.close()
     assert not any(worker.is_alive() for worker in backend.workers)

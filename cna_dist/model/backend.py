@@ -55,7 +55,12 @@ def load_backend(spec: Any, path: Path) -> CaptureBackend:
 
     if spec.backend != "hf":
         raise ValueError(f"unknown capture backend {spec.backend!r}; known: hf")
-    if engines.resolve(spec.engine, spec.gpus) == "pipeline":
+    engine = engines.resolve(spec.engine, spec.gpus)
+    if engine == "stream":
+        from cna_dist.model.layer_stream import StreamBackend
+
+        return StreamBackend.load(path, dtype=spec.dtype, gpus=spec.gpus, hidden_budget_bytes=spec.hidden_budget)
+    if engine == "pipeline":
         from cna_dist.model.checkpoint import inspect
         from cna_dist.model.pipeline import PipelineBackend
 

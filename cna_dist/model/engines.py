@@ -1,7 +1,8 @@
 """Which engine runs a replica's model, and how a pipeline splits its layers: plain rules, checked up front.
 
 Engines (SPEC §3): `single` (one device), `device_map` (accelerate splits the model over the replica's GPUs; one
-stage computes at a time), `pipeline` (one worker per stage, micro-batches in flight on every stage at once).
+stage computes at a time), `pipeline` (one worker per stage, micro-batches in flight on every stage at once),
+`stream` (one device, a whole shard through one layer at a time while the next layer loads).
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from collections.abc import Sequence
 
 def resolve(engine: str, gpus: int) -> str:
     """The engine a manifest's `model.engine` means for a replica of `gpus` GPUs."""
+    if engine == "stream":
+        return "stream"
     if engine == "pipeline" or (engine == "auto" and gpus > 1):
         return "pipeline"
     return "device_map" if gpus > 1 else "single"

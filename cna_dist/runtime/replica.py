@@ -41,6 +41,7 @@ class ReplicaSpec:
     backend: str = "hf"
     engine: str = "auto"  # auto | device_map | pipeline (cna_dist.model.engines)
     stages: int | tuple[tuple[int, int], ...] | None = None  # the pipeline's split; None: one stage per GPU
+    hidden_budget: int | None = None  # stream: a shard's hidden states beyond this wait in host memory
 
     def limits(self, max_batch_size: int | None = None) -> Limits:
         return Limits(self.token_budget, max_batch_size or self.max_batch_size)
@@ -59,11 +60,12 @@ class ReplicaSpec:
             max_batch_size=m.capture.max_batch_size,
             engine=m.model.engine,
             stages=tuple(map(tuple, m.model.stages)) if isinstance(m.model.stages, list) else m.model.stages,
+            hidden_budget=m.model.stream_hidden_budget,
         )
 
     def for_generation(self) -> ReplicaSpec:
         """The same replica for eval: generation runs on the device_map engine, whatever captures."""
-        return replace(self, engine="device_map", stages=None) if self.engine != "device_map" else self
+        return replace(self, engine="device_map", stages=None, hidden_budget=None)
 
 
 @dataclass(frozen=True)
