@@ -76,7 +76,7 @@ def test_at_most_two_layers_are_alive(reference: dict, monkeypatch: pytest.Monke
     backend.close()
     assert [layer for layer, _ in loads] == list(range(4)) * len(calls)  # every layer once per shard, in order
     assert max(alive for _, alive in loads) <= 2
-    assert backend.peak_live_layers == 2 and backend._live == 0
+    assert 1 <= backend.peak_live_layers <= 2 and backend._live == 0  # 2 whenever a prefetch beat the compute
     assert not live  # nothing kept after the calls
 
 
