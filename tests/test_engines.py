@@ -106,3 +106,12 @@ def test_stage_count_zero_is_refused_by_the_schema(workspace: Path) -> None:
 def test_good_pipeline_manifests_validate(workspace: Path) -> None:
     assert validate(manifest_with(workspace, engine="pipeline", stages=[[0, 1], [1, 4]])).model is not None
     assert validate(manifest_with(workspace, engine="auto", gpus_per_replica=2)).model is not None
+
+
+def test_compute_bound_tokens() -> None:
+    # A 72B layer (1.8 GB) at 25 GB/s loads in 72 ms; computing 100k tokens/s it needs 2 x 7.2k tokens per shard.
+    assert engines.compute_bound_tokens(0.072, 100_000) == 14_400
+    assert engines.compute_bound_tokens(0.5, 10, margin=1.0) == 5
+    assert engines.compute_bound_tokens(1e-9, 1.0) == 1
+    with pytest.raises(ValueError, match="positive"):
+        engines.compute_bound_tokens(0.0, 10)

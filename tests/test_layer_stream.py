@@ -193,3 +193,12 @@ def test_a_fresh_process_stays_far_below_the_checkpoint_size(tmp_path: Path) -> 
     assert figures["shape"] == [16, 24, 4096]
     assert weights > 1.4e9
     assert growth < weights / 3
+
+
+def test_advice_measures_load_and_speed(reference: dict) -> None:
+    path, _, _ = reference["tiny_llama"]
+    backend = StreamBackend.load(path, dtype="float32", gpus=0)
+    advice = backend.advise(17.0, LIMITS)
+    backend.close()
+    assert advice["tokens"] >= 1 and advice["rows"] == -(-advice["tokens"] // 17)
+    assert "loads in" in advice["reason"] and "tokens/s on cpu" in advice["reason"]

@@ -152,3 +152,16 @@ def test_a_stage_failure_is_retried_and_the_circuit_is_unchanged(workspace: Path
     assert s["retries"] == 1 and s["shards_captured"] == 4
     a, b = circuitmod.load(expected), circuitmod.load(uri)
     assert a.pairs() == b.pairs() and [n.delta for n in a.neurons] == [n.delta for n in b.neurons]
+
+
+def test_the_stream_engine_chooses_a_new_runs_shard_size(workspace: Path, tmp_path: Path) -> None:
+    from cna_dist.io.store import ActivationStore
+
+    uri, s = mine(with_model(workspace, "advised", engine="stream"), tmp_path / "a.json")
+    assert s["shard_advice"] and "a shard needs >=" in s["shard_advice"]
+    rows = int(s["shard_advice"].rsplit(" = ", 1)[1].split()[0])
+    store = ActivationStore(str(workspace.parent / "out-advised" / "store"))
+    meta = store.load_meta(store.runs()[0])
+    assert meta.shard_rows == max(meta.rows_per_chunk, rows // meta.rows_per_chunk * meta.rows_per_chunk)
+    _, again = mine(with_model(workspace, "advised", engine="stream"), tmp_path / "b.json")
+    assert again["shard_advice"] is None and again["shards_captured"] == 0  # an existing run keeps its shards

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +17,9 @@ from cna_dist.core.reduce import Reduction
 from cna_dist.io import registry, stream
 from cna_dist.io.store import ActivationStore, Run, RunMeta, run_id
 from cna_dist.manifest import Manifest
-from cna_dist.model import checkpoint
+from cna_dist.model import checkpoint, engines
 from cna_dist.model import prompts as promptsmod
-from cna_dist.runtime.calls import CaptureReport, capture_shards
+from cna_dist.runtime.calls import CaptureReport, capture_shards, replica_map
 from cna_dist.runtime.executor import Executor
 from cna_dist.runtime.replica import ReplicaSpec
 from cna_dist.validate import Checked, validate
@@ -53,6 +53,7 @@ class MineSummary:
     shards_reused: int
     prompts_captured: int
     capture: CaptureReport = field(default_factory=CaptureReport)
+    shard_advice: str | None = None  # why a new run's shards have the size they have, when the engine chose it
 
     @property
     def prompts_per_s(self) -> float | None:
@@ -159,6 +160,19 @@ def build_circuit(m: Manifest, p: Prepared, run: Run, red: Reduction, overflow: 
     )
 
 
+def shard_advice(executor: Executor, spec: ReplicaSpec, p: Prepared) -> dict[str, Any] | None:
+    """For a new run without `capture.shard_rows`, the engine's measured shard size (the stream engine needs shards
+    big enough for compute to cover each layer's load); printed with its reason. Other engines keep the default."""
+    if engines.resolve(spec.engine, spec.gpus) != "stream":
+        return None
+    lengths = [len(ids) for ids in p.token_ids().values()]
+    mean = sum(lengths) / max(1, len(lengths))
+    (advice,), _ = replica_map(executor, spec, lambda replica, tokens: replica.advise.remote(tokens), [mean])
+    if advice is not None:
+        print(f"shard size: {advice['rows']} prompts: {advice['reason']}", file=sys.stderr)
+    return advice
+
+
 def mine(m: Manifest, executor: Executor, *, progress: bool = True, checked: Checked | None = None) -> MineResult:
     """Validate, capture what the store lacks on the executor's replicas, stream the reduce, publish."""
     timings: dict[str, float] = {}
@@ -167,14 +181,18 @@ def mine(m: Manifest, executor: Executor, *, progress: bool = True, checked: Che
     store = ActivationStore(m.output.store, m.output.storage_options)
     store.check_writable()
     p = prepare(m, checked)
+    spec = ReplicaSpec.from_manifest(m)
+    advice = None
     with store.lease(run_id(p.meta), echo=lambda text: print(text, file=sys.stderr)) as lease:
-        run = store.open_run(p.meta)
+        if m.capture.shard_rows is None and store.load_meta(run_id(p.meta)) is None:
+            advice = shard_advice(executor, spec, p)
+        run = store.open_run(p.meta if advice is None else replace(p.meta, shard_rows=advice["rows"]))
         token_ids = p.token_ids()
         plans = run.plan(list(token_ids))
         reused = len(run.committed())
         timings["prepare"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        report = capture_shards(executor, ReplicaSpec.from_manifest(m), run, plans, token_ids, progress=progress)
+        report = capture_shards(executor, spec, run, plans, token_ids, progress=progress)
         lease.check()
     timings["capture"] = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -195,6 +213,7 @@ def mine(m: Manifest, executor: Executor, *, progress: bool = True, checked: Che
         reused,
         sum(len(plan.hashes) for plan in plans),
         report,
+        advice and advice["reason"],
     )
     return MineResult(circuitmod.load(published.uri, m.output.storage_options), published, summary)
 

@@ -52,3 +52,14 @@ def check_ranges(ranges: list[tuple[int, int]], n_layers: int, gpus: int) -> str
     if gpus > 1 and len(ranges) != gpus:
         return f"{len(ranges)} stages for a replica of {gpus} GPUs: one stage per GPU"
     return None
+
+
+def compute_bound_tokens(layer_load_s: float, tokens_per_s: float, margin: float = 2.0) -> int:
+    """Tokens a streamed shard needs so each layer's compute covers the next layer's load, with a margin.
+
+    While layer l computes over the shard's tokens, layer l+1 loads: the device idles unless
+    tokens / tokens_per_s >= layer_load_s. Compute per token is fixed by the model; the load is one layer's weights.
+    """
+    if layer_load_s <= 0 or tokens_per_s <= 0:
+        raise ValueError(f"need a positive load time and speed, got {layer_load_s} s and {tokens_per_s} tokens/s")
+    return max(1, int(margin * layer_load_s * tokens_per_s + 0.5))

@@ -16,7 +16,9 @@ filed into the shard's array one layer later. Hidden states that would not fit `
 
 from __future__ import annotations
 
+import math
 import threading
+import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
@@ -30,6 +32,7 @@ from cna_dist.model.backend import CAAVectors, Part, Prompts
 from cna_dist.model.batching import Batch, Limits, batches
 from cna_dist.model.capture import STORE_DTYPES, to_store
 from cna_dist.model.checkpoint import inspect, load_tokenizer, torch_dtype
+from cna_dist.model.engines import compute_bound_tokens
 from cna_dist.model.pipeline import stage_devices
 from cna_dist.model.stage import Stage, load_stage
 
@@ -237,6 +240,48 @@ class StreamBackend:
     def _hook(self, module: torch.nn.Module, args: tuple) -> None:
         if self._buffer is not None:
             self._buffer.copy_(args[0][:, -1], non_blocking=True)
+
+    def advise(self, mean_tokens: float, limits: Limits) -> dict[str, Any]:
+        """How many prompts a shard needs to keep the device compute-bound, measured here: one layer's load time
+        (the real path: safetensors to the device) against its compute speed on batches of `mean_tokens` tokens."""
+        layer = self.n_layers // 2  # a plain decoder layer (layer 0 also loads the embedding)
+        warm = load_stage(self.path, layer, layer + 1, device=self.device, dtype=self.dtype)  # imports, caches
+        del warm
+        self._sync()
+        start = time.perf_counter()
+        stage = load_stage(self.path, layer, layer + 1, device=self.device, dtype=self.dtype)
+        self._sync()
+        load_s = time.perf_counter() - start
+        weight_bytes = sum(p.numel() * p.element_size() for p in stage.parameters())
+        tokens_per_s = self._speed(stage, max(1, round(mean_tokens)), limits)
+        tokens = compute_bound_tokens(load_s, tokens_per_s)
+        rows = max(1, math.ceil(tokens / max(mean_tokens, 1.0)))
+        reason = (
+            f"a layer ({weight_bytes / 2**20:.0f} MiB) loads in {load_s * 1e3:.1f} ms "
+            f"({weight_bytes / load_s / 2**30:.2f} GiB/s) and computes {tokens_per_s:,.0f} tokens/s on {self.device}: "
+            f"a shard needs >= {tokens} tokens (2x the break-even) = {rows} prompts of {mean_tokens:.0f} tokens"
+        )
+        return {"rows": rows, "tokens": tokens, "reason": reason}
+
+    @torch.inference_mode()
+    def _speed(self, stage: Stage, width: int, limits: Limits) -> float:
+        """Tokens/s of one layer on synthetic hidden states shaped like the shard's batches (median of 3)."""
+        rows = max(1, min(limits.max_batch_size, limits.token_budget // width))
+        x = torch.randn((rows, width, self.hidden_size), dtype=stage.dtype, device=self.device)
+        mask = torch.ones((rows, width), dtype=torch.int64, device=self.device)
+        stage(x, mask)  # warm-up: kernels, allocator
+        times = []
+        for _ in range(3):
+            self._sync()
+            start = time.perf_counter()
+            stage(x, mask)
+            self._sync()
+            times.append(time.perf_counter() - start)
+        return rows * width / sorted(times)[1]
+
+    def _sync(self) -> None:
+        if self._side is not None:
+            torch.cuda.synchronize(self.device)
 
     def generate(self, token_ids: Prompts, condition: dict[str, Any], max_new_tokens: int, limits: Limits) -> list[str]:
         raise NotImplementedError("the stream engine captures only; eval generates on the single or device_map engine")

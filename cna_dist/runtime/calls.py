@@ -52,6 +52,7 @@ def capture_shards(
     """
     report = CaptureReport()
     if not plans:
+        executor.release_replicas()  # started early for advice, perhaps: the reduce tasks need their CPUs
         return report
 
     def call(replica: Any, plan: ShardPlan) -> Hashable:

@@ -125,6 +125,15 @@ class Replica:
             plan.shard, self.name, len(token_ids), overflow, done - t0, end - start, idle, start - t0, done - end
         )
 
+    def advise(self, mean_tokens: float) -> dict[str, Any] | None:
+        """The engine's advice on shard size (`rows`, `tokens`, `reason`), measured on this replica; None if it has
+        no preference (single, device_map and pipeline keep the store's default)."""
+        advise = getattr(self.backend, "advise", None)
+        if advise is None:
+            return None
+        with self._compute_lock:
+            return advise(mean_tokens, self.spec.limits())
+
     def generate(
         self, token_ids: list[list[int]], condition: dict[str, Any], max_new_tokens: int, max_batch_size: int
     ) -> list[str]:
