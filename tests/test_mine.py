@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import uuid
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from cna_dist import circuit as circuitmod
@@ -165,3 +167,44 @@ def test_the_stream_engine_chooses_a_new_runs_shard_size(workspace: Path, tmp_pa
     assert meta.shard_rows == max(meta.rows_per_chunk, rows // meta.rows_per_chunk * meta.rows_per_chunk)
     _, again = mine(with_model(workspace, "advised", engine="stream"), tmp_path / "b.json")
     assert again["shard_advice"] is None and again["shards_captured"] == 0  # an existing run keeps its shards
+
+
+@pytest.mark.s3
+def test_the_driver_reads_no_weight_file_of_a_remote_model(
+    workspace: Path, tmp_path: Path, s3_server: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """prepare() (fingerprint, tokenizer, rendering) on an s3:// checkpoint: config and tokenizer files only."""
+    import s3fs
+    import yaml
+
+    from cna_dist import manifest as manifestmod
+    from cna_dist.commands.mine import prepare
+    from cna_dist.io import uri as urimod
+    from cna_dist.validate import validate
+
+    monkeypatch.setenv("CNA_DIST_CACHE", str(tmp_path / "cache"))
+    uri = f"s3://cna/{uuid.uuid4().hex}/model"
+    fs, path = urimod.filesystem(uri)
+    fs.put(str((workspace.parent / "models" / "tiny-instruct").resolve()), path, recursive=True)
+    data = yaml.safe_load(workspace.read_text())
+    data["model"] = {"uri": uri}
+    workspace.write_text(yaml.safe_dump(data))
+    read: list[str] = []
+    for name in ("_cat_file", "_get_file"):
+        real = getattr(s3fs.S3FileSystem, name)
+
+        async def recording(self, rpath, *args, _real=real, **kwargs):
+            read.append(str(rpath))
+            return await _real(self, rpath, *args, **kwargs)
+
+        monkeypatch.setattr(s3fs.S3FileSystem, name, recording)
+    real_open = s3fs.S3FileSystem._open
+    monkeypatch.setattr(
+        s3fs.S3FileSystem, "_open", lambda self, p, *a, **k: read.append(str(p)) or real_open(self, p, *a, **k)
+    )
+    m = manifestmod.load(workspace)
+    prepared = prepare(m, validate(m, check_remote=True))
+    assert prepared.sets["positive"].token_ids and prepared.info.n_layers == 4
+    assert any(r.endswith("tokenizer.json") for r in read) and any(r.endswith("config.json") for r in read)
+    assert not [r for r in read if r.endswith((".safetensors", ".bin"))], read
+    assert not list((tmp_path / "cache").rglob("*.safetensors"))

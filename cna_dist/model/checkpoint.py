@@ -134,23 +134,36 @@ def localize(uri: str, storage_options: dict[str, Any] | None = None) -> Path:
     The copy is made once per node under a file lock and keyed by the remote fingerprint, so a changed
     checkpoint gets a fresh copy and concurrent replicas on one node wait for the first one's copy.
     """
+    return _cached_copy(uri, storage_options, "models", lambda name: True)
+
+
+def localize_tokenizer(uri: str, storage_options: dict[str, Any] | None = None) -> Path:
+    """A local folder with the checkpoint's config and tokenizer files and no weights: what the driver needs.
+
+    The driver renders and tokenizes prompts but never runs the model, so for a remote checkpoint it copies every
+    file except the weight files (a few MB of a 145 GB model); the replicas copy the rest on their nodes.
+    """
+    return _cached_copy(uri, storage_options, "tokenizers", lambda name: not name.endswith(WEIGHT_SUFFIXES))
+
+
+def _cached_copy(uri: str, storage_options: dict[str, Any] | None, kind: str, wanted: Any) -> Path:
+    """The files `wanted(name)` picks of a remote checkpoint, copied once per node under a file lock."""
     if urimod.is_local(uri):
         return Path(urimod.filesystem(uri)[1])
     from filelock import FileLock
 
     fp = fingerprint(uri, storage_options)
-    target = cache_dir() / "models" / fp
-    done = target / ".complete"
+    target = cache_dir() / kind / fp
     target.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(target) + ".lock"):
-        if not done.exists():
+        if not (target / ".complete").exists():
             fs, path = urimod.filesystem(uri, storage_options)
             partial = target.with_name(target.name + ".partial")
             if partial.exists():
                 shutil.rmtree(partial)
             partial.mkdir(parents=True)
             for entry in fs.ls(path, detail=False):
-                if fs.isfile(entry):
+                if wanted(Path(entry).name) and fs.isfile(entry):
                     fs.get(entry, str(partial / Path(entry).name))
             (partial / ".complete").write_text(fp)  # inside the copy: the rename publishes data and marker at once
             if target.exists():  # a copy renamed into place by an older version that died before its marker
