@@ -166,6 +166,51 @@ def _moments_task(run: Run, rows: dict[str, np.ndarray], layers: slice) -> dict[
     return block_moments(run, rows, layers)
 
 
+def means(run: Run, rows: dict[str, np.ndarray], blocks: list[slice], mapper: Mapper) -> tuple[np.ndarray, ...]:
+    """mean_pos, mean_neg and their delta [layers, neurons], one task per layer block (float64 sums)."""
+    pair = {"positive": rows["positive"], "negative": rows["negative"]}
+    sums = mapper(_moments_task, [(run, pair, b) for b in blocks])
+    mean_pos = np.concatenate([s["positive"].mean() for s in sums])
+    mean_neg = np.concatenate([s["negative"].mean() for s in sums])
+    del sums  # the driver holds [layers, neurons] arrays only: drop the per-block sums before the next pass
+    delta = mean_pos - mean_neg
+    if not np.all(np.isfinite(delta)):
+        raise ValueError("delta holds NaN or inf; the activations are not finite")
+    return mean_pos, mean_neg, delta
+
+
+def universal_neurons(
+    run: Run, diverse: np.ndarray, blocks: list[slice], fraction: float, threshold: float, scope: str, mapper: Mapper
+) -> np.ndarray:
+    """Bool [layers, neurons]: in the top `fraction` of at least `threshold` of the diverse prompts."""
+    meta = run.meta
+    thresholds = None
+    if scope == "global":
+        n = r.n_top(fraction, meta.n_layers * meta.intermediate_size)
+        thresholds = global_thresholds(run, diverse, blocks[0].stop - blocks[0].start, n, mapper)
+    counts = np.concatenate(mapper(block_counts, [(run, diverse, b, fraction, scope, thresholds) for b in blocks]))
+    return r.universal_mask(counts, diverse.size, threshold)
+
+
+def merged_selection(
+    delta: np.ndarray, blocks: list[slice], k: int, exclude_layers: list[int], universal: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """The exact global top k (ranked flat ids) merged from each block's, and the universal neurons it displaced."""
+    parts = local_map(
+        block_candidates,
+        [(delta[b], b, k, exclude_layers, None if universal is None else universal[b]) for b in blocks],
+    )
+    merged = {}
+    for key in ("filtered", "unfiltered"):
+        ids = np.concatenate([p[key][0] for p in parts])
+        scores = np.concatenate([p[key][1] for p in parts])
+        merged[key] = r.top_ids(scores, ids, k)
+    displaced = np.empty(0, dtype=np.int64)
+    if universal is not None:
+        displaced = merged["unfiltered"][universal.reshape(-1)[merged["unfiltered"]]]
+    return merged["filtered"], displaced
+
+
 def reduce_store(
     run: Run,
     rows: dict[str, np.ndarray],
@@ -179,39 +224,12 @@ def reduce_store(
     mapper: Mapper = local_map,
 ) -> r.Reduction:
     """The whole reduction streamed from the store; equals reduce_in_memory over the same rows."""
-    meta = run.meta
-    per_block = layers_per_block or meta.layers_per_chunk
-    blocks = layer_blocks(meta.n_layers, per_block)
-    sums = mapper(
-        _moments_task, [(run, {"positive": rows["positive"], "negative": rows["negative"]}, b) for b in blocks]
-    )
-    mean_pos = np.concatenate([s["positive"].mean() for s in sums])
-    mean_neg = np.concatenate([s["negative"].mean() for s in sums])
-    del sums  # the driver holds [layers, neurons] arrays only: drop the per-block sums before the next pass
-    delta = mean_pos - mean_neg
-    if not np.all(np.isfinite(delta)):
-        raise ValueError("delta holds NaN or inf; the activations are not finite")
+    blocks = layer_blocks(run.meta.n_layers, layers_per_block or run.meta.layers_per_chunk)
+    mean_pos, mean_neg, delta = means(run, rows, blocks, mapper)
     universal = None
     if "diverse" in rows:
-        diverse = rows["diverse"]
-        thresholds = None
-        if universal_scope == "global":
-            n = r.n_top(universal_fraction, meta.n_layers * meta.intermediate_size)
-            thresholds = global_thresholds(run, diverse, per_block, n, mapper)
-        counts = np.concatenate(
-            mapper(block_counts, [(run, diverse, b, universal_fraction, universal_scope, thresholds) for b in blocks])
+        universal = universal_neurons(
+            run, rows["diverse"], blocks, universal_fraction, universal_threshold, universal_scope, mapper
         )
-        universal = r.universal_mask(counts, diverse.size, universal_threshold)
-    parts = local_map(
-        block_candidates,
-        [(delta[b], b, k, exclude_layers, None if universal is None else universal[b]) for b in blocks],
-    )
-    merged = {}
-    for key in ("filtered", "unfiltered"):
-        ids = np.concatenate([p[key][0] for p in parts])
-        scores = np.concatenate([p[key][1] for p in parts])
-        merged[key] = r.top_ids(scores, ids, k)
-    displaced = np.empty(0, dtype=np.int64)
-    if universal is not None:
-        displaced = merged["unfiltered"][universal.reshape(-1)[merged["unfiltered"]]]
-    return r.Reduction(mean_pos, mean_neg, delta, universal, merged["filtered"], displaced)
+    selected, displaced = merged_selection(delta, blocks, k, exclude_layers, universal)
+    return r.Reduction(mean_pos, mean_neg, delta, universal, selected, displaced)
