@@ -92,7 +92,7 @@ def prepare(m: Manifest, circuit: Circuit, out: str, use_caa: bool) -> EvalInput
             field="--circuit",
         )
     tokenizer = checkpoint.load_tokenizer(
-        checkpoint.localize_tokenizer(m.model.uri, m.model.storage_options),
+        checkpoint.localize_tokenizer(m.model.uri, m.model.storage_options, fp=fingerprint),
         trust_remote_code=m.model.trust_remote_code,
     )
     chat = promptsmod.use_chat_template(tokenizer, m.model.chat_template)

@@ -94,7 +94,8 @@ def prepare(m: Manifest, checked: Checked) -> Prepared:
     assert checked.model is not None
     info = checked.model
     fingerprint = checkpoint.fingerprint(m.model.uri, m.model.storage_options)
-    local_model = checkpoint.localize_tokenizer(m.model.uri, m.model.storage_options)  # never the weights
+    # config and tokenizer files only: the driver never reads a weight file
+    local_model = checkpoint.localize_tokenizer(m.model.uri, m.model.storage_options, fp=fingerprint)
     tokenizer = checkpoint.load_tokenizer(local_model, trust_remote_code=m.model.trust_remote_code)
     chat = promptsmod.use_chat_template(tokenizer, m.model.chat_template)
     sets = {

@@ -155,23 +155,22 @@ class LocalObjects(Objects):
         key = _clean(key)
         return self.base.joinpath(*key.split("/")) if key else self.base
 
-    def _temp(self, path: Path, data: bytes) -> Path:
+    def _place(self, key: str, data: bytes, move: Any) -> None:
+        """Write `data` under a temporary name beside `key`, then `move(tmp, path)` it there whole; no temp is left."""
+        path = self._file(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
         tmp.write_bytes(data)
-        return tmp
+        try:
+            move(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)  # gone after a replace; the second name of a link
 
     def get(self, key: str) -> bytes:
         return self._file(key).read_bytes()
 
     def put(self, key: str, data: bytes) -> None:
-        path = self._file(key)
-        tmp = self._temp(path, data)
-        try:
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        self._place(key, data, os.replace)
 
     def list(self, prefix: str = "") -> list[str]:
         try:
@@ -193,14 +192,10 @@ class LocalObjects(Objects):
             return None
 
     def create_if_absent(self, key: str, data: bytes) -> None:
-        path = self._file(key)
-        tmp = self._temp(path, data)
         try:
-            os.link(tmp, path)
+            self._place(key, data, os.link)  # link fails if the key exists: never overwritten
         except FileExistsError:
             raise AlreadyExists(key) from None
-        finally:
-            tmp.unlink()
 
 
 class FsspecObjects(Objects):

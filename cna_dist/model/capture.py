@@ -13,7 +13,8 @@ it has queued the next batch, so the GPU computes batch k+1 while the host files
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,6 +44,38 @@ class Pending:
         return self.host.numpy()
 
 
+class LastTokenRows:
+    """Forward pre-hooks on down_proj modules: inside `into(buffer)`, each forward writes module k's input at the last
+    position (left padding puts every row's last real token there) into buffer[:, k], on the device.
+
+    Single-device capture, pipeline stages and the stream engine all record rows through this one mechanism.
+    """
+
+    def __init__(self, projs: Sequence[torch.nn.Module]):
+        self.buffer: torch.Tensor | None = None
+        self._handles = [p.register_forward_pre_hook(self._hook(k)) for k, p in enumerate(projs)]
+
+    def _hook(self, k: int) -> Callable:
+        def hook(module: torch.nn.Module, args: tuple) -> None:
+            if self.buffer is not None:
+                self.buffer[:, k].copy_(args[0][:, -1], non_blocking=True)
+
+        return hook
+
+    @contextmanager
+    def into(self, buffer: torch.Tensor) -> Iterator[torch.Tensor]:
+        self.buffer = buffer
+        try:
+            yield buffer
+        finally:
+            self.buffer = None
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
 class Capturer:
     """Hooks registered once on every down_proj; each forward fills one device buffer [batch, layer, neuron]."""
 
@@ -55,22 +88,12 @@ class Capturer:
         self.device = self.decoder.embed_tokens.weight.device
         self.cuda = self.device.type == "cuda"
         self._attention_mask = device_mask_maker(model)
-        self._buffer: torch.Tensor | None = None
+        self._rows = LastTokenRows(self.projs)  # registered once, for the capturer's life
         self._slots: dict[tuple[int, torch.dtype], torch.Tensor] = {}
         self._submitted = 0
-        self._handles = [p.register_forward_pre_hook(self._hook(layer)) for layer, p in enumerate(self.projs)]
-
-    def _hook(self, layer: int) -> Callable:
-        def hook(module: torch.nn.Module, args: tuple) -> None:
-            if self._buffer is not None:
-                self._buffer[:, layer].copy_(args[0][:, -1], non_blocking=True)
-
-        return hook
 
     def close(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
+        self._rows.close()
 
     def __enter__(self) -> Capturer:
         return self
@@ -94,16 +117,12 @@ class Capturer:
         mask = batch.attention_mask.to(self.device, non_blocking=True)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         dtype = self.projs[0].weight.dtype
-        self._buffer = torch.empty(
-            (ids.shape[0], self.n_layers, self.intermediate_size), dtype=dtype, device=self.device
-        )
-        try:
+        buffer = torch.empty((ids.shape[0], self.n_layers, self.intermediate_size), dtype=dtype, device=self.device)
+        with self._rows.into(buffer):
             self.decoder(
                 input_ids=ids, attention_mask=self._attention_mask(mask), position_ids=positions, use_cache=False
             )
-            return self._buffer
-        finally:
-            self._buffer = None
+        return buffer
 
     @torch.inference_mode()
     def submit(self, batch: Batch, dtype: str, overflow: torch.Tensor) -> Pending:

@@ -137,22 +137,25 @@ def localize(uri: str, storage_options: dict[str, Any] | None = None) -> Path:
     return _cached_copy(uri, storage_options, "models", lambda name: True)
 
 
-def localize_tokenizer(uri: str, storage_options: dict[str, Any] | None = None) -> Path:
+def localize_tokenizer(uri: str, storage_options: dict[str, Any] | None = None, *, fp: str | None = None) -> Path:
     """A local folder with the checkpoint's config and tokenizer files and no weights: what the driver needs.
 
     The driver renders and tokenizes prompts but never runs the model, so for a remote checkpoint it copies every
-    file except the weight files (a few MB of a 145 GB model); the replicas copy the rest on their nodes.
+    file except the weight files (a few MB of a 145 GB model); the replicas copy the rest on their nodes. `fp`: the
+    checkpoint's fingerprint when the caller has it already (it costs a listing and a config read).
     """
-    return _cached_copy(uri, storage_options, "tokenizers", lambda name: not name.endswith(WEIGHT_SUFFIXES))
+    return _cached_copy(uri, storage_options, "tokenizers", lambda name: not name.endswith(WEIGHT_SUFFIXES), fp)
 
 
-def _cached_copy(uri: str, storage_options: dict[str, Any] | None, kind: str, wanted: Any) -> Path:
+def _cached_copy(
+    uri: str, storage_options: dict[str, Any] | None, kind: str, wanted: Any, fp: str | None = None
+) -> Path:
     """The files `wanted(name)` picks of a remote checkpoint, copied once per node under a file lock."""
     if urimod.is_local(uri):
         return Path(urimod.filesystem(uri)[1])
     from filelock import FileLock
 
-    fp = fingerprint(uri, storage_options)
+    fp = fp or fingerprint(uri, storage_options)
     target = cache_dir() / kind / fp
     target.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(target) + ".lock"):

@@ -30,11 +30,11 @@ import torch
 
 from cna_dist.model.backend import CAAVectors, Part, Prompts
 from cna_dist.model.batching import Batch, Limits, batches
-from cna_dist.model.capture import STORE_DTYPES, to_store
+from cna_dist.model.capture import STORE_DTYPES, LastTokenRows, to_store
 from cna_dist.model.checkpoint import inspect, load_tokenizer, torch_dtype
 from cna_dist.model.engines import compute_bound_tokens
 from cna_dist.model.pipeline import stage_devices
-from cna_dist.model.stage import Stage, load_stage
+from cna_dist.model.stage import Stage, load_stage, stage_config
 
 
 def _event(stream: Any) -> Any:
@@ -113,6 +113,7 @@ class StreamBackend:
         self, path: Path, pad_id: int, *, device: str | torch.device, dtype: str, hidden_budget_bytes: int | None = None
     ):
         info = inspect(str(path))
+        self.config = stage_config(Path(path))  # parsed once, not once per layer and shard
         self.path, self.pad_id, self.dtype = Path(path), pad_id, dtype
         self.device = torch.device(device)
         self.n_layers, self.intermediate_size = info.n_layers, info.intermediate_size
@@ -125,7 +126,6 @@ class StreamBackend:
         self._live = 0
         self.peak_live_layers = 0
         self.spilled = False  # whether the last call kept its hidden states on the host
-        self._buffer: torch.Tensor | None = None  # the down_proj hook's target: this micro-batch's rows
 
     @classmethod
     def load(cls, path: Path, *, dtype: str, gpus: int, hidden_budget_bytes: int | None = None) -> StreamBackend:
@@ -184,6 +184,9 @@ class StreamBackend:
             if pending is not None:
                 self._discard(pending)
 
+    def _layer(self, layer: int) -> Stage:
+        return load_stage(self.path, layer, layer + 1, device=self.device, dtype=self.dtype, config=self.config)
+
     def _compute_stream(self) -> Any:
         return None if self._side is None else torch.cuda.current_stream(self.device)
 
@@ -193,7 +196,7 @@ class StreamBackend:
         with torch.cuda.stream(self._side) if self._side is not None else nullcontext():
             if freed is not None:
                 self._side.wait_event(freed)
-            stage = load_stage(self.path, layer, layer + 1, device=self.device, dtype=self.dtype)
+            stage = self._layer(layer)
             ready = _event(self._side)
         with self._lock:
             self._live += 1
@@ -225,31 +228,26 @@ class StreamBackend:
         """One layer over every micro-batch: its rows [prompts in plan order, neurons], in the store dtype."""
         n_rows = sum(len(b.indices) for b in plan)
         rows = torch.empty((n_rows, self.intermediate_size), dtype=stage.dtype, device=self.device)
-        handle = stage.down_projs()[0].register_forward_pre_hook(self._hook)
+        recorder = LastTokenRows(stage.down_projs())
         start = 0
         try:
             for i, batch in enumerate(plan):
-                self._buffer = rows[start : start + len(batch.indices)]
-                hidden.put(i, stage(hidden.get(i), masks[i]))
+                with recorder.into(rows[start : start + len(batch.indices)].unsqueeze(1)):  # [rows, 1 layer, neurons]
+                    hidden.put(i, stage(hidden.get(i), masks[i]))
                 start += len(batch.indices)
         finally:
-            self._buffer = None
-            handle.remove()
+            recorder.close()
         return to_store(rows, dtype, overflow)
-
-    def _hook(self, module: torch.nn.Module, args: tuple) -> None:
-        if self._buffer is not None:
-            self._buffer.copy_(args[0][:, -1], non_blocking=True)
 
     def advise(self, mean_tokens: float, limits: Limits) -> dict[str, Any]:
         """How many prompts a shard needs to keep the device compute-bound, measured here: one layer's load time
         (the real path: safetensors to the device) against its compute speed on batches of `mean_tokens` tokens."""
         layer = self.n_layers // 2  # a plain decoder layer (layer 0 also loads the embedding)
-        warm = load_stage(self.path, layer, layer + 1, device=self.device, dtype=self.dtype)  # imports, caches
+        warm = self._layer(layer)  # the first load pays imports and caches, not what a steady load costs
         del warm
         self._sync()
         start = time.perf_counter()
-        stage = load_stage(self.path, layer, layer + 1, device=self.device, dtype=self.dtype)
+        stage = self._layer(layer)
         self._sync()
         load_s = time.perf_counter() - start
         weight_bytes = sum(p.numel() * p.element_size() for p in stage.parameters())

@@ -30,7 +30,7 @@ import torch
 
 from cna_dist.model.backend import CAAVectors, Part, Prompts
 from cna_dist.model.batching import Batch, Limits, batches
-from cna_dist.model.capture import STORE_DTYPES, to_store
+from cna_dist.model.capture import STORE_DTYPES, LastTokenRows, to_store
 from cna_dist.model.checkpoint import load_tokenizer
 from cna_dist.model.stage import Stage, load_stage
 
@@ -93,15 +93,7 @@ class _Worker(threading.Thread):
         self.stream = torch.cuda.Stream(stage.device) if self.cuda else None
         projs = stage.down_projs()
         self.width = projs[0].in_features
-        self.buffer: torch.Tensor | None = None
-        self.handles = [p.register_forward_pre_hook(self._hook(k)) for k, p in enumerate(projs)]
-
-    def _hook(self, k: int) -> Any:
-        def hook(module: torch.nn.Module, args: tuple) -> None:
-            if self.buffer is not None:
-                self.buffer[:, k].copy_(args[0][:, -1], non_blocking=True)
-
-        return hook
+        self.rows = LastTokenRows(projs)
 
     def run(self) -> None:
         while (item := self.inbox.get()) is not _STOP:
@@ -114,6 +106,7 @@ class _Worker(threading.Thread):
                 self.outbox.put(item)
             else:
                 item.call.batch_left()
+        self.rows.close()
         if self.outbox is not None:
             self.outbox.put(_STOP)
 
@@ -127,12 +120,9 @@ class _Worker(threading.Thread):
             x = item.x.to(device, non_blocking=True)  # input ids from pinned host memory on the first stage
             mask = item.batch.attention_mask.to(device, non_blocking=True)
             shape = (x.shape[0], self.stage.hi - self.stage.lo, self.width)
-            self.buffer = torch.empty(shape, dtype=self.stage.dtype, device=device)
-            try:
+            with self.rows.into(torch.empty(shape, dtype=self.stage.dtype, device=device)) as buffer:
                 hidden = self.stage(x, mask)
-                values = to_store(self.buffer, call.dtype, call.overflow[self.index])
-            finally:
-                self.buffer = None
+            values = to_store(buffer, call.dtype, call.overflow[self.index])
             self._file(item, values)
             if self.next_device is not None:  # sent by this stage, on its stream: ordered after the compute
                 hidden = hidden.to(self.next_device, non_blocking=True)

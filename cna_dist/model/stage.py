@@ -133,14 +133,23 @@ class Stage(torch.nn.Module):
         }
 
 
-def load_stage(path: Path, lo: int, hi: int, *, device: str | torch.device = "cpu", dtype: str = "float32") -> Stage:
+def load_stage(
+    path: Path,
+    lo: int,
+    hi: int,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: str = "float32",
+    config: Any | None = None,
+) -> Stage:
     """Layers [lo, hi) (and the embedding when lo == 0) of the checkpoint folder `path`.
 
-    Reads config.json and only this stage's tensors, straight onto `device`, converted to `dtype` (names as in
-    `checkpoint.torch_dtype`). A tensor missing from the checkpoint or of the wrong shape is BadInput.
+    Reads config.json (unless a `stage_config(path)` is given: a loader of many stages parses it once) and only
+    this stage's tensors, straight onto `device`, converted to `dtype` (names as in `checkpoint.torch_dtype`). A
+    tensor missing from the checkpoint or of the wrong shape is BadInput.
     """
     path = Path(path)
-    config = _config(path)
+    config = config if config is not None else stage_config(path)
     n_layers = config.num_hidden_layers
     if not 0 <= lo < hi <= n_layers:
         raise ValueError(f"stage layers [{lo}, {hi}) are not a non-empty range inside [0, {n_layers})")
@@ -151,7 +160,7 @@ def load_stage(path: Path, lo: int, hi: int, *, device: str | torch.device = "cp
     return stage
 
 
-def _config(path: Path) -> Any:
+def stage_config(path: Path) -> Any:
     """The checkpoint's config with SDPA attention, as `hf.load` loads the full model."""
     from transformers import AutoConfig
 
