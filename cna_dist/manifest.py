@@ -18,6 +18,10 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def _whole(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
 class ModelSpec(Strict):
     uri: str
     revision: str | None = None
@@ -34,13 +38,28 @@ class ModelSpec(Strict):
     # Pipeline stages: a count (balanced by layers) or explicit [lo, hi) layer ranges; default one per GPU.
     stages: int | list[tuple[int, int]] | None = None
 
-    @field_validator("stages")
+    @field_validator("stages", mode="before")
     @classmethod
-    def _stages(cls, v: int | list[tuple[int, int]] | None) -> int | list[tuple[int, int]] | None:
-        if isinstance(v, int) and v < 1:
-            raise ValueError(f"a pipeline needs at least one stage, got {v}")
-        if isinstance(v, list) and not v:
-            raise ValueError("no stages given")
+    def _stages(cls, v: Any) -> Any:
+        """A count, or [lo, hi] pairs of whole numbers; said plainly (a YAML `true` is not a count)."""
+        if v is None:
+            return v
+        if isinstance(v, int) and not isinstance(v, bool):
+            if v < 1:
+                raise ValueError(f"a pipeline needs at least one stage, got {v}")
+            return v
+        pairs = (
+            isinstance(v, list)
+            and v
+            and all(
+                isinstance(p, list | tuple)
+                and len(p) == 2
+                and all(isinstance(x, int) and not isinstance(x, bool) for x in p)
+                for p in v
+            )
+        )
+        if not pairs:
+            raise ValueError("expected a number of stages or a list of [lo, hi] layer ranges, e.g. [[0, 20], [20, 40]]")
         return v
 
 

@@ -115,3 +115,10 @@ def test_compute_bound_tokens() -> None:
     assert engines.compute_bound_tokens(1e-9, 1.0) == 1
     with pytest.raises(ValueError, match="positive"):
         engines.compute_bound_tokens(0.0, 10)
+
+
+@pytest.mark.parametrize("stages", [True, [[0, 2, 3]], "two", [], [[True, 4]], [[0, 2.5], [2.5, 4]]], ids=str)
+def test_stages_of_the_wrong_shape_are_refused_plainly(workspace: Path, stages: object) -> None:
+    with pytest.raises(BadInput, match=r"a number of stages or a list of \[lo, hi\] layer ranges") as info:
+        manifest_with(workspace, engine="pipeline", stages=stages)
+    assert info.value.field == "model.stages"
