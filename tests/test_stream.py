@@ -79,20 +79,45 @@ def test_global_scope_equals_in_memory_with_heavy_ties(
             np.testing.assert_allclose(got.delta, expected.delta, rtol=0, atol=1e-9)
 
 
-def test_prompt_thresholds_are_each_prompts_nth_by_value_then_id(tmp_path: Path) -> None:
-    run, rows, acts = tied_store(tmp_path, "float32", seed=3)
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+@pytest.mark.parametrize("block", [1, 2, 5])
+def test_group_top_counts_count_each_prompts_top_n_by_value_then_id(tmp_path: Path, dtype: str, block: int) -> None:
+    """Heavy ties, zeros of both signs: each prompt's top set is its n first in (-|value|, id) order, nothing else."""
+    run, rows, acts = tied_store(tmp_path, dtype, seed=3)
+    acts["diverse"][0, 1, :] = -0.0  # -0.0 ranks with 0.0, by id
+    acts["diverse"][0, 0, :] = 0.0
+    rewrite(run, rows["diverse"][0], acts["diverse"][0])
     n = 17
-    values, ids = stream.prompt_thresholds(run, rows["diverse"], 2, n)
-    for p, row in enumerate(acts["diverse"]):
+    ids, counts = stream.group_top_counts(run, rows["diverse"], block, n)
+    expected = np.zeros(N_LAYERS * WIDTH, dtype=np.int64)
+    for row in acts["diverse"]:
         ranked = sorted((-abs(float(x)), i) for i, x in enumerate(row.reshape(-1)))
-        assert (values[p], ids[p]) == (-ranked[n - 1][0], ranked[n - 1][1])
+        expected[[i for _, i in ranked[:n]]] += 1
+    got = np.zeros_like(expected)
+    got[ids] = counts
+    np.testing.assert_array_equal(got, expected)
 
 
-def test_threshold_groups_cover_every_prompt_once_within_cap() -> None:
+def rewrite(run: Run, row: int, values: np.ndarray) -> None:
+    """Overwrite one stored row in place (a test-only edit of committed data)."""
+    arr = run.array()
+    arr[row] = values
+
+
+def test_a_nan_in_a_diverse_row_is_an_error_naming_the_row(tmp_path: Path) -> None:
+    run, rows, acts = tied_store(tmp_path, "float16", seed=4)
+    bad = acts["diverse"][2].copy()
+    bad[3, 7] = np.nan
+    rewrite(run, rows["diverse"][2], bad)
+    with pytest.raises(ValueError, match=rf"store rows \[{rows['diverse'][2]}\] hold NaN"):
+        stream.group_top_counts(run, rows["diverse"], 2, 5)
+
+
+def test_prompt_groups_cover_every_prompt_once_within_cap() -> None:
     rng = np.random.default_rng(0)
     rows = rng.integers(0, 200, 300)  # duplicates and crowded chunks
     for cap in (1, 4, 16, 64):
-        groups = stream.threshold_groups(rows, 16, cap)
+        groups = stream.prompt_groups(rows, 16, cap)
         assert all(0 < g.size <= cap for g in groups)
         np.testing.assert_array_equal(np.sort(np.concatenate(groups)), np.arange(rows.size))
         for chunk in np.unique(rows // 16):
@@ -102,15 +127,30 @@ def test_threshold_groups_cover_every_prompt_once_within_cap() -> None:
                 assert holders == 1  # a chunk's prompts share one task unless they are more than cap
 
 
-def test_driver_receives_one_threshold_per_prompt(tmp_path: Path) -> None:
-    """The driver's memory for the global pass is 16 bytes per diverse prompt, not [prompts, n] per block."""
+def test_driver_folds_one_bounded_result_at_a_time(tmp_path: Path) -> None:
+    """The driver takes each task's result as the mapper yields it: at most [prompts, n] (id, count) pairs per group
+    task, never all of them at once, and every row is read once."""
     run, rows, acts = tied_store(tmp_path, "float16", seed=5)
-    returned: dict[str, list] = {}
+    held: list[int] = []
+    reads: list[int] = []
+    original = run.read_blocks
 
-    def recording(fn, args):
-        out = stream.local_map(fn, args)
-        returned.setdefault(fn.__name__, []).extend(out)
-        return out
+    def counting(rows_, blocks, prefetch=1):
+        for item in original(rows_, blocks, prefetch):
+            reads.append(item[1].size)
+            yield item
+
+    run.read_blocks = counting  # type: ignore[method-assign]
+
+    def streaming(fn, args):
+        for a in args:
+            out = fn(*a)
+            if fn is stream.group_top_counts:
+                held.append(out[0].size)
+                assert out[0].size <= a[1].size * a[3]
+            yield out
+            if fn is stream.group_top_counts:
+                held.pop()  # the driver has folded it: the next result comes only now
 
     stream.reduce_store(
         run,
@@ -121,11 +161,11 @@ def test_driver_receives_one_threshold_per_prompt(tmp_path: Path) -> None:
         universal_threshold=0.8,
         universal_scope="global",
         layers_per_block=1,
-        mapper=recording,
+        mapper=streaming,
     )
-    parts = returned["prompt_thresholds"]
-    assert sum(v.size + i.size for v, i in parts) == 2 * rows["diverse"].size
-    assert "block_prompt_tops" not in returned
+    assert held == []
+    total = sum(v.size for v in rows.values())
+    assert sum(reads) == total * N_LAYERS  # each row of each layer block read once
 
 
 @pytest.mark.slow
@@ -158,8 +198,7 @@ def test_benchmark_prints_its_figures(tmp_path: Path) -> None:
         "reduce: ",
         "ratio reduce/plain read throughput:",
         "task peak block_moments (1 tasks): RSS +",
-        "task peak prompt_thresholds (1 tasks): RSS +",
-        "task peak block_counts (1 tasks): RSS +",
+        "task peak group_top_counts (1 tasks): RSS +",
         "driver peak (tracemalloc",
         "--- summary ---",
         "command: .venv/bin/python benchmarks/reduce.py --layers 4",
@@ -168,3 +207,52 @@ def test_benchmark_prints_its_figures(tmp_path: Path) -> None:
     ):
         assert line in out, f"{line!r} missing from:\n{out}"
     assert out.count("GB/s") >= 4 and "FAIL" not in out
+
+
+@pytest.mark.parametrize("case", ["random", "ties", "sample_misleads", "short"])
+def test_candidates_hold_every_key_of_the_rows_top_n(case: str) -> None:
+    """Not yet full, the candidates must include the row's whole top n (by key, then position): whatever the
+    sample guesses, including a row built so that the sample sees only the largest keys (the fallback)."""
+    rng = np.random.default_rng(7)
+    n, size = 20, 8192
+    if case == "random":
+        row = rng.integers(0, 60000, size).astype(np.uint16)
+    elif case == "ties":
+        row = rng.integers(0, 3, size).astype(np.uint16)
+    elif case == "sample_misleads":
+        row = np.zeros(size, np.uint16)
+        stride = size // (8 * n)
+        row[::stride] = 5  # every sampled key is large; only 52 keys are, fewer than the sample's 2n/stride rank
+        row[1] = 9
+        row[: 3 * stride : stride] = 7
+    else:
+        row, n = rng.integers(0, 5, 15).astype(np.uint16), 20
+    keep = stream._candidates(row, -1, n)
+    top = sorted(range(row.size), key=lambda i: (-int(row[i]), i))[:n]
+    assert set(top) <= set(keep.tolist())
+    assert keep.size < row.size or case in ("ties", "short")
+    full = stream._candidates(row, int(row[top[-1]]), n)
+    assert set(top) <= set(full.tolist())
+
+
+def test_group_top_counts_on_wide_rows_use_the_sampled_floor(tmp_path: Path) -> None:
+    """Rows wide enough (a block of 2 x 2048 neurons, n = 9) for the sampled floor, with ties: still exact."""
+    meta = run_meta(4, 2048, "float16", fingerprint="f" * 64)
+    run = ActivationStore(str(tmp_path / "store")).open_run(meta)
+    rng = np.random.default_rng(11)
+    data = rng.integers(-40, 41, (24, 4, 2048)).astype(np.float16)
+    data[5] = 0.0
+    hashes = [hashlib.sha256(f"w{i}".encode()).hexdigest() for i in range(24)]
+    for plan in run.plan(hashes):
+        run.write_shard(plan, data[[hashes.index(h) for h in plan.hashes]])
+    index = run.row_index()
+    rows = np.array([index[h] for h in hashes])
+    n = 9
+    ids, counts = stream.group_top_counts(run, rows, 2, n)
+    expected = np.zeros(4 * 2048, dtype=np.int64)
+    for row in data:
+        flat = np.abs(row.astype(np.float64)).reshape(-1)
+        expected[np.lexsort((np.arange(flat.size), -flat))[:n]] += 1
+    got = np.zeros_like(expected)
+    got[ids] = counts
+    np.testing.assert_array_equal(got, expected)

@@ -66,6 +66,44 @@ def top_ids(scores: np.ndarray, ids: np.ndarray, k: int) -> np.ndarray:
     return ids[top_order(scores, ids, k)]
 
 
+# |x| as an unsigned integer of the same width: IEEE floats order by their bits once the sign bit is cleared, so
+# comparisons, partitions and ties on these keys are exactly those on |x| (-0.0 == 0.0, subnormals in order), at
+# integer speed and with no float64 copy. A NaN's key is above the infinity's, so callers can tell it apart.
+_KEY_BITS = {2: (np.uint16, 0x7FFF, 0x7C00), 4: (np.uint32, 0x7FFFFFFF, 0x7F800000)}
+
+
+def _key_bits(dtype: np.dtype) -> tuple[type, int, int]:
+    dtype = np.dtype(dtype)
+    if dtype.kind != "f" or dtype.itemsize not in _KEY_BITS:
+        raise ValueError(f"magnitude keys need float16 or float32, not {dtype}")
+    return _KEY_BITS[dtype.itemsize]
+
+
+def magnitude_keys(acts: np.ndarray, *, in_place: bool = False) -> np.ndarray:
+    """Integer keys ordered as |acts|; `nan_key_above` tells whether any was NaN.
+
+    `in_place` overwrites `acts` (its sign bits) rather than allocating: for a block read only to be ranked.
+    """
+    view, mask, _ = _key_bits(acts.dtype)
+    bits = acts.view(view)
+    return np.bitwise_and(bits, view(mask), out=bits if in_place else None)
+
+
+def nan_key_above(keys: np.ndarray, dtype: np.dtype) -> bool:
+    return keys.size > 0 and int(keys.max()) > _key_bits(dtype)[2]
+
+
+def keys_of(magnitudes: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """The keys of |values| given as float64 magnitudes of `dtype` values (exact: each is a `dtype` value)."""
+    return magnitude_keys(np.asarray(magnitudes).astype(dtype))
+
+
+def magnitudes_of(keys: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """float64 |value| of each key: the inverse of `keys_of`."""
+    view, _, _ = _key_bits(dtype)
+    return np.asarray(keys).astype(view).view(dtype).astype(np.float64)
+
+
 def prompt_top_mask(acts: np.ndarray, fraction: float, scope: str) -> np.ndarray:
     """Boolean [layers, neurons]: the prompt's top fraction of neurons by |activation|, exactly n of them."""
     a = np.abs(acts.astype(np.float64, copy=False))

@@ -18,8 +18,10 @@ before it hands out shards.
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import hashlib
 import json
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -27,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from cna_dist.errors import BadInput, RunFailure
+from cna_dist.io import integrity
 from cna_dist.io import uri as urimod
 from cna_dist.io.lease import Lease
 
@@ -175,14 +178,7 @@ class Run:
         return out
 
     def _marker(self, name: str, base: str) -> dict[str, Any]:
-        try:
-            marker = json.loads(self.fs.cat_file(name))
-            shard, rows = int(marker["shard"]), list(marker["rows"])
-            if shard != int(base[:-5]) or not all(isinstance(r, str) and len(r) == 64 for r in rows):
-                raise ValueError("shard number or row hashes malformed")
-        except Exception as exc:  # noqa: BLE001 - name the object and stop: never guess at a marker
-            raise RunFailure(f"corrupt commit marker {name}: {type(exc).__name__}: {exc}") from exc
-        return marker
+        return integrity.marker(self.fs.cat_file(name), name, self.meta.shard_rows)
 
     def committed(self) -> dict[int, list[str]]:
         """Shard -> row hashes, for every shard whose marker exists."""
@@ -236,6 +232,9 @@ class Run:
         expected = (len(plan.hashes), hi - lo, self.meta.intermediate_size)
         if acts.shape != expected:
             raise RunFailure(f"shard {plan.shard}: activations of shape {acts.shape} do not match {expected}")
+        if has_nan(acts):  # NaN is the fill of a chunk never written: stored, it would read as missing data
+            row = int(np.flatnonzero(np.isnan(acts).any(axis=(1, 2)))[0])
+            raise RunFailure(f"shard {plan.shard}: the activations of row {plan.start + row} hold NaN; nothing written")
         self.array()[plan.start : plan.start + len(plan.hashes), lo:hi] = acts
         return WrittenPart(plan.shard, lo, hi, int(acts.nbytes))
 
@@ -269,37 +268,67 @@ class Run:
         self.commit(plan, [self.write_rows(plan, acts, slice(0, self.meta.n_layers))], writer)
 
     # -- reading blocks --------------------------------------------------------------------------------------
-    def read_rows(self, rows: np.ndarray, layers: slice) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Yield (positions in `rows`, activations [n, layer block, neuron]) one row chunk at a time.
+    def read_rows(self, rows: np.ndarray, layers: slice, prefetch: int = 1) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Yield (positions in `rows`, activations [n, layer block, neuron]) one row chunk at a time."""
+        for _, positions, acts in self.read_blocks(rows, [layers], prefetch):
+            yield positions, acts
 
-        Memory stays at one chunk row-range of the layer block whatever the store size. A chunk that is
-        missing (reads as the NaN fill) or fails its checksum is an error naming the chunk.
+    def read_blocks(
+        self, rows: np.ndarray, blocks: list[slice], prefetch: int = 1
+    ) -> Iterator[tuple[slice, np.ndarray, np.ndarray]]:
+        """Yield (layer block, positions in `rows`, activations [n, block, neuron]): each block, a row chunk at a time.
+
+        Memory stays at `prefetch` + 1 chunk row-ranges of a block whatever the store size: a reader thread fetches
+        and decodes the next chunk, across block boundaries too, while the caller computes on this one. A chunk that
+        is missing (reads as the NaN fill) or fails its checksum is an error naming the chunk. The arrays yielded
+        are the caller's to modify.
         """
         arr = self.array(mode="r")
-        r = self.meta.rows_per_chunk
         order = np.argsort(rows, kind="stable")
         sorted_rows = rows[order]
-        chunk_of = sorted_rows // r
-        for c in np.unique(chunk_of):
-            sel = np.flatnonzero(chunk_of == c)
-            lo = int(c) * r
-            hi = min(lo + r, arr.shape[0])
+        bounds = np.flatnonzero(np.diff(sorted_rows // self.meta.rows_per_chunk)) + 1
+        pieces = list(zip(np.split(order, bounds), np.split(sorted_rows, bounds), strict=True))
+        work = [(layers, positions, wanted) for layers in blocks for positions, wanted in pieces]
+        with cf.ThreadPoolExecutor(1, thread_name_prefix="cna-read") as reader:
+            pending: deque[tuple[slice, np.ndarray, cf.Future]] = deque()
             try:
-                block = np.asarray(arr[lo:hi, layers])
-            except Exception as exc:  # noqa: BLE001
-                raise RunFailure(
-                    f"cannot read {self.root}/acts rows {lo}:{hi} layers "
-                    f"{layers.start}:{layers.stop}: {type(exc).__name__}: {exc}"
-                ) from exc
-            picked = block[sorted_rows[sel] - lo]
-            del block
-            if has_nan(picked):
-                bad = int(sorted_rows[sel][np.isnan(picked).any(axis=(1, 2))][0])
-                raise RunFailure(
-                    f"missing data in {self.root}/acts chunk {bad // r}.{layers.start or 0}.0 "
-                    f"(row {bad}): the chunk is absent or holds NaN"
-                )
-            yield order[sel], picked
+                for layers, positions, wanted in work:
+                    pending.append((layers, positions, reader.submit(self._read_chunk, arr, wanted, layers)))
+                    if len(pending) > prefetch:
+                        done, at, future = pending.popleft()
+                        yield done, at, future.result()
+                while pending:
+                    done, at, future = pending.popleft()
+                    yield done, at, future.result()
+            finally:
+                for _, _, future in pending:
+                    future.cancel()
+
+    def _read_chunk(self, arr: Any, wanted: np.ndarray, layers: slice) -> np.ndarray:
+        """The wanted rows (sorted, all in one row chunk) of a layer block; a view when they are the whole range."""
+        r = self.meta.rows_per_chunk
+        lo = int(wanted[0]) // r * r
+        hi = min(lo + r, arr.shape[0])
+        try:
+            block = np.asarray(arr[lo:hi, layers])
+        except Exception as exc:  # noqa: BLE001
+            raise RunFailure(
+                f"cannot read {self.root}/acts rows {lo}:{hi} layers "
+                f"{layers.start}:{layers.stop}: {type(exc).__name__}: {exc}"
+            ) from exc
+        first, n = int(wanted[0]) - lo, wanted.size
+        contiguous = int(wanted[-1]) - int(wanted[0]) == n - 1 and np.all(np.diff(wanted) == 1)
+        picked = block[first : first + n] if contiguous else block[wanted - lo]
+        # Writes refuse NaN, so a NaN can only be the fill of a chunk never written: each (row, layer) is in one
+        # chunk spanning every neuron, so neuron 0 of each tells, at a 1/width of the cost of a full scan.
+        probe = picked[:, :, 0]
+        if np.isnan(probe).any():
+            bad = int(wanted[np.isnan(probe).any(axis=1)][0])
+            raise RunFailure(
+                f"missing data in {self.root}/acts chunk {bad // r}.{layers.start or 0}.0 "
+                f"(row {bad}): the chunk is absent or holds NaN"
+            )
+        return picked
 
     def nbytes(self) -> int:
         try:
@@ -328,16 +357,18 @@ class ActivationStore:
             return None
         except Exception as exc:  # noqa: BLE001
             raise RunFailure(f"corrupt run metadata {path}: {type(exc).__name__}: {exc}") from exc
-        try:
-            return RunMeta(**data)
-        except TypeError as exc:
-            raise RunFailure(f"corrupt run metadata {path}: {exc}") from exc
+        meta = RunMeta(**integrity.run_meta_fields(data, path, RunMeta))
+        if run_id(meta) != run:
+            raise RunFailure(f"{path} was written for another model or capture: its values give run {run_id(meta)}")
+        return meta
 
     def lease(self, run: str, **options: Any) -> Lease:
         """The lease a driver holds on `run` while it plans and captures (see cna_dist.io.lease)."""
         return Lease(f"{urimod.join(self.uri, 'runs', run)}/lease.json", self.storage_options, **options)
 
     def check_writable(self) -> None:
+        if urimod.is_local(self.uri):
+            return  # validate checked a local folder's permissions without creating it: bad input writes nothing
         probe = f"{self.path}/.write-probe"
         try:
             self.fs.pipe_file(probe, b"ok")
@@ -365,7 +396,9 @@ class ActivationStore:
                     f"{self.uri}/runs/{run}/run.json was written for another model or capture "
                     f"({existing.key()}), not {meta.key()}"
                 )
-            return Run(self.uri, run, existing, self.storage_options)
+            handle = Run(self.uri, run, existing, self.storage_options)
+            integrity.check_array(existing, handle.array(mode="r"), f"{self.path}/runs/{run}/run.json")
+            return handle
         if not create:
             raise RunFailure(f"no run {run} in {self.uri}")
         itemsize = np.dtype(meta.dtype).itemsize
@@ -390,6 +423,7 @@ class ActivationStore:
             dtype=meta.dtype,
             fill_value=np.nan,
             compressors=[Crc32cCodec()],
+            attributes={integrity.ARRAY_ATTRIBUTE: asdict(full)},
             overwrite=True,
             storage_options=handle._zarr_options(),
         )

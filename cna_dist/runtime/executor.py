@@ -6,7 +6,8 @@ Ray cluster, runs replicas as actors and tasks as Ray tasks. `mine` and `eval` t
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Protocol
 
 from cna_dist.io.stream import local_map
@@ -25,7 +26,7 @@ class Executor(Protocol):
 
     def release_replicas(self) -> None: ...
 
-    def map(self, fn: Callable[..., Any], args: Sequence[tuple]) -> list[Any]:
+    def map(self, fn: Callable[..., Any], args: Sequence[tuple]) -> Iterable[Any]:
         """`fn(*a)` for each `a`, results in order: the reduce's tasks."""
         ...
 
@@ -128,10 +129,12 @@ class RayExecutor:
         """Kill the replica actors so their CPUs and GPUs go to the reduce tasks."""
         self._replicas.release()
 
-    def map(self, fn: Callable[..., Any], args: Sequence[tuple]) -> list[Any]:
+    def map(self, fn: Callable[..., Any], args: Sequence[tuple]) -> Iterator[Any]:
+        """Every task submitted now; results fetched in order as the caller consumes them, so the driver holds one
+        result at a time (the others wait in Ray's object store) whatever the number of tasks."""
         ray = self._ray()
         task = ray.remote(num_cpus=1, max_retries=self.settings.max_retries)(fn)
-        return ray.get([task.remote(*a) for a in args])
+        return _in_order(ray, deque(task.remote(*a) for a in args))
 
     def close(self) -> None:
         import ray
@@ -146,6 +149,12 @@ class RayExecutor:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _in_order(ray: Any, refs: deque) -> Iterator[Any]:
+    """Each result as it is consumed; its reference dropped at once, so Ray may free it."""
+    while refs:
+        yield ray.get(refs.popleft())
 
 
 def open_executor(address: str | None = None, replicas: int | None = None, in_process: bool = False) -> Executor:
