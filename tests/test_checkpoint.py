@@ -4,6 +4,7 @@ the tokenizer's pad token, and the MLP layers the hooks attach to (loading and l
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import uuid
 from pathlib import Path
@@ -14,7 +15,7 @@ import pytest
 import torch
 
 from cna_dist.demo.models import save_random_model
-from cna_dist.errors import BadInput
+from cna_dist.errors import BadInput, RunFailure
 from cna_dist.io import uri as urimod
 from cna_dist.model import checkpoint as modelmod
 from cna_dist.model import hf
@@ -217,6 +218,7 @@ def test_localize_s3_copies_once_and_loads(
     with monkeypatch.context() as patch:
         patch.setattr(type(fs), "get", no_download)
         patch.setattr(type(fs), "get_file", no_download)
+        patch.setattr(modelmod.download, "copy", no_download)
         assert modelmod.localize(uri) == local
     assert {p.name: p.stat().st_mtime_ns for p in local.iterdir()} == mtimes
 
@@ -249,6 +251,140 @@ def test_localize_recovers_from_a_copy_without_its_complete_marker(tmp_path: Pat
     assert (target / ".complete").exists() and json.loads((target / "config.json").read_text())[
         "num_hidden_layers"
     ] == 2
+
+
+@pytest.fixture
+def s3_gets(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """Every ranged GET s3fs answers as (file name, start, end), and `hook(name, start, end, data) -> data` to fail,
+    shorten or watch one. s3fs binds its sync methods when a filesystem object is made, and fsspec caches those
+    objects, so the cache is emptied before (the copy's object gets the recording method) and after the test."""
+    import s3fs
+
+    state = SimpleNamespace(ranges=[], hook=None)
+    real = s3fs.S3FileSystem._cat_file
+
+    async def recording(self: Any, path: str, version_id: Any = None, start: Any = None, end: Any = None, **kw: Any):
+        data = await real(self, path, version_id, start, end, **kw)
+        if start is not None:
+            name = Path(path).name
+            data = state.hook(name, start, end, data) if state.hook else data
+            state.ranges.append((name, start, end))
+        return data
+
+    monkeypatch.setattr(s3fs.S3FileSystem, "_cat_file", recording)
+    s3fs.S3FileSystem.clear_instance_cache()
+    yield state
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+def fetched(ranges: list[tuple[str, int, int]], name: str) -> int:
+    return sum(end - start for n, start, end in ranges if n == name)
+
+
+def test_localize_s3_fetches_parallel_ranges_and_prints_the_throughput(
+    tmp_path: Path, cache: Path, s3_server: str, s3_gets: Any, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    folder = small(tmp_path / "m")
+    uri = upload(folder)
+    monkeypatch.setenv("CNA_DIST_DOWNLOAD_PART_SIZE", "4k")
+    monkeypatch.setenv("CNA_DIST_DOWNLOAD_CONCURRENCY", "3")
+    local = modelmod.localize(uri)
+    size = (folder / "model.safetensors").stat().st_size
+    weights = sorted((s, e) for n, s, e in s3_gets.ranges if n == "model.safetensors")
+    assert weights == [(s, min(s + 4096, size)) for s in range(0, size, 4096)] and len(weights) > 20
+    assert {p.name for p in local.iterdir()} == {p.name for p in folder.iterdir()} | {".complete"}
+    for source in folder.iterdir():
+        assert (local / source.name).read_bytes() == source.read_bytes(), source.name
+    total = sum(p.stat().st_size for p in folder.iterdir())
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert re.fullmatch(
+        rf"copied model {local.name[:12]}: 6 files, {total / 1024:.1f} KiB in [0-9.]+ s \([0-9]+ MB/s\), resumed 0 B",
+        line,
+    ), line
+
+
+def test_localize_s3_resumes_a_failed_copy_fetching_only_the_missing_ranges(
+    tmp_path: Path, cache: Path, s3_server: str, s3_gets: Any, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    folder = small(tmp_path / "m")
+    uri = upload(folder)
+    monkeypatch.setenv("CNA_DIST_DOWNLOAD_PART_SIZE", "4096")
+    monkeypatch.setenv("CNA_DIST_DOWNLOAD_CONCURRENCY", "1")
+
+    def reset(name: str, start: int, end: int, data: bytes) -> bytes:
+        if name == "model.safetensors" and start == 5 * 4096:
+            raise ConnectionResetError("injected")
+        return data
+
+    s3_gets.hook = reset
+    with pytest.raises(RunFailure, match=r"model.safetensors: fetching bytes 20480-24576 of [0-9]+ failed: injected"):
+        modelmod.localize(uri)
+    fp = modelmod.fingerprint(uri)
+    partial = cache / "models" / f"{fp}.partial"
+    assert not (cache / "models" / fp).exists() and not (partial / ".complete").exists()
+    assert fetched(s3_gets.ranges, "model.safetensors") == 5 * 4096 and fetched(s3_gets.ranges, "config.json") > 0
+
+    s3_gets.hook, s3_gets.ranges = None, []
+    local = modelmod.localize(uri)
+    size = (folder / "model.safetensors").stat().st_size
+    assert fetched(s3_gets.ranges, "model.safetensors") == size - 5 * 4096
+    assert fetched(s3_gets.ranges, "config.json") == 0  # copied before the failure and kept
+    assert (local / "model.safetensors").read_bytes() == (folder / "model.safetensors").read_bytes()
+    assert not partial.exists() and (local / ".complete").read_text() == fp
+    before = sum(p.stat().st_size for p in folder.iterdir() if p.name < "model.safetensors")  # copied in name order
+    assert capsys.readouterr().err.strip().endswith(f"resumed {(5 * 4096 + before) / 1024:.1f} KiB")
+
+
+def test_localize_s3_short_range_is_an_error_and_no_copy_is_complete(
+    tmp_path: Path, cache: Path, s3_server: str, s3_gets: Any
+) -> None:
+    uri = upload(small(tmp_path / "m"))
+    s3_gets.hook = lambda name, start, end, data: data[:-1] if name == "model.safetensors" else data
+    with pytest.raises(RunFailure, match=r"model.safetensors: fetching bytes 0-[0-9]+ of [0-9]+ failed: got [0-9]+"):
+        modelmod.localize(uri)
+    fp = modelmod.fingerprint(uri)
+    assert not (cache / "models" / fp).exists() and not (cache / "models" / f"{fp}.partial" / ".complete").exists()
+
+
+def test_localize_s3_rechecks_the_sizes_on_disk_after_the_copy(
+    tmp_path: Path, cache: Path, s3_server: str, s3_gets: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    uri = upload(small(tmp_path / "m"))
+    fp = modelmod.fingerprint(uri)
+    weights = cache / "models" / f"{fp}.partial" / "model.safetensors"
+    monkeypatch.setenv("CNA_DIST_DOWNLOAD_CONCURRENCY", "1")
+
+    def shrink(name: str, start: int, end: int, data: bytes) -> bytes:
+        if name == "tokenizer_config.json":  # the last file: the weights are on disk by now
+            with open(weights, "r+b") as f:
+                f.truncate(1000)  # something else cut the file
+        return data
+
+    s3_gets.hook = shrink
+    with pytest.raises(RunFailure, match=r"model.safetensors: 1000 bytes on disk, but .*/model.safetensors has"):
+        modelmod.localize(uri)
+    assert not (cache / "models" / fp).exists() and not weights.with_name(".complete").exists()
+    s3_gets.hook = None
+    assert (modelmod.localize(uri) / ".complete").exists()  # the cut file lost its parts and was fetched again
+
+
+def test_localize_tokenizer_copies_no_weights_and_refuses_a_stale_fingerprint(
+    tmp_path: Path, cache: Path, s3_server: str, s3_gets: Any
+) -> None:
+    uri = upload(small(tmp_path / "m"))
+    with pytest.raises(RunFailure, match=r"the checkpoint changed since its fingerprint 000000000000 was taken"):
+        modelmod.localize_tokenizer(uri, fp="0" * 64)
+    assert s3_gets.ranges == [] and not list(cache.rglob("*.partial"))
+    local = modelmod.localize_tokenizer(uri, fp=modelmod.fingerprint(uri))
+    assert sorted(p.name for p in local.iterdir()) == [
+        ".complete",
+        "chat_template.jinja",
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ]
+    assert not [r for r in s3_gets.ranges if r[0].endswith(modelmod.WEIGHT_SUFFIXES)]
 
 
 # --- tokenizer and model ---------------------------------------------------------------------------------------

@@ -9,11 +9,13 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cna_dist.errors import BadInput
+from cna_dist.errors import BadInput, RunFailure
+from cna_dist.io import download
 from cna_dist.io import uri as urimod
 
 SUPPORTED = {"llama", "qwen2", "mistral"}
@@ -100,13 +102,22 @@ def fingerprint(uri: str, storage_options: dict[str, Any] | None = None) -> str:
     Local hashes are cached by (path, size, mtime) so a 145 GB checkpoint is read once per node.
     """
     fs, path = urimod.filesystem(uri, storage_options)
+    return _fingerprint_of(fs, _listing(fs, path), fs.cat_file(path.rstrip("/") + "/config.json"))
+
+
+def _listing(fs: Any, path: str) -> list[dict[str, Any]]:
+    """The checkpoint folder's entries, fresh from the store (a long-lived filesystem object caches listings)."""
+    fs.invalidate_cache(path)
+    return sorted(fs.ls(path, detail=True), key=lambda e: e["name"])
+
+
+def _fingerprint_of(fs: Any, entries: list[dict[str, Any]], config: bytes) -> str:
+    """The fingerprint of a listing and the bytes of its config.json (so a copy can be checked against it)."""
     cache_file = cache_dir() / "file-hashes.json"
     cache: dict[str, str] = json.loads(cache_file.read_text()) if cache_file.exists() else {}
-    digest = hashlib.sha256()
-    with fs.open(path.rstrip("/") + "/config.json", "rb") as f:
-        digest.update(json.dumps(json.loads(f.read()), sort_keys=True).encode())
+    digest = hashlib.sha256(json.dumps(json.loads(config), sort_keys=True).encode())
     changed = False
-    for entry in sorted(fs.ls(path, detail=True), key=lambda e: e["name"]):
+    for entry in entries:
         name = entry["name"]
         if not name.endswith(WEIGHT_SUFFIXES):
             continue
@@ -128,13 +139,16 @@ def fingerprint(uri: str, storage_options: dict[str, Any] | None = None) -> str:
     return digest.hexdigest()
 
 
-def localize(uri: str, storage_options: dict[str, Any] | None = None) -> Path:
+def localize(uri: str, storage_options: dict[str, Any] | None = None, *, fp: str | None = None) -> Path:
     """A local folder holding the checkpoint: the folder itself, or a per-node cached copy of a remote one.
 
     The copy is made once per node under a file lock and keyed by the remote fingerprint, so a changed
-    checkpoint gets a fresh copy and concurrent replicas on one node wait for the first one's copy.
+    checkpoint gets a fresh copy and concurrent replicas on one node wait for the first one's copy. Files are
+    fetched as parallel byte ranges and an interrupted copy resumes (`cna_dist.io.download`; concurrency and part
+    size from CNA_DIST_DOWNLOAD_CONCURRENCY and CNA_DIST_DOWNLOAD_PART_SIZE). `fp`: the fingerprint the copy must
+    have (a run's), else the checkpoint's current one.
     """
-    return _cached_copy(uri, storage_options, "models", lambda name: True)
+    return _cached_copy(uri, storage_options, "models", lambda name: True, fp)
 
 
 def localize_tokenizer(uri: str, storage_options: dict[str, Any] | None = None, *, fp: str | None = None) -> Path:
@@ -150,7 +164,11 @@ def localize_tokenizer(uri: str, storage_options: dict[str, Any] | None = None, 
 def _cached_copy(
     uri: str, storage_options: dict[str, Any] | None, kind: str, wanted: Any, fp: str | None = None
 ) -> Path:
-    """The files `wanted(name)` picks of a remote checkpoint, copied once per node under a file lock."""
+    """The files `wanted(name)` picks of a remote checkpoint, copied once per node under a file lock.
+
+    The copy is made in `<fp>.partial` (kept across failures so the next call resumes it), checked against the
+    fingerprint, marked `.complete` inside and renamed into place, so a reader sees a whole copy or none.
+    """
     if urimod.is_local(uri):
         return Path(urimod.filesystem(uri)[1])
     from filelock import FileLock
@@ -160,19 +178,43 @@ def _cached_copy(
     target.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(target) + ".lock"):
         if not (target / ".complete").exists():
-            fs, path = urimod.filesystem(uri, storage_options)
             partial = target.with_name(target.name + ".partial")
-            if partial.exists():
-                shutil.rmtree(partial)
-            partial.mkdir(parents=True)
-            for entry in fs.ls(path, detail=False):
-                if wanted(Path(entry).name) and fs.isfile(entry):
-                    fs.get(entry, str(partial / Path(entry).name))
+            stats = _copy_checked(uri, storage_options, wanted, fp, partial)
             (partial / ".complete").write_text(fp)  # inside the copy: the rename publishes data and marker at once
             if target.exists():  # a copy renamed into place by an older version that died before its marker
                 shutil.rmtree(target)
             partial.rename(target)
+            print(f"copied {kind.rstrip('s')} {fp[:12]}: {stats.describe()}", file=sys.stderr)
     return target
+
+
+def _copy_checked(
+    uri: str, storage_options: dict[str, Any] | None, wanted: Any, fp: str, partial: Path
+) -> download.Stats:
+    """Copy the wanted files of the listing whose fingerprint is `fp` into `partial`; any other listing, or a copy
+    whose config.json does not give `fp` back, is a RunFailure and leaves no copy marked complete."""
+    settings = download.Settings.from_env()
+    fs, path = urimod.filesystem(uri, _with_connections(uri, storage_options, settings.concurrency))
+    entries = _listing(fs, path)
+    now = _fingerprint_of(fs, entries, fs.cat_file(path.rstrip("/") + "/config.json"))
+    if now != fp:
+        raise RunFailure(f"{uri}: the checkpoint changed since its fingerprint {fp[:12]} was taken (now {now[:12]})")
+    files = [download.remote(e) for e in entries if e.get("type") == "file" and wanted(Path(e["name"]).name)]
+    stats = download.copy(fs, files, partial, key=fp, settings=settings)
+    if _fingerprint_of(fs, entries, (partial / "config.json").read_bytes()) != fp:
+        shutil.rmtree(partial)
+        raise RunFailure(f"{uri}: the copied config.json does not match fingerprint {fp[:12]}; copy discarded")
+    return stats
+
+
+def _with_connections(uri: str, storage_options: dict[str, Any] | None, concurrency: int) -> dict[str, Any]:
+    """s3fs (botocore) keeps at most 10 connections unless told otherwise: as many as ranges in flight."""
+    options = dict(storage_options or {})
+    if urimod.protocol_of(uri) in ("s3", "s3a"):
+        config = dict(options.get("config_kwargs") or {})
+        config.setdefault("max_pool_connections", max(concurrency, 10))
+        options["config_kwargs"] = config
+    return options
 
 
 def torch_dtype(name: str) -> Any:
@@ -187,7 +229,10 @@ def load_tokenizer(path: Path, *, trust_remote_code: bool = False) -> Any:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.pad_token_id is None:  # padding is masked: any real token pads, eos (or unk) by convention
+        fallback = tokenizer.eos_token or tokenizer.unk_token
+        if fallback is None:
+            raise BadInput("the tokenizer has no pad, eos or unk token to pad batches with", source=str(path))
+        tokenizer.pad_token = fallback
     tokenizer.padding_side = "left"
     return tokenizer
