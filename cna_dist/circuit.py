@@ -8,14 +8,16 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import reprlib
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from cna_dist import __version__
 from cna_dist.errors import BadInput
 from cna_dist.io import uri as urimod
+from cna_dist.manifest import SLUG
 
 SCHEMA = "cna-circuit/1"
 
@@ -25,11 +27,11 @@ class Open(BaseModel):
 
 
 class Neuron(BaseModel):
-    layer: int = Field(ge=0)
-    neuron: int = Field(ge=0)
-    delta: float
-    mean_pos: float | None = None  # None only for circuits imported from the reference format
-    mean_neg: float | None = None
+    layer: int = Field(ge=0, strict=True)
+    neuron: int = Field(ge=0, strict=True)
+    delta: float = Field(allow_inf_nan=False)  # JSON readers accept NaN and Infinity; a circuit never holds them
+    mean_pos: float | None = Field(None, allow_inf_nan=False)  # None only for circuits imported from the reference
+    mean_neg: float | None = Field(None, allow_inf_nan=False)
 
 
 class ModelRef(Open):
@@ -57,7 +59,7 @@ class Circuit(BaseModel):
     model_config = ConfigDict(extra="allow", populate_by_name=True)
 
     schema_id: Literal["cna-circuit/1"] = Field(SCHEMA, alias="schema")
-    name: str
+    name: str = Field(pattern=SLUG)  # part of registry paths and default output folders
     version: int = Field(0, ge=0)  # 0 until the registry assigns one
     created_at: str
     model: ModelRef
@@ -71,6 +73,22 @@ class Circuit(BaseModel):
     inputs_sha256: str = ""  # what shaped the selection: equal inputs give an equal circuit
     parent: int | None = None
     diff: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _inside_the_model(self) -> Circuit:
+        """Every neuron exists in the model the circuit names, once: a steer or eval never meets one that does not."""
+        n, width = self.model.n_layers, self.model.intermediate_size
+        seen: set[tuple[int, int]] = set()
+        for i, pair in enumerate(self.pairs()):
+            if pair[0] >= n or pair[1] >= width:
+                raise ValueError(f"neurons.{i}: L{pair[0]} N{pair[1]} is outside the model ({n} layers x {width})")
+            if pair in seen:
+                raise ValueError(f"neurons.{i}: L{pair[0]} N{pair[1]} is listed twice")
+            seen.add(pair)
+        outside = [list(p) for p in (*self.universal, *self.displaced_universal) if not (p[0] < n and p[1] < width)]
+        if outside:
+            raise ValueError(f"universal neuron {outside[0]} is outside the model ({n} layers x {width})")
+        return self
 
     def pairs(self) -> list[tuple[int, int]]:
         return [(n.layer, n.neuron) for n in self.neurons]
@@ -164,8 +182,14 @@ def _read(uri: str, storage_options: dict[str, Any] | None = None) -> Any:
             return json.loads(f.read())
     except FileNotFoundError:
         raise BadInput("circuit file does not exist", source=uri) from None
+    except IsADirectoryError:
+        raise BadInput("is a folder, not a circuit file", source=uri) from None
     except json.JSONDecodeError as exc:
         raise BadInput(f"not valid JSON ({exc.msg} at line {exc.lineno})", source=uri) from None
+    except UnicodeDecodeError as exc:
+        raise BadInput(f"not UTF-8 text (byte {exc.start})", source=uri) from None
+    except RecursionError:
+        raise BadInput("not valid JSON (nested too deeply)", source=uri) from None
 
 
 def parse(data: Any, source: str) -> Circuit:
@@ -182,12 +206,23 @@ def parse(data: Any, source: str) -> Circuit:
         return Circuit.model_validate(data)
     except ValidationError as exc:
         err = exc.errors()[0]
-        field = ".".join(str(p) for p in err["loc"])
-        raise BadInput(f"{err['msg']} (got {err.get('input')!r})", source=source, field=field) from None
+        field = ".".join(str(p) for p in err["loc"]) or None
+        got = "" if err["type"] == "value_error" else f" (got {reprlib.repr(err.get('input'))})"
+        raise BadInput(f"{err['msg']}{got}", source=source, field=field) from None
 
 
 def load(uri: str, storage_options: dict[str, Any] | None = None) -> Circuit:
     return parse(_read(uri, storage_options), uri)
+
+
+def check_fits(circuit: Circuit, n_layers: int, intermediate_size: int, source: str) -> None:
+    """The circuit's model has the shape of the model it is about to steer (its neurons fit its own shape)."""
+    for field, said, actual in (
+        ("model.n_layers", circuit.model.n_layers, n_layers),
+        ("model.intermediate_size", circuit.model.intermediate_size, intermediate_size),
+    ):
+        if said != actual:
+            raise BadInput(f"{said}, but the model has {actual}", source=source, field=field)
 
 
 def to_reference(circuit: Circuit) -> dict[str, Any]:

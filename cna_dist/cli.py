@@ -168,6 +168,9 @@ def parse_floats(text: str, option: str) -> list[float]:
         raise BadInput(f"expected comma-separated numbers, got {text!r}", field=option) from None
     if not values:
         raise BadInput("no values given", field=option)
+    odd = [x for x in values if x != x or x in (float("inf"), float("-inf"))]
+    if odd:
+        raise BadInput(f"expected finite numbers, got {odd[0]} in {text!r}", field=option)
     return values
 
 
@@ -178,6 +181,12 @@ def parse_floats(text: str, option: str) -> list[float]:
 @click.option("--out", default=None, help="Folder (or URI) for eval.json and its plots [eval-NAME-vN].")
 @click.option("--caa/--no-caa", default=None, help="Also run the CAA baseline (default: the manifest's eval.caa).")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=None)
+@click.option(
+    "--capability",
+    default=None,
+    help="Comma-separated lm-eval tasks (names or task YAML paths) scored under every condition; needs the "
+    "capability extra.",
+)
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @ray_options
 @handled
@@ -188,6 +197,7 @@ def eval_command(
     out: str | None,
     caa: bool | None,
     max_new_tokens: int | None,
+    capability: str | None,
     quiet: bool,
     address: str | None,
     replicas: int | None,
@@ -196,6 +206,9 @@ def eval_command(
     """Steer with the circuit at each multiplier (and the controls); write eval.json + plots, print its path."""
     values = parse_floats(multipliers, "--multipliers") if multipliers else None
     from cna_dist.commands import eval as command
+    from cna_dist.model.capability import parse as parse_tasks
+
+    tasks = parse_tasks(capability) if capability is not None else None
 
     with executor(address, replicas, in_process) as ex:
         uri = command.run(
@@ -206,6 +219,7 @@ def eval_command(
             multipliers=values,
             caa=caa,
             max_new_tokens=max_new_tokens,
+            capability_tasks=tasks,
             progress=not quiet,
         )
     for line in command.result_lines(uri):
@@ -230,12 +244,17 @@ def steer(model_uri: str, circuit_uri: str, multiplier: float, max_new_tokens: i
 @main.command()
 @click.argument("uri")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--verify", is_flag=True, help="Also read every committed chunk of a store (checksums, missing rows).")
 @handled
-def inspect(uri: str, as_json: bool) -> None:
-    """Summarise a circuit file or an activation store."""
+def inspect(uri: str, as_json: bool, verify: bool) -> None:
+    """Summarise a circuit file or an activation store; exit 1 when the store has damaged objects (listed)."""
     from cna_dist.commands.inspect import render
 
-    click.echo(render(uri, as_json))
+    text, problems = render(uri, as_json, verify)
+    click.echo(text)
+    if problems:
+        click.echo(f"failed: {problems} damaged object{'s' if problems > 1 else ''} in {uri} (listed above)", err=True)
+        sys.exit(1)
 
 
 @main.command()

@@ -19,3 +19,13 @@ class BadInput(Exception):
 
 class RunFailure(Exception):
     """Something broke while running (a dead actor, a storage error): exit 1, reported, never silent."""
+
+
+def shown(value: object, limit: int = 200) -> str:
+    """A value for an error message: its repr, cut to `limit` characters without building the whole of a huge one."""
+    import reprlib
+
+    short = reprlib.Repr()
+    short.maxstring = short.maxother = limit
+    short.maxlist = short.maxdict = short.maxtuple = 12
+    return short.repr(value)

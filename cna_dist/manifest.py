@@ -2,20 +2,69 @@
 
 from __future__ import annotations
 
+import math
+import types
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
-from cna_dist.errors import BadInput
+from cna_dist.errors import BadInput, shown
 from cna_dist.io import uri as urimod
 
-SLUG = r"^[A-Za-z0-9._-]+$"
+# Letters, digits, '.', '_', '-', starting with a letter or digit: '..' or '.' would climb out of a registry folder.
+SLUG = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+MAX_MANIFEST_BYTES = 1 << 20  # a manifest is a few hundred bytes; anything near this is not one
+MAX_MANIFEST_VALUES = 100_000  # values after YAML aliases are expanded: a "billion laughs" document stops here
+
+
+def _admits_bool(annotation: Any) -> bool:
+    if annotation is bool or annotation is Any:
+        return True
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return any(_admits_bool(a) for a in typing.get_args(annotation))
+    return False
+
+
+def _element(annotation: Any) -> Any:
+    """The element type of a list[X] (or X | None of one); None for anything else."""
+    for a in (annotation, *typing.get_args(annotation)):
+        if typing.get_origin(a) is list:
+            return typing.get_args(a)[0]
+    return None
+
+
+def _plain_number(value: Any, annotation: Any) -> None:
+    if isinstance(value, bool) and not _admits_bool(annotation):
+        raise ValueError(f"expected a number, got {str(value).lower()}")  # pydantic would read true as 1
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"expected a finite number, got {value}")
 
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        """Numbers are numbers: a YAML true is not 1, and NaN or infinity is no count, fraction or multiplier."""
+        annotation = cls.model_fields[info.field_name].annotation
+        _plain_number(value, annotation)
+        element = _element(annotation)
+        if element is not None and isinstance(value, list):
+            for item in value:
+                _plain_number(item, element)
+        return value
 
 
 def _whole(x: Any) -> bool:
@@ -28,7 +77,7 @@ class ModelSpec(Strict):
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     trust_remote_code: bool = False
     chat_template: bool | None = None  # None: use it when the tokenizer has one
-    storage_options: dict[str, Any] = Field(default_factory=dict)
+    storage_options: dict[str, Any] = Field(default_factory=dict, repr=False)  # credentials: never in a repr
     gpus_per_replica: int = Field(0, ge=0)
     max_memory_per_gpu: str | None = None
     # How a replica runs the model (SPEC §3): auto = pipeline with more than one GPU, else the single-device path.
@@ -67,7 +116,7 @@ class PromptSet(Strict):
     uri: str
     field: str | None = None  # for .jsonl/.json objects; default "prompt"
     limit: int | None = Field(None, ge=1)
-    storage_options: dict[str, Any] = Field(default_factory=dict)
+    storage_options: dict[str, Any] = Field(default_factory=dict, repr=False)  # credentials: never in a repr
 
 
 def _promptset_from_str(value: Any) -> Any:
@@ -125,6 +174,19 @@ class Capture(Strict):
     shard_rows: int | None = Field(None, ge=1)  # rows per shard (rounded to whole chunks); default 256
 
 
+class Judge(Strict):
+    """The judge model of `eval.judge`: an HF checkpoint on its own replicas, scoring each generation with a
+    StrongREJECT-style rubric."""
+
+    uri: str
+    storage_options: dict[str, Any] = Field(default_factory=dict, repr=False)  # credentials: never in a repr
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    trust_remote_code: bool = False
+    gpus_per_replica: int = Field(0, ge=0)
+    max_new_tokens: int = Field(96, ge=1)  # the rubric's answer is a few short lines
+    max_batch_size: int = Field(8, ge=1)
+
+
 class Eval(Strict):
     """Steering checks (`cna-dist eval`): generation settings, the refusal classifier and the controls."""
 
@@ -136,6 +198,10 @@ class Eval(Strict):
     caa: bool = False  # also run CAA with the same contrastive sets, at the circuit's busiest layer
     caa_layer: int | None = Field(None, ge=0)
     samples: int = Field(3, ge=0)  # generations kept per condition in eval.json
+    categories: str | None = None  # field of the eval prompt objects naming a category (JailbreakBench: category)
+    capability: list[str] = Field(default_factory=list)  # lm-eval tasks: names or YAML paths (relative: to here)
+    capability_limit: int | None = Field(None, ge=1)  # examples per capability task; None: all
+    judge: Judge | None = None
 
     @field_validator("refusal_patterns")
     @classmethod
@@ -153,11 +219,11 @@ class Eval(Strict):
 class Output(Strict):
     store: str
     registry: str
-    storage_options: dict[str, Any] = Field(default_factory=dict)
+    storage_options: dict[str, Any] = Field(default_factory=dict, repr=False)  # credentials: never in a repr
 
 
 class Manifest(Strict):
-    name: str = Field(pattern=SLUG)
+    name: str = Field(pattern=SLUG, max_length=100)
     model: ModelSpec
     prompts: Prompts
     select: Select = Field(default_factory=Select)
@@ -176,14 +242,19 @@ class Manifest(Strict):
         return sets
 
 
+SECRET_FIELDS = ("storage_options",)  # credentials live here: a message names the field, never its value
+
+
 def _describe(error: dict[str, Any]) -> tuple[str, str]:
     field = ".".join(str(p) for p in error["loc"]) or "<root>"
     value = error.get("input")
+    if any(str(p) in SECRET_FIELDS for p in error["loc"]):
+        return field, f"{error['msg']} (value not shown: it may hold credentials)"
     if error["type"] == "extra_forbidden":
         return field, "unknown key"
     if error["type"] == "missing":
         return field, "required key is missing"
-    return field, f"{error['msg']} (got {value!r})"
+    return field, f"{error['msg']} (got {shown(value)})"
 
 
 def parse(data: Any, source: str) -> Manifest:
@@ -205,15 +276,57 @@ def parse(data: Any, source: str) -> Manifest:
 def load(path: str | Path) -> Manifest:
     """Read, validate and resolve relative URIs against the manifest's folder."""
     path = Path(path)
+    manifest = parse(read_yaml(path, "manifest"), str(path))
+    return resolve_uris(manifest, path.parent.resolve())
+
+
+def read_yaml(path: Path, what: str) -> Any:
+    """A small YAML file (a manifest, a nightly list) read safely: size capped, UTF-8, no alias bombs, no cycles."""
     source = str(path)
     if not path.is_file():
-        raise BadInput("manifest file does not exist", source=source)
+        raise BadInput(f"{what} file does not exist", source=source)
+    if path.stat().st_size > MAX_MANIFEST_BYTES:
+        raise BadInput(f"{path.stat().st_size} bytes, over the {MAX_MANIFEST_BYTES} a {what} may have", source=source)
     try:
-        raw = yaml.safe_load(path.read_text())
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise BadInput(f"not UTF-8 text (byte {exc.start})", source=source) from None
+    try:
+        data = yaml.safe_load(text)
+        _count_values(data, source)
     except yaml.YAMLError as exc:
         raise BadInput(f"not valid YAML: {exc}", source=source) from None
-    manifest = parse(raw, source)
-    return resolve_uris(manifest, path.parent.resolve())
+    except RecursionError:
+        raise BadInput("not valid YAML: nested too deeply", source=source) from None
+    return data
+
+
+def _count_values(data: Any, source: str) -> int:
+    """Values in the document with every alias expanded, in time linear in its distinct nodes.
+
+    yaml.safe_load shares an aliased node instead of copying it, so a "billion laughs" document loads in
+    milliseconds and explodes only later, in whatever walks or prints it (validation, an error message).
+    """
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()
+
+    def size(node: Any) -> int:
+        if not isinstance(node, dict | list):
+            return 1
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in open_nodes:
+            raise BadInput("an alias refers to a node that contains it (a cyclic document)", source=source)
+        open_nodes.add(key)
+        total = 1 + sum(size(child) for child in (node.values() if isinstance(node, dict) else node))
+        open_nodes.discard(key)
+        if total > MAX_MANIFEST_VALUES:
+            raise BadInput(f"over {MAX_MANIFEST_VALUES} values once its YAML aliases are expanded", source=source)
+        sizes[key] = total
+        return total
+
+    return size(data)
 
 
 def resolve_uris(manifest: Manifest, base: Path) -> Manifest:
@@ -228,6 +341,8 @@ def resolve_uris(manifest: Manifest, base: Path) -> Manifest:
         ps = getattr(m.prompts, set_name)
         if ps is not None:
             checks.append((f"prompts.{set_name}.uri", ps, "uri"))
+    if m.eval.judge is not None:
+        checks.append(("eval.judge.uri", m.eval.judge, "uri"))
     for field, obj, attr in checks:
         value = getattr(obj, attr)
         urimod.check_protocol(value, source=m.source, field=field)

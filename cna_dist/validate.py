@@ -10,7 +10,7 @@ from cna_dist.errors import BadInput
 from cna_dist.io import uri as urimod
 from cna_dist.manifest import Manifest
 from cna_dist.model import checkpoint as modelmod
-from cna_dist.model import engines
+from cna_dist.model import engines, weights
 from cna_dist.model import prompts as promptsmod
 
 
@@ -101,6 +101,8 @@ def validate(manifest: Manifest, *, check_remote: bool = False) -> Checked:
     if urimod.is_local(m.model.uri) or check_remote:
         config = modelmod.read_config(m.model.uri, m.model.storage_options)
         checked.model = modelmod.info_from_config(config, m.model.uri)
+        if urimod.is_local(m.model.uri):  # a remote one's weights are read on the replicas' nodes only
+            weights.check(m.model.uri, config, m.model.storage_options)
         check_selection(m, checked.model)
         check_engine(m, checked.model)
     else:

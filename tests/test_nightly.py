@@ -39,13 +39,11 @@ def test_one_bad_manifest_among_good_ones(tmp_path: Path) -> None:
 
     small = variant(base, "small", make_small)
     typo = variant(base, "typo", lambda d: d.update(selcet={"top_k": 4}))
-    broken_model = tmp_path / "inputs" / "broken-model"
-    shutil.copytree(tmp_path / "inputs" / "model", broken_model)
-    weights = next(broken_model.glob("*.safetensors"))
-    weights.write_bytes(weights.read_bytes()[:1000])  # truncated weights: fails at load time, not validation
-    broken = variant(
-        base, "broken", lambda d: d.update(name="refusal-broken", model={**d["model"], "uri": "./broken-model"})
-    )
+    # a damaged registry version: valid input, so it captures and reduces, then fails to publish (exit 1)
+    damaged = tmp_path / "inputs" / "circuits" / "refusal-broken" / "model" / "v1.json"
+    damaged.parent.mkdir(parents=True)
+    damaged.write_text('{"schema": "cna-circuit/1", "name": "refusal-bro')
+    broken = variant(base, "broken", lambda d: d.update(name="refusal-broken"))
     listing = tmp_path / "inputs" / "nightly.yaml"
     listing.write_text(yaml.safe_dump({"manifests": [base.name, typo.name, broken.name, small.name]}))
 

@@ -18,22 +18,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from cna_dist.errors import BadInput
+from cna_dist.errors import BadInput, shown
 from cna_dist.io.objects import open_objects, split_uri
+from cna_dist.manifest import read_yaml
 
 STATUS_BY_EXIT = {0: None, 2: "bad_input"}
 
 
 def load_list(path: Path) -> list[Path]:
     """The manifests named by a nightly list (`manifests: [paths relative to the list]`)."""
-    if not path.is_file():
-        raise BadInput("nightly list does not exist", source=str(path))
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise BadInput(f"not valid YAML: {exc}", source=str(path)) from None
+    data = read_yaml(path, "nightly list")  # size-capped, UTF-8, no alias bombs
     if not isinstance(data, dict) or set(data) != {"manifests"}:
         raise BadInput(
             "expected exactly one key, `manifests`",
@@ -42,7 +36,7 @@ def load_list(path: Path) -> list[Path]:
         )
     entries = data["manifests"]
     if not isinstance(entries, list) or not entries or not all(isinstance(e, str) for e in entries):
-        raise BadInput(f"expected a non-empty list of paths, got {entries!r}", source=str(path), field="manifests")
+        raise BadInput(f"expected a non-empty list of paths, got {shown(entries)}", source=str(path), field="manifests")
     return [(path.parent / e).resolve() for e in entries]
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from cna_dist import circuit as circuitmod
 from cna_dist.errors import BadInput
+from cna_dist.manifest import SLUG
 from cna_dist.model import checkpoint
 
 
@@ -16,7 +17,7 @@ def export(uri: str, out: Path) -> None:
 
 
 def import_(file: Path, name: str, model_uri: str, out: Path) -> None:
-    if not re.match(r"^[A-Za-z0-9._-]+$", name):
+    if not re.match(SLUG, name):  # the manifest's rule: a circuit name becomes part of registry paths
         raise BadInput(f"not a slug: {name!r}", field="--name")
     info = checkpoint.inspect(model_uri)
     ref = circuitmod.ModelRef(

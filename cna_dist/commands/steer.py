@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 from cna_dist import circuit as circuitmod
 from cna_dist.core.metrics import is_refusal
 from cna_dist.errors import BadInput
-from cna_dist.model import checkpoint, hf
+from cna_dist.model import checkpoint, hf, weights
 from cna_dist.model import prompts as promptsmod
 from cna_dist.model.batching import Limits
 from cna_dist.model.generate import generate
@@ -14,10 +16,17 @@ from cna_dist.model.generate import generate
 def side_by_side(
     model_uri: str, circuit_uri: str, multiplier: float, max_new_tokens: int, dtype: str, prompt: str
 ) -> str:
+    if not math.isfinite(multiplier):
+        raise BadInput(f"expected a finite number, got {multiplier}", field="--multiplier")
     c = circuitmod.load(circuit_uri)
+    config = checkpoint.read_config(model_uri, field="--model")
+    info = checkpoint.info_from_config(config, model_uri)
     if checkpoint.fingerprint(model_uri) != c.model.fingerprint:
         raise BadInput(f"circuit {c.name} v{c.version} was mined on {c.model.uri}, not this model", field="--model")
-    backend = hf.HFBackend.load(checkpoint.localize(model_uri), dtype=dtype, trust_remote_code=False)
+    circuitmod.check_fits(c, info.n_layers, info.intermediate_size, circuit_uri)
+    local = checkpoint.localize(model_uri)
+    weights.check(str(local), config, field="--model")
+    backend = hf.HFBackend.load(local, dtype=dtype, trust_remote_code=False)  # steer has no manifest to allow it
     tokenizer = backend.tokenizer
     chat = promptsmod.use_chat_template(tokenizer, None)
     ids = [promptsmod.encode(tokenizer, promptsmod.render(tokenizer, prompt, chat), chat)]

@@ -16,7 +16,7 @@ from typing import Any
 
 from cna_dist.circuit import Circuit, load
 from cna_dist.core.diff import parent_diff
-from cna_dist.errors import RunFailure
+from cna_dist.errors import BadInput, RunFailure
 from cna_dist.io import uri as urimod
 from cna_dist.io.objects import AlreadyExists, ClaimContended, Objects, open_objects
 
@@ -38,8 +38,9 @@ class Published:
 
 
 def model_slug(model_uri: str) -> str:
+    """The checkpoint folder's name as one path segment; never '.' or '..' (leading dots go), which would climb."""
     base = model_uri.rstrip("/").rsplit("/", 1)[-1] or "model"
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", base).strip("-") or "model"
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", base).lstrip(".").strip("-") or "model"
 
 
 def folder(registry: str, name: str, slug: str) -> str:
@@ -92,6 +93,17 @@ def _staged(circuit: Circuit, version: int, parent_version: int | None, parent: 
     return staged.to_json().encode()
 
 
+def _parent(uri: str, storage_options: dict[str, Any] | None) -> Circuit:
+    """The latest version, read back: damage at rest in the registry is a run-time failure naming the file."""
+    try:
+        return load(uri, storage_options)
+    except BadInput as exc:
+        raise RunFailure(
+            f"registry version {uri} is damaged ({exc}); versions are immutable: restore it, or move it aside "
+            "to publish this circuit in its place"
+        ) from None
+
+
 def publish(circuit: Circuit, registry: str, storage_options: dict[str, Any] | None = None) -> Published:
     """Publish as the next version, unless its inputs equal the latest version's (then nothing is written).
 
@@ -102,7 +114,7 @@ def publish(circuit: Circuit, registry: str, storage_options: dict[str, Any] | N
     contended = 0
     for _ in range(MAX_ATTEMPTS):
         current = _latest(objects, name, slug)
-        parent = load(version_uri(registry, name, slug, current), storage_options) if current is not None else None
+        parent = _parent(version_uri(registry, name, slug, current), storage_options) if current is not None else None
         if parent is not None and circuit.inputs_sha256 and parent.inputs_sha256 == circuit.inputs_sha256:
             return Published(version_uri(registry, name, slug, current), current, "unchanged")
         version = (current or 0) + 1

@@ -7,6 +7,7 @@ the functions here, and a replica reaches all of them only through `HFBackend` (
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Any
 import torch
 
 from cna_dist.errors import BadInput
+from cna_dist.model import weights
 from cna_dist.model.backend import CAAVectors, Part, Prompts
 from cna_dist.model.batching import Limits
 from cna_dist.model.checkpoint import SUPPORTED, load_tokenizer, torch_dtype
@@ -32,6 +34,8 @@ def load(
     from transformers import AutoModelForCausalLM
 
     tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
+    # transformers fills a missing tensor with random values and only warns: every tensor must be there, whole
+    weights.check(str(path), json.loads((path / "config.json").read_text()))
     kwargs: dict[str, Any] = {
         "dtype": torch_dtype(dtype),
         "trust_remote_code": trust_remote_code,

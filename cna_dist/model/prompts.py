@@ -62,6 +62,8 @@ def _parse_jsonl(text: str, key: str) -> list[str]:
             item = json.loads(line)
         except json.JSONDecodeError as exc:
             raise BadInput(f"line {number}: invalid JSON ({exc.msg})") from None
+        except RecursionError:
+            raise BadInput(f"line {number}: invalid JSON (nested too deeply)") from None
         texts.append(_text_of(item, key, f"line {number}"))
     return texts
 
@@ -71,6 +73,8 @@ def _parse_json(text: str, key: str) -> list[str]:
         items = json.loads(text)
     except json.JSONDecodeError as exc:
         raise BadInput(f"invalid JSON at line {exc.lineno}: {exc.msg}") from None
+    except RecursionError:
+        raise BadInput("invalid JSON: nested too deeply") from None
     if not isinstance(items, list):
         raise BadInput(f"expected a JSON list, got {type(items).__name__}")
     return [_text_of(item, key, f"item {index}") for index, item in enumerate(items)]
@@ -145,14 +149,29 @@ class Encoded:
     row_hashes: list[str]
 
 
+def token_limit(tokenizer: Any, max_length: int | None) -> tuple[int | None, str]:
+    """The most tokens a prompt may have, and what set it: capture.max_length, else the tokenizer's own limit.
+
+    transformers writes a huge placeholder (1e30) for a tokenizer without a known limit: that means none.
+    """
+    if max_length is not None:
+        return max_length, "capture.max_length"
+    known = getattr(tokenizer, "model_max_length", None)
+    if isinstance(known, int) and 0 < known < 10**9:
+        return known, "the tokenizer's model_max_length"
+    return None, ""
+
+
 def encode_set(prompts: Prompts, tokenizer: Any, chat: bool, max_length: int | None = None) -> Encoded:
-    """Render and tokenize a set; a prompt over `max_length` tokens is an error naming it (never truncated)."""
+    """Render and tokenize a set; a prompt over the token limit is an error naming it (never truncated)."""
+    limit, why = token_limit(tokenizer, max_length)
     rendered = [render(tokenizer, t, chat) for t in prompts.texts]
     ids = [encode(tokenizer, r, chat) for r in rendered]
-    too_long = [i for i, t in enumerate(ids) if max_length is not None and len(t) > max_length]
+    too_long = [i for i, t in enumerate(ids) if limit is not None and len(t) > limit]
     if too_long:
         raise BadInput(
-            f"prompt {too_long[0]} has {len(ids[too_long[0]])} tokens, over capture.max_length {max_length}",
+            f"prompt {too_long[0] + 1} of {len(ids)} has {len(ids[too_long[0]])} tokens, over {why} {limit}",
             source=prompts.uri,
+            field=f"prompts.{prompts.name}",
         )
     return Encoded(prompts, rendered, ids, [sha256_text(r) for r in rendered])
