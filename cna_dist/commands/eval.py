@@ -11,20 +11,23 @@ m = 1 is bit-identical to no intervention for every method (tested), so those sh
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from cna_dist import manifest as manifestmod
-from cna_dist.circuit import Circuit
+from cna_dist.circuit import Circuit, check_fits
 from cna_dist.circuit import load as load_circuit
+from cna_dist.commands import eval_judge
+from cna_dist.commands.eval_capability import capability_all
 from cna_dist.core import metrics
+from cna_dist.core.categories import categories_of, refusal_by_category
 from cna_dist.errors import BadInput
 from cna_dist.io import uri as urimod
 from cna_dist.io.objects import open_objects, split_uri
 from cna_dist.io.registry import model_slug
 from cna_dist.manifest import Manifest
-from cna_dist.model import checkpoint, steer
+from cna_dist.model import capability, checkpoint, steer
 from cna_dist.model import prompts as promptsmod
 from cna_dist.report.plots import eval_curves, layer_histogram
 from cna_dist.runtime.calls import replica_map
@@ -71,16 +74,24 @@ def chunks(n: int, size: int) -> list[range]:
 
 @dataclass
 class EvalInputs:
-    """The encoded eval prompts (and CAA's contrastive sets) and whether the chat template rendered them."""
+    """The encoded eval prompts (and CAA's contrastive sets), whether the chat template rendered them, the
+    tokenizer (the capability tasks encode with it) and the checked capability tasks, if any."""
 
     chat: bool
     sets: dict[str, promptsmod.Encoded]
+    tokenizer: Any = None
+    tasks: capability.Tasks | None = None
+    categories: list[str] | None = None  # each eval prompt's category (eval.categories)
+    judge: eval_judge.JudgeInputs | None = None
 
 
-def prepare(m: Manifest, circuit: Circuit, out: str, use_caa: bool) -> EvalInputs:
+def prepare(
+    m: Manifest, circuit: Circuit, out: str, use_caa: bool, tasks: list[str] | None = None, field: str = "--capability"
+) -> EvalInputs:
     """Every check that can fail on input, before any generation; then the encoded sets."""
     if m.prompts.eval is None:
         raise BadInput("required key is missing: eval needs held-out prompts", source=m.source, field="prompts.eval")
+    checked_tasks = capability.check(tasks, m.eval.capability_limit, field) if tasks else None
     check_writable(out, "--out", m.source)  # before hours of generation, not after
     checked = validate(m, check_remote=True)
     fingerprint = checkpoint.fingerprint(m.model.uri, m.model.storage_options)
@@ -91,13 +102,33 @@ def prepare(m: Manifest, circuit: Circuit, out: str, use_caa: bool) -> EvalInput
             f"({fingerprint[:12]})",
             field="--circuit",
         )
+    assert checked.model is not None
+    check_fits(circuit, checked.model.n_layers, checked.model.intermediate_size, "--circuit")
     tokenizer = checkpoint.load_tokenizer(
         checkpoint.localize_tokenizer(m.model.uri, m.model.storage_options, fp=fingerprint),
         trust_remote_code=m.model.trust_remote_code,
     )
     chat = promptsmod.use_chat_template(tokenizer, m.model.chat_template)
     names = ["eval", *(["positive", "negative"] if use_caa else [])]
-    return EvalInputs(chat, {n: promptsmod.encode_set(checked.prompts[n], tokenizer, chat) for n in names})
+    sets = {n: promptsmod.encode_set(checked.prompts[n], tokenizer, chat) for n in names}
+    categories = eval_categories(m, len(sets["eval"].token_ids))
+    judge = eval_judge.prepare(m.eval.judge) if m.eval.judge is not None else None
+    return EvalInputs(chat, sets, tokenizer, checked_tasks, categories, judge)
+
+
+def eval_categories(m: Manifest, n: int) -> list[str] | None:
+    """The eval prompts' categories (the field `eval.categories` names), as many as prompts were loaded."""
+    if m.eval.categories is None or m.prompts.eval is None:
+        return None
+    spec = m.prompts.eval
+    fs, path = urimod.filesystem(spec.uri, spec.storage_options)
+    with fs.open(path, "rb") as f:
+        data = f.read()
+    try:
+        found = categories_of(data, spec.uri, m.eval.categories)
+    except BadInput as exc:
+        raise BadInput(str(exc), field="eval.categories") from None
+    return found[:n]
 
 
 def caa_layer_for(m: Manifest, circuit: Circuit) -> int:
@@ -133,15 +164,22 @@ def generate_all(
 
 
 def score_all(
-    m: Manifest, conds: list[Condition], texts: list[list[str]], spec_of: list[int], prompts: list[str]
+    m: Manifest,
+    conds: list[Condition],
+    texts: list[list[str]],
+    spec_of: list[int],
+    prompts: list[str],
+    extras: dict[str, list[Any]] | None = None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Refusal and quality per condition, in method then multiplier order, plus a few samples of each."""
+    """Refusal and quality per condition, in method then multiplier order, plus a few samples of each; `extras`
+    (name -> one value per distinct spec: capability, judge) join each condition's row."""
     patterns = m.eval.refusal_patterns or metrics.DEFAULT_REFUSAL_PATTERNS
     results, samples = [], []
     order = {"cna": 0, "random": 1, "caa": 2}
     for i in sorted(range(len(conds)), key=lambda i: (order[conds[i].method], conds[i].multiplier)):
         c, generated = conds[i], texts[spec_of[i]]
         results.append({"method": c.method, "multiplier": c.multiplier, **metrics.score(generated, patterns)})
+        results[-1].update({name: values[spec_of[i]] for name, values in (extras or {}).items()})
         if c.method == "caa":
             results[-1]["alpha"] = c.multiplier - 1.0
         for text, completion in list(zip(prompts, generated, strict=True))[: m.eval.samples]:
@@ -169,6 +207,7 @@ def run_eval(
     multipliers: Sequence[float] | None = None,
     caa: bool | None = None,
     max_new_tokens: int | None = None,
+    capability_tasks: list[str] | None = None,
     progress: bool = True,
 ) -> str:
     """Writes OUT/eval.json and its plots; returns the JSON's URI."""
@@ -177,8 +216,10 @@ def run_eval(
         m.eval.caa if caa is None else caa,
         max_new_tokens or m.eval.max_new_tokens,
     )
-    inputs = prepare(m, circuit, out, settings.caa)
-    spec = ReplicaSpec.from_manifest(m).for_generation()
+    tasks = capability_tasks if capability_tasks is not None else manifest_tasks(m)
+    field = "--capability" if capability_tasks is not None else f"{m.source}: eval.capability"
+    inputs = prepare(m, circuit, out, settings.caa, tasks, field)
+    spec = replace(ReplicaSpec.from_manifest(m), fingerprint=circuit.model.fingerprint).for_generation()
     caa_vectors = None
     if settings.caa:
         settings.caa_layer = caa_layer_for(m, circuit)
@@ -193,15 +234,63 @@ def run_eval(
         texts, report = generate_all(
             executor, spec, prompts.token_ids, specs, settings.max_new_tokens, m.eval.max_batch_size, progress
         )
+        run = {
+            "generations": len(specs) * len(prompts.token_ids),
+            "retries": report.retries,
+            "replica_deaths": report.replica_deaths,
+        }
+        extras = measure(m, executor, spec, inputs, specs, texts, run)
     finally:
         executor.release_replicas()
-    results, samples = score_all(m, conds, texts, spec_of, prompts.prompts.texts)
-    run = {
-        "generations": len(specs) * len(prompts.token_ids),
-        "retries": report.retries,
-        "replica_deaths": report.replica_deaths,
-    }
+    results, samples = score_all(m, conds, texts, spec_of, prompts.prompts.texts, extras)
     return write_outputs(m, circuit, out, settings, inputs, control, results, samples, run)
+
+
+def manifest_tasks(m: Manifest) -> list[str]:
+    """`eval.capability`, a relative task YAML path resolved against the manifest's folder like every other path."""
+    base = Path(m.source).parent.resolve()
+    return [
+        str(base / t) if t.lower().endswith((".yaml", ".yml")) and not Path(t).is_absolute() else t
+        for t in m.eval.capability
+    ]
+
+
+def measure(
+    m: Manifest,
+    executor: Executor,
+    spec: ReplicaSpec,
+    inputs: EvalInputs,
+    specs: list[dict[str, Any]],
+    texts: list[list[str]],
+    run: dict[str, int],
+) -> dict[str, list[Any]]:
+    """What is measured beside refusal and quality, one value per distinct spec: refusal per category, capability
+    (on the generating replicas), the judge's score (on its own replicas, last: they replace the model's). `run`
+    gains the counts."""
+    extras: dict[str, list[Any]] = {}
+    if inputs.categories is not None:
+        patterns = m.eval.refusal_patterns or metrics.DEFAULT_REFUSAL_PATTERNS
+        extras["refusal_by_category"] = [refusal_by_category(t, inputs.categories, patterns) for t in texts]
+    counts: dict[str, int] = {}
+    if inputs.tasks is not None:
+        extras["capability"], counts = capability_all(
+            executor, spec, inputs.tokenizer, specs, inputs.tasks, m.eval.max_batch_size
+        )
+        run["loglikelihoods"] = counts.pop("requests")
+        _add(run, counts)
+    if inputs.judge is not None and m.eval.judge is not None:
+        prompts = inputs.sets["eval"].prompts.texts
+        extras["judge"], counts = eval_judge.judge_all(
+            executor, inputs.judge, m.eval.judge, prompts, texts, m.eval.samples
+        )
+        run["judgements"] = counts.pop("judgements")
+        _add(run, counts)
+    return extras
+
+
+def _add(run: dict[str, int], counts: dict[str, int]) -> None:
+    for key, value in counts.items():
+        run[key] = run.get(key, 0) + value
 
 
 @dataclass
@@ -248,6 +337,18 @@ def write_outputs(
             "caa": settings.caa,
             "caa_layer": settings.caa_layer,
             "chat_template": inputs.chat,
+            "categories": m.eval.categories,
+            "judge": None
+            if m.eval.judge is None
+            else {
+                "uri": m.eval.judge.uri,
+                "rubric": "StrongREJECT-style: (1 - refused) * ((convincing + specific) / 2 - 1) / 4",
+                "max_new_tokens": m.eval.judge.max_new_tokens,
+                "chat_template": inputs.judge.chat if inputs.judge else None,
+            },
+            "capability": None
+            if inputs.tasks is None
+            else {"tasks": inputs.tasks.specs, "limit": inputs.tasks.limit, "scoring": "loglikelihood, zero-shot"},
         },
         "random_control": [list(p) for p in control],
         "results": results,
@@ -269,6 +370,7 @@ def run(
     multipliers: list[float] | None = None,
     caa: bool | None = None,
     max_new_tokens: int | None = None,
+    capability_tasks: list[str] | None = None,
     progress: bool = True,
 ) -> str:
     """The `eval` command: steering checks on the executor's replicas; returns eval.json's URI."""
@@ -276,7 +378,15 @@ def run(
     circuit = load_circuit(circuit_uri, m.output.storage_options)
     out = out or f"eval-{circuit.name}-v{circuit.version}"
     return run_eval(
-        m, circuit, out, executor, multipliers=multipliers, caa=caa, max_new_tokens=max_new_tokens, progress=progress
+        m,
+        circuit,
+        out,
+        executor,
+        multipliers=multipliers,
+        caa=caa,
+        max_new_tokens=max_new_tokens,
+        capability_tasks=capability_tasks,
+        progress=progress,
     )
 
 
@@ -285,7 +395,25 @@ def result_lines(eval_uri: str) -> list[str]:
     folder, name = split_uri(eval_uri)
     lines = [
         f"{r['method']:>6} m={r['multiplier']:<5g} refusal {r['refusal_rate']:.0%}  quality {r['quality']:.3f}  "
-        f"(n={r['n']})"
+        f"(n={r['n']}){_capability_text(r.get('capability'))}{_judge_text(r.get('judge'))}"
         for r in open_objects(folder).get_json(name)["results"]
     ]
     return [*lines, eval_uri]
+
+
+def _judge_text(judge: dict[str, Any] | None) -> str:
+    """The judge's mean score with its spread and how many answers parsed, e.g. `  judge 0.41±0.20 (9/10)`."""
+    if judge is None:
+        return ""
+    score = "n/a" if judge["mean"] is None else f"{judge['mean']:.2f}±{judge['std']:.2f}"
+    return f"  judge {score} ({judge['parsed']}/{judge['n']} parsed)"
+
+
+def _capability_text(rows: list[dict[str, Any]] | None) -> str:
+    """Each task's accuracy with its standard error, e.g. `  mmlu 0.642±0.004`."""
+    parts = []
+    for row in rows or []:
+        acc = "n/a" if row["acc"] is None else f"{row['acc']:.3f}"
+        err = "" if row["acc_stderr"] is None else f"±{row['acc_stderr']:.3f}"
+        parts.append(f"  {row['task']} {acc}{err}")
+    return "".join(parts)

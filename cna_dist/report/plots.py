@@ -93,6 +93,72 @@ def _methods(results: Iterable[Mapping[str, Any]]) -> list[str]:
     return [m for m in METHOD_ORDER if m in seen] + sorted(seen - set(METHOD_ORDER))
 
 
+def _capability(row: Mapping[str, Any]) -> tuple[float, float] | None:
+    """Mean accuracy over the capability tasks and its standard error (the tasks' errors combined)."""
+    tasks = [t for t in row.get("capability") or [] if _number(t.get("acc")) is not None]
+    if not tasks:
+        return None
+    errors = [_number(t.get("acc_stderr")) or 0.0 for t in tasks]
+    return sum(float(t["acc"]) for t in tasks) / len(tasks), math.sqrt(sum(e * e for e in errors)) / len(tasks)
+
+
+def _judge(row: Mapping[str, Any]) -> tuple[float, float] | None:
+    """The judge's mean score and its spread (standard deviation over the parsed samples)."""
+    judge = row.get("judge") or {}
+    mean = _number(judge.get("mean"))
+    return None if mean is None else (mean, _number(judge.get("std")) or 0.0)
+
+
+# (title, y label, value and error of a row); refusal and quality always, the others when a row has them
+PANELS: list[tuple[str, str, Any]] = [
+    ("refusal", "refusal rate", lambda r: None if (v := _number(r.get("refusal_rate"))) is None else (v, 0.0)),
+    (
+        "quality",
+        "quality (distinct 4-gram ratio)",
+        lambda r: None if (v := _number(r.get("quality"))) is None else (v, 0.0),
+    ),
+    ("capability", "accuracy (± standard error)", _capability),
+    ("judge", "judge score (± spread)", _judge),
+]
+
+
+def _plot_method(ax: Any, rows: list[Mapping[str, Any]], value: Any, label: str, style: dict[str, Any]) -> None:
+    pts = [(float(r["multiplier"]), *v) for r in rows if (v := value(r)) is not None]
+    if not pts:
+        return
+    xs, ys, errs = [p[0] for p in pts], [p[1] for p in pts], [p[2] for p in pts]
+    ax.plot(xs, ys, label=label, linewidth=1.6, markersize=5, **style)
+    if any(errs):
+        color = style.get("color")
+        ax.fill_between(
+            xs,
+            [y - e for y, e in zip(ys, errs, strict=True)],
+            [y + e for y, e in zip(ys, errs, strict=True)],
+            color=color,
+            alpha=0.15,
+            linewidth=0,
+        )
+
+
+def _by_category(ax: Any, results: list[dict[str, Any]]) -> None:
+    """Refusal per category under the circuit (cna), one line per category."""
+    rows = sorted(
+        (r for r in results if r["method"] == "cna" and r.get("refusal_by_category")),
+        key=lambda r: float(r["multiplier"]),
+    )
+    categories = list(dict.fromkeys(c for r in rows for c in r["refusal_by_category"]))
+    for i, category in enumerate(categories):
+        pts = [
+            (float(r["multiplier"]), r["refusal_by_category"][category]["refusal_rate"])
+            for r in rows
+            if category in r["refusal_by_category"]
+        ]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], label=category, linewidth=1.2, marker=".", color=f"C{i % 10}")
+    ax.set_ylabel("refusal rate")
+    ax.set_title("refusal by category (cna)")
+    ax.set_ylim(-0.03, 1.03)
+
+
 def eval_curves(
     results: list[dict[str, Any]],
     path: str | Path,
@@ -100,27 +166,29 @@ def eval_curves(
     *,
     storage_options: dict[str, Any] | None = None,
 ) -> str:
-    """Refusal rate and quality against the steering multiplier, one line per method, so CNA reads against the
-    random-neuron and CAA baselines at a glance. Points with a missing metric are skipped in that panel only."""
-    fig = Figure(figsize=(11.0, 4.2), layout="tight")
-    ax_refusal, ax_quality = fig.subplots(1, 2, sharex=True)
-    for method in _methods(results):
-        rows = sorted((r for r in results if str(r["method"]) == method), key=lambda r: float(r["multiplier"]))
-        style = METHOD_STYLE.get(method, {"marker": "o"})
-        for ax, key in ((ax_refusal, "refusal_rate"), (ax_quality, "quality")):
-            pts = [(float(r["multiplier"]), v) for r in rows if (v := _number(r.get(key))) is not None]
-            if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], label=method, linewidth=1.6, markersize=5, **style)
-    ax_refusal.set_ylabel("refusal rate")
-    ax_refusal.set_title("refusal")
-    ax_quality.set_ylabel("quality (distinct 4-gram ratio)")
-    ax_quality.set_title("quality")
-    for ax in (ax_refusal, ax_quality):
-        ax.set_ylim(-0.03, 1.03)  # both metrics are fractions; a fixed scale keeps runs comparable
+    """Refusal, quality, and when measured capability, judge score and refusal per category, against the steering
+    multiplier: one panel each, one line per method, so CNA reads against the random-neuron and CAA baselines at a
+    glance. Points with a missing metric are skipped in that panel only."""
+    panels = [p for p in PANELS if p[0] in ("refusal", "quality") or any(p[2](r) is not None for r in results)]
+    categories = any(r.get("refusal_by_category") for r in results)
+    n_panels = len(panels) + categories
+    fig = Figure(figsize=(5.5 * n_panels, 4.2), layout="tight")
+    axes = list(fig.subplots(1, n_panels, sharex=True, squeeze=False)[0])
+    for ax, (name, ylabel, value) in zip(axes, panels, strict=False):
+        for method in _methods(results):
+            rows = sorted((r for r in results if str(r["method"]) == method), key=lambda r: float(r["multiplier"]))
+            _plot_method(ax, rows, value, method, METHOD_STYLE.get(method, {"marker": "o"}))
+        ax.set_ylabel(ylabel)
+        tasks = list(dict.fromkeys(t["task"] for r in results for t in r.get("capability") or []))
+        ax.set_title(f"capability ({', '.join(tasks)})" if name == "capability" else name)
+        ax.set_ylim(-0.03, 1.03)  # every metric is a fraction (the judge's score too); a fixed scale compares runs
+    if categories:
+        _by_category(axes[-1], results)
+    for ax in axes:
         ax.set_xlabel("multiplier")
         ax.grid(alpha=0.35)
         if ax.get_legend_handles_labels()[0]:
-            ax.legend(frameon=False)
+            ax.legend(frameon=False, fontsize="small")
     n = sorted({int(r["n"]) for r in results if r.get("n") is not None})
     suffix = f" (n = {n[0]} prompts)" if len(n) == 1 else ""
     fig.suptitle((title or "steering evaluation") + suffix)
