@@ -121,8 +121,45 @@ def test_a_lost_replica_gets_no_work_until_its_probe_answers() -> None:
 
 def test_every_replica_dead_fails_the_run_naming_what_is_left() -> None:
     pool = FakePool(2, lambda r, item, attempt: ReplicaLost("gone"), lambda r, attempt: ReplicaLost("no restarts"))
-    with pytest.raises(RunFailure, match=r"every replica died \(restarts exhausted\); \d+ calls not done"):
+    with pytest.raises(RunFailure, match=r"every replica died \(restarts exhausted, .*\); \d+ calls not done"):
         run(pool, list(range(5)), Settings(max_in_flight=1, max_retries=10))
+
+
+def lost_then_restarting(answers_after: int | None):
+    """Replica 0 dies on its first call (its node is gone); its probe says 'restarting' `answers_after` times, then
+    answers (None: never, as when no node has room for it). Replica 1, if any, always works."""
+
+    def script(r: int, item: Any, attempt: int) -> Any:
+        return ReplicaLost("node gone") if r == 0 and item == 0 and attempt == 0 else item
+
+    def probe(r: int, attempt: int) -> Any:
+        return ReplicaRestarting("pending") if answers_after is None or attempt < answers_after else r
+
+    return script, probe
+
+
+def test_a_replica_that_never_restarts_costs_the_others_nothing() -> None:
+    script, probe = lost_then_restarting(None)
+    pool = FakePool(2, script, probe)
+    results, report = run(pool, list(range(6)), Settings(max_in_flight=1, backoff_s=0.5, restart_timeout_s=1e9))
+    assert results == {i: i for i in range(6)} and report.replica_deaths == 1 and report.retries == 1
+    assert [r for r, _ in pool.started].count(0) == 1  # the lost replica got no work after its first call
+
+
+def test_every_replica_restarting_past_the_timeout_fails_the_run() -> None:
+    """One replica, lost, and no node takes it: the run fails after restart_timeout_s instead of waiting forever."""
+    script, probe = lost_then_restarting(None)
+    pool, clock = FakePool(1, script, probe), FakeClock()
+    with pytest.raises(RunFailure, match=r"still restarting after 5 s: no node with room\); 3 calls not done"):
+        run(pool, list(range(3)), Settings(max_in_flight=1, backoff_s=0.5, restart_timeout_s=5), clock)
+    assert clock.monotonic() == 5.0 and len(pool.probes) == 11  # at 0, 0.5, ..., 5 s: every backoff to the deadline
+
+
+def test_a_replica_back_before_the_timeout_works_again() -> None:
+    script, probe = lost_then_restarting(9)  # 9 backoffs of 0.5 s: back at 4.5 s, before the 5 s deadline
+    pool, clock = FakePool(1, script, probe), FakeClock()
+    results, report = run(pool, list(range(3)), Settings(max_in_flight=1, backoff_s=0.5, restart_timeout_s=5), clock)
+    assert results == {i: i for i in range(3)} and report.replica_deaths == 1 and clock.monotonic() == 4.5
 
 
 def test_nothing_to_do_starts_nothing() -> None:

@@ -69,7 +69,12 @@ class LocalPool:
 
 
 class RayPool:
-    """Replica actors on a Ray cluster, restarted by Ray when their process dies (max_restarts)."""
+    """Replica actors on a Ray cluster, restarted by Ray when their process dies (max_restarts).
+
+    Actors are placed with Ray's SPREAD strategy: replicas go to distinct nodes while there are nodes with room, so
+    losing a node loses as few replicas as possible. An actor whose node is gone is restarted by Ray on a node with
+    room (copying the model there if that node has no copy yet); until then its calls fail as unavailable.
+    """
 
     def __init__(
         self, spec: ReplicaSpec, n: int, *, concurrency: int = 2, max_restarts: int = 3, replica_cls: type = Replica
@@ -78,7 +83,12 @@ class RayPool:
 
         self.ray, self.spec = ray, spec
         actor_cls = ray.remote(replica_cls).options(
-            num_gpus=spec.gpus, num_cpus=1, max_restarts=max_restarts, max_task_retries=0, max_concurrency=concurrency
+            num_gpus=spec.gpus,
+            num_cpus=1,
+            max_restarts=max_restarts,
+            max_task_retries=0,
+            max_concurrency=concurrency,
+            scheduling_strategy="SPREAD",
         )
         self.actors = [actor_cls.remote(spec) for _ in range(n)]
 

@@ -4,7 +4,9 @@ It knows nothing of Ray or of what a call does. A `Pool` starts calls' handles a
 a handle's result is a value, or `ReplicaLost` (the replica's process died: the call is re-queued and the
 replica gets no work until a probe answers, so its restart, a model reload, does not burn the calls' retries),
 or any other exception (the call failed: retried with backoff). A call is retried at most `max_retries` times,
-whatever killed it; then the run fails naming every call that failed.
+whatever killed it; then the run fails naming every call that failed. A replica still restarting after
+`restart_timeout_s` (its node is gone and no node has room for it) counts as dead, so a run whose replicas all
+lost their nodes fails instead of waiting forever; while any replica works, the others' restarts cost nothing.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ class Settings:
     max_in_flight: int = 2  # calls per replica: 2 lets a replica write one shard while it computes the next
     max_retries: int = 3
     backoff_s: float = 0.5
+    restart_timeout_s: float = 1800.0  # a replica restarting longer than this is given up (a 145 GB copy fits)
 
 
 @dataclass
@@ -72,6 +75,7 @@ class _Slot:
     load: int = 0
     ready: bool = True
     dead: bool = False
+    lost_at: float = 0.0  # clock.monotonic() when it was found lost
 
 
 class Scheduler:
@@ -94,10 +98,14 @@ class Scheduler:
     def run(self, items: Sequence[Any], on_result: Callable[[int, Any], None], names: Sequence[str]) -> Report:
         self.queue.extend(_Call(i) for i in range(len(items)))
         while self.queue or self.in_flight:
+            self._give_up_restarts()
             self._dispatch(items)
             if not self.in_flight and not self.probes:
                 if all(s.dead for s in self.slots):
-                    raise RunFailure(f"every replica died (restarts exhausted); {len(self.queue)} calls not done")
+                    raise RunFailure(
+                        f"every replica died (restarts exhausted, or still restarting after "
+                        f"{self.settings.restart_timeout_s:g} s: no node with room); {len(self.queue)} calls not done"
+                    )
                 self._sleep_until_due()
                 continue
             for handle in self.pool.wait([*self.in_flight, *self.probes], self.settings.backoff_s):
@@ -132,6 +140,14 @@ class Scheduler:
         if due > 0:
             self.clock.sleep(due)
 
+    def _give_up_restarts(self) -> None:
+        """A replica restarting for `restart_timeout_s` is dead; its probe, answered or not, is dropped."""
+        now = self.clock.monotonic()
+        for handle, r in list(self.probes.items()):
+            if now - self.slots[r].lost_at >= self.settings.restart_timeout_s:
+                del self.probes[handle]
+                self.slots[r].dead = True
+
     def _settle_probe(self, handle: Hashable) -> None:
         r = self.probes.pop(handle)
         try:
@@ -151,7 +167,7 @@ class Scheduler:
             result = self.pool.result(handle)
         except Exception as exc:  # noqa: BLE001 - every failure is retried, then reported by name
             if isinstance(exc, ReplicaLost) and slot.ready:
-                slot.ready = False
+                slot.ready, slot.lost_at = False, self.clock.monotonic()
                 self.report.replica_deaths += 1
                 self.probes[self.pool.probe(r)] = r
             self._retry(call, exc, names)
