@@ -54,6 +54,7 @@ class MineSummary:
     prompts_captured: int
     capture: CaptureReport = field(default_factory=CaptureReport)
     shard_advice: str | None = None  # why a new run's shards have the size they have, when the engine chose it
+    driver_peak_mib: float | None = None  # this process's peak RSS (Linux VmHWM): the driver's, with Ray replicas
 
     @property
     def prompts_per_s(self) -> float | None:
@@ -182,7 +183,7 @@ def mine(m: Manifest, executor: Executor, *, progress: bool = True, checked: Che
     store = ActivationStore(m.output.store, m.output.storage_options)
     store.check_writable()
     p = prepare(m, checked)
-    spec = ReplicaSpec.from_manifest(m)
+    spec = replace(ReplicaSpec.from_manifest(m), fingerprint=p.fingerprint)
     advice = None
     with store.lease(run_id(p.meta), echo=lambda text: print(text, file=sys.stderr)) as lease:
         if m.capture.shard_rows is None and store.load_meta(run_id(p.meta)) is None:
@@ -215,8 +216,19 @@ def mine(m: Manifest, executor: Executor, *, progress: bool = True, checked: Che
         sum(len(plan.hashes) for plan in plans),
         report,
         advice and advice["reason"],
+        peak_rss_mib(),
     )
     return MineResult(circuitmod.load(published.uri, m.output.storage_options), published, summary)
+
+
+def peak_rss_mib() -> float | None:
+    """The process's peak resident memory so far, from /proc (None where there is none)."""
+    try:
+        with open("/proc/self/status") as f:
+            line = next(line for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return None
+    return int(line.split()[1]) / 1024
 
 
 def run(manifest_path: Path, executor: Executor, *, progress: bool, summary: Path | None = None) -> MineResult:

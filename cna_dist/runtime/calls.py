@@ -26,10 +26,16 @@ class CaptureReport:
     retries: int = 0
     replica_deaths: int = 0
     failures: list[dict[str, str]] = field(default_factory=list)
+    compute_seconds: float = 0.0  # summed over shards (replicas work in parallel)
+    write_seconds: float = 0.0  # data plus marker, summed over shards
+    written_bytes: int = 0  # activation bytes the committed shards wrote
 
     def add(self, result: ShardResult) -> None:
         self.float16_overflow += result.float16_overflow
         self.replicas[result.replica] = self.replicas.get(result.replica, 0) + 1
+        self.compute_seconds += result.compute_seconds
+        self.write_seconds += result.write_seconds
+        self.written_bytes += result.nbytes
 
     def finish(self, report: Report) -> CaptureReport:
         self.retries, self.replica_deaths = report.retries, report.replica_deaths

@@ -6,6 +6,7 @@ Ray cluster, runs replicas as actors and tasks as Ray tasks. `mine` and `eval` t
 
 from __future__ import annotations
 
+import os
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Protocol
@@ -108,10 +109,14 @@ class RayExecutor:
         import ray
 
         if not ray.is_initialized():
-            options: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
-            if self.address:
-                options["address"] = self.address
-            elif self.num_cpus:
+            # Without an address, a new local Ray: ray.init() alone would join any cluster `ray start` left
+            # running on this machine (spec §2: --address or RAY_ADDRESS picks a cluster, nothing else).
+            options: dict[str, Any] = {
+                "include_dashboard": False,
+                "log_to_driver": False,
+                "address": self.address or os.environ.get("RAY_ADDRESS") or "local",
+            }
+            if options["address"] == "local" and self.num_cpus:
                 options["num_cpus"] = self.num_cpus
             ray.init(**options)
             self.started = True

@@ -30,7 +30,7 @@ class ReplicaSpec:
     """Everything a replica is built from, taken from the manifest once; plain data, so it travels to actors."""
 
     model_uri: str
-    storage_options: dict[str, Any] = field(default_factory=dict, hash=False)
+    storage_options: dict[str, Any] = field(default_factory=dict, hash=False, repr=False)  # may hold keys
     dtype: str = "auto"
     trust_remote_code: bool = False
     gpus: int = 0
@@ -42,6 +42,7 @@ class ReplicaSpec:
     engine: str = "auto"  # auto | device_map | pipeline | stream (cna_dist.model.engines)
     stages: int | tuple[tuple[int, int], ...] | None = None  # the pipeline's split; None: one stage per GPU
     hidden_budget: int | None = None  # stream: a shard's hidden states beyond this wait in host memory
+    fingerprint: str | None = None  # the driver's: a replica copies that very checkpoint, or fails naming it
 
     def limits(self, max_batch_size: int | None = None) -> Limits:
         return Limits(self.token_budget, max_batch_size or self.max_batch_size)
@@ -87,13 +88,16 @@ class ShardResult:
     idle_seconds: float
     queued_seconds: float
     write_seconds: float
+    nbytes: int = 0  # activation bytes written
 
 
 class Replica:
     def __init__(self, spec: ReplicaSpec, backend: CaptureBackend | None = None):
         """Loads `spec`'s model (copied to this node first if remote), unless a loaded `backend` is given."""
         self.spec = spec
-        self.backend = backend or load_backend(spec, checkpoint.localize(spec.model_uri, spec.storage_options))
+        if backend is None:
+            backend = load_backend(spec, checkpoint.localize(spec.model_uri, spec.storage_options, fp=spec.fingerprint))
+        self.backend = backend
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         self._compute_lock = threading.Lock()  # one computation at a time on this replica's devices
         self._compute_end: float | None = None  # when the last capture released the lock
@@ -122,7 +126,16 @@ class Replica:
         run.commit(plan, written, writer=self.name, made_by=self.backend.made_by())
         done = time.perf_counter()
         return ShardResult(
-            plan.shard, self.name, len(token_ids), overflow, done - t0, end - start, idle, start - t0, done - end
+            plan.shard,
+            self.name,
+            len(token_ids),
+            overflow,
+            done - t0,
+            end - start,
+            idle,
+            start - t0,
+            done - end,
+            sum(part.nbytes for part in written),
         )
 
     def advise(self, mean_tokens: float) -> dict[str, Any] | None:
@@ -145,3 +158,19 @@ class Replica:
         """CAA's mean MLP-output difference per layer, as lists so they travel as plain data."""
         with self._compute_lock:
             return self.backend.caa_vectors(pos_ids, neg_ids, layers, self.spec.limits())
+
+    def loglikelihoods(
+        self, requests: list[tuple[list[int], list[int]]], condition: dict[str, Any], max_batch_size: int
+    ) -> list[tuple[float, bool]]:
+        """(log-probability, is-greedy) of each (context, continuation) pair under `condition`: what capability
+        tasks score. Generation runs on the device_map engine, whose backend holds the whole HF model."""
+        from dataclasses import asdict
+
+        from cna_dist.model import loglik, steer
+
+        model = getattr(self.backend, "model", None)
+        if model is None:
+            raise RuntimeError(f"the {self.backend.name} backend holds no whole model to score log-likelihoods with")
+        with self._compute_lock, steer.condition(model, condition):
+            pad = self.backend.tokenizer.pad_token_id
+            return loglik.loglikelihoods(model, requests, pad, **asdict(self.spec.limits(max_batch_size)))

@@ -1,0 +1,89 @@
+"""The 72B path for real: a model with a 72B model's row shape (80 x 29568, 4.7 MB per prompt in float16), mined
+end to end with model, store and registry on S3, by a `cna-dist mine` process whose every S3 read is recorded."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from cna_dist import circuit as circuitmod
+from cna_dist import manifest as manifestmod
+from cna_dist.commands.mine import prepare
+from cna_dist.core import reduce as r
+from cna_dist.demo.scale import SHAPES, save_scale_model, scale_prompts
+from cna_dist.io import uri as urimod
+from cna_dist.io.store import ActivationStore
+from cna_dist.validate import validate
+from tests.conftest import write_jsonl
+
+ROOT = Path(__file__).resolve().parents[1]
+N_PROMPTS = 240
+
+
+def in_memory(store: ActivationStore, run_id: str, row_hashes: dict[str, list[str]]) -> dict[str, np.ndarray]:
+    """Every set's rows read whole from the store, for the single-machine reduce."""
+    run = store.open_run(store.load_meta(run_id), create=False)
+    index = run.row_index()
+    everything = np.asarray(run.array(mode="r")[:])  # one read of each chunk: a row alone would read 40 chunks
+    return {name: everything[[index[h] for h in hashes]] for name, hashes in row_hashes.items()}
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_72b_shaped_mine_on_s3_reads_no_weight_and_equals_the_in_memory_reduce(
+    tmp_path: Path, s3_server: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CNA_DIST_CACHE", str(tmp_path / "cache"))
+    base = f"s3://cna/{uuid.uuid4().hex}"
+    fs, _ = urimod.filesystem(base)
+    fs.put(str(save_scale_model(tmp_path / "q72", "qwen2")), f"{base[5:]}/model", recursive=True)
+    sets = scale_prompts(N_PROMPTS, seed=1)
+    for name, texts in sets.items():
+        write_jsonl(tmp_path / f"{name}.jsonl", texts)
+    manifest = {
+        "name": "scale72",
+        "model": {"uri": f"{base}/model", "dtype": "float32"},
+        "prompts": {name: {"uri": f"./{name}.jsonl"} for name in sets},
+        "select": {"top_fraction": 0.001, "exclude_layers": [0, 1]},
+        "universal": {"top_fraction": 0.001, "threshold": 0.8, "scope": "global"},
+        "capture": {"dtype": "float16"},
+        "output": {"store": f"{base}/store", "registry": f"{base}/circuits"},
+    }
+    (tmp_path / "m.yaml").write_text(yaml.safe_dump(manifest))
+    reads, summary = tmp_path / "reads.json", tmp_path / "summary.json"
+    cmd = [sys.executable, "-m", "tests.record_reads", str(reads), "mine", str(tmp_path / "m.yaml")]
+    done = subprocess.run(
+        [*cmd, "--summary", str(summary), "--quiet"], cwd=ROOT, capture_output=True, text=True, timeout=900
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    s = json.loads(summary.read_text())
+
+    # the driver: config, tokenizer and metadata only, not one byte of a weight file, and well under 1 GB
+    fetched = json.loads(reads.read_text())
+    assert not [p for p, _ in fetched if p.endswith((".safetensors", ".bin"))]
+    assert any(p.endswith("tokenizer.json") for p, _ in fetched)
+    assert sum(n for _, n in fetched) < 10 << 20, sorted(fetched, key=lambda x: -x[1])[:5]
+    assert s["driver_peak_mib"] < 1024, s
+
+    # the circuit: k = 0.1% of 80 x 29568, equal to the single-machine reduce over the same rows
+    n_layers, width = SHAPES["qwen2"]
+    circuit = circuitmod.load(s["circuit"])
+    assert len(circuit.neurons) == int(0.001 * n_layers * width) == 2365
+    assert s["prompts_captured"] == N_PROMPTS
+    m = manifestmod.load(tmp_path / "m.yaml")
+    prepared = prepare(m, validate(m, check_remote=True))
+    acts = in_memory(ActivationStore(f"{base}/store"), s["run"], {k: e.row_hashes for k, e in prepared.sets.items()})
+    expected = r.reduce_in_memory(acts, 2365, [0, 1], 0.001, 0.8, "global")
+    assert expected.universal.any()  # the filter is at work: every prompt ends on the same template tokens
+    got = [(n.layer, n.neuron) for n in circuit.neurons]
+    assert got == [divmod(int(i), width) for i in expected.selected]
+    assert sorted(map(tuple, circuit.universal)) == sorted(map(tuple, np.argwhere(expected.universal).tolist()))
+    deltas = np.array([n.delta for n in circuit.neurons])
+    np.testing.assert_allclose(deltas, expected.delta.reshape(-1)[expected.selected], rtol=0, atol=1e-9)
