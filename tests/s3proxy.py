@@ -1,8 +1,9 @@
 """An S3 server that ignores or refuses conditional writes, made for real: a proxy on 127.0.0.1 in front of moto.
 
 In mode "drop" it strips `If-None-Match` (so moto silently overwrites, as older MinIO/Ceph and some gateways do);
-in mode "reject" it answers that header with 501 NotImplemented. Everything else is forwarded as is. Test modules
-wrap `serve_proxy` in their own `proxy` fixture (a fixture imported from here would shadow as an unused import).
+in mode "reject" it answers that header with 501 NotImplemented; in mode "pass" it forwards the header too (a plain
+proxy, for subclasses that misbehave in other ways: tests/faultproxy.py). Everything else is forwarded as is. Test
+modules wrap `serve_proxy` in their own `proxy` fixture (a fixture imported from here would shadow as an unused import).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ HOP_BY_HOP = {
 @dataclass
 class ProxyState:
     upstream: tuple[str, int]
-    mode: str = "drop"  # "drop": strip If-None-Match; "reject": answer it with 501 NotImplemented
+    mode: str = "drop"  # "drop": strip If-None-Match; "reject": answer it with 501 NotImplemented; "pass": forward it
     seen_conditional: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -91,11 +92,12 @@ class ForwardingHandler(BaseHTTPRequestHandler):
         self.wfile.write(error)
 
     def _ask(self, upstream: http.client.HTTPConnection, body: bytes) -> http.client.HTTPResponse:
-        """The request as it came, minus hop-by-hop headers and If-None-Match."""
+        """The request as it came, minus hop-by-hop headers and (unless the mode is "pass") If-None-Match."""
         upstream.putrequest(self.command, self.path, skip_host=True, skip_accept_encoding=True)
         upstream.putheader("Host", self.headers.get("Host", "{}:{}".format(*self.state.upstream)))
+        dropped = HOP_BY_HOP if self.state.mode == "pass" else HOP_BY_HOP | {"if-none-match"}
         for name, value in self.headers.items():
-            if name.lower() not in HOP_BY_HOP and name.lower() != "if-none-match":
+            if name.lower() not in dropped:
                 upstream.putheader(name, value)
         if body or self.command in ("PUT", "POST"):
             upstream.putheader("Content-Length", str(len(body)))
@@ -124,7 +126,10 @@ class ForwardingHandler(BaseHTTPRequestHandler):
             self.wfile.write(b"0\r\n\r\n")
         self.wfile.flush()
 
-    do_GET = do_HEAD = do_PUT = do_POST = do_DELETE = _forward
+    def _dispatch(self) -> None:
+        self._forward()  # looked up on the instance, so a subclass's `_forward` is the one called
+
+    do_GET = do_HEAD = do_PUT = do_POST = do_DELETE = _dispatch
 
 
 def use_endpoint(endpoint: str) -> None:

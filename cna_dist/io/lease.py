@@ -144,7 +144,14 @@ class Lease:
 
     def beat(self) -> bool:
         """One heartbeat: re-read the lease and refresh it while it is ours; False (and `lost` set) once it is not."""
-        holder = self.holder()
+        try:
+            holder = json.loads(self.objects.get(self.key))
+        except FileNotFoundError:
+            holder = None
+        except ValueError:
+            holder = {}
+        except OSError:
+            return True  # the store did not answer (its retries spent): a missed beat, as a failed put below is
         if not holder or holder.get("owner") != self.owner:
             self.lost = f"lease {self.uri} was taken over by {holder and holder.get('host')}"
             return False

@@ -27,6 +27,8 @@ import socket
 import threading
 import uuid
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -212,21 +214,25 @@ class FsspecObjects(Objects):
         return f"{self.path}/{key}" if key else self.path
 
     def get(self, key: str) -> bytes:
-        return self.fs.cat_file(self._path(key))
+        with _naming(self.uri(key)):
+            return self.fs.cat_file(self._path(key))
 
     def put(self, key: str, data: bytes) -> None:
-        self.fs.pipe_file(self._path(key), data)
+        with _naming(self.uri(key)):
+            self.fs.pipe_file(self._path(key), data)
 
     def list(self, prefix: str = "") -> list[str]:
         try:
-            entries = self.fs.ls(self._path(prefix), detail=False, refresh=True)
+            with _naming(self.uri(prefix)):
+                entries = self.fs.ls(self._path(prefix), detail=False, refresh=True)
         except FileNotFoundError:
             return []
         return sorted({e.rstrip("/").rsplit("/", 1)[-1] for e in entries})
 
     def _info(self, key: str) -> dict[str, Any] | None:
         try:
-            return self.fs.info(self._path(key), refresh=True)
+            with _naming(self.uri(key)):
+                return self.fs.info(self._path(key), refresh=True)
         except FileNotFoundError:
             return None
 
@@ -252,10 +258,25 @@ class ConditionalPutObjects(FsspecObjects):
         super().__init__(root, storage_options, clock)
         self._s3 = _is_s3(self.fs)
 
+    def _holds(self, key: str, data: bytes) -> bool:
+        """Whether the object at `key` is exactly `data`: what a create whose answer was lost finds on its retry.
+
+        Bytes written by a rival are never exactly ours (a lease names its owner, a registry version its creation
+        time); and where they were, the object would hold just what this create meant to write.
+        """
+        try:
+            return self.get(key) == data
+        except FileNotFoundError:
+            return False
+
     def _claims(self) -> ClaimObjects:
         return ClaimObjects(self.root, self.storage_options, self.clock)
 
     def create_if_absent(self, key: str, data: bytes) -> None:
+        with _naming(self.uri(key)):
+            self._create(key, data)
+
+    def _create(self, key: str, data: bytes) -> None:
         if self._s3 and not conditional_put_supported(self.root, self.storage_options):
             self._claims().create_if_absent(key, data)
             return
@@ -263,6 +284,8 @@ class ConditionalPutObjects(FsspecObjects):
             self.fs.pipe_file(self._path(key), data, mode="create")
         except Exception as exc:
             if _precondition_failed(exc):
+                if self._holds(key, data):
+                    return  # our own create landed and its answer was lost: the retry met it (412)
                 raise AlreadyExists(key) from None
             if not (self._s3 and _not_implemented(exc)):
                 raise
@@ -451,6 +474,17 @@ def _claims_dir(path: str) -> str:
 def _last_modified(entry: dict[str, Any]) -> float | None:
     value = entry.get("LastModified") or entry.get("last_modified") or entry.get("mtime") or entry.get("created")
     return value.timestamp() if hasattr(value, "timestamp") else (float(value) if value is not None else None)
+
+
+@contextmanager
+def _naming(uri: str) -> Iterator[None]:
+    """A storage error that names no object (s3fs's 5xx and throttling errors do not) gets `uri` as its filename."""
+    try:
+        yield
+    except OSError as exc:
+        if type(exc) is not OSError or exc.filename:
+            raise
+        raise OSError(exc.errno, exc.strerror or str(exc), uri) from exc
 
 
 def _remove(fs: Any, paths: list[str]) -> None:

@@ -32,6 +32,7 @@ from cna_dist.errors import BadInput, RunFailure
 from cna_dist.io import integrity
 from cna_dist.io import uri as urimod
 from cna_dist.io.lease import Lease
+from cna_dist.io.objects import LocalObjects
 
 FORMAT = "cna-store/1"
 TARGET_CHUNK_BYTES = 8 << 20
@@ -68,7 +69,7 @@ def run_id(meta: RunMeta) -> str:
 def chunking(n_layers: int, width: int, itemsize: int, shard_rows: int | None = None) -> tuple[int, int, int]:
     """(rows_per_chunk, layers_per_chunk, shard_rows) giving chunks of about 8 MB at real model sizes.
 
-    Qwen2.5-72B in float16: one layer of one row is 59 KB, so chunks are 128 rows x 1 layer = 7.6 MB and a
+    Qwen2.5-72B in float16: one layer of one row is 59 KB, so chunks are 64 rows x 2 layers = 7.6 MB and a
     reduce task reading one layer block holds one such chunk at a time.
     """
     row_layer = width * itemsize
@@ -156,7 +157,8 @@ class Run:
             raise RunFailure(f"cannot open activation array {self.root}/acts: {type(exc).__name__}: {exc}") from exc
 
     def _zarr_options(self) -> dict[str, Any] | None:
-        return None if urimod.is_local(self.root) else self.storage_options
+        """zarr opens its own filesystem: with the options (retries, timeouts) every other object here gets."""
+        return None if urimod.is_local(self.root) else urimod.effective_options(self.root, self.storage_options)
 
     def commit_path(self, shard: int) -> str:
         return self._path("commits", f"{shard:08d}.json")
@@ -235,7 +237,14 @@ class Run:
         if has_nan(acts):  # NaN is the fill of a chunk never written: stored, it would read as missing data
             row = int(np.flatnonzero(np.isnan(acts).any(axis=(1, 2)))[0])
             raise RunFailure(f"shard {plan.shard}: the activations of row {plan.start + row} hold NaN; nothing written")
-        self.array()[plan.start : plan.start + len(plan.hashes), lo:hi] = acts
+        arr, rows = self.array(), slice(plan.start, plan.start + len(plan.hashes))
+        try:
+            arr[rows, lo:hi] = acts
+        except Exception as exc:  # noqa: BLE001 - storage errors do not name their object: this does
+            raise RunFailure(
+                f"cannot write {self.root}/acts rows {rows.start}:{rows.stop} layers {lo}:{hi}: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
         return WrittenPart(plan.shard, lo, hi, int(acts.nbytes))
 
     def commit(
@@ -261,7 +270,14 @@ class Run:
         }
         if made_by:
             marker["made_by"] = made_by
-        self.fs.pipe_file(self.commit_path(plan.shard), json.dumps(marker).encode())
+        try:
+            if urimod.is_local(self.root):  # a local file is written in place: a crash would leave half a marker
+                LocalObjects(self.root).put(f"commits/{plan.shard:08d}.json", json.dumps(marker).encode())
+            else:  # an object store's PUT is whole or nothing
+                self.fs.pipe_file(self.commit_path(plan.shard), json.dumps(marker).encode())
+        except Exception as exc:  # noqa: BLE001 - storage errors do not name their object: this does
+            uri = f"{self.root}/commits/{plan.shard:08d}.json"
+            raise RunFailure(f"cannot write the commit marker {uri}: {type(exc).__name__}: {exc}") from exc
 
     def write_shard(self, plan: ShardPlan, acts: np.ndarray, writer: str = "") -> None:
         """One writer for the whole shard: all its layers, then the marker."""

@@ -43,13 +43,37 @@ def check_protocol(uri: str, *, source: str | None = None, field: str | None = N
         ) from None
 
 
-def filesystem(uri: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
-    """Return (filesystem, path inside it) for a URI; local writes create their parent folders as object stores do."""
-    options = dict(storage_options or {})
+# How S3 requests ride out a flaky store (503 SlowDown, 500, resets, stalls), wherever the package opens S3: here,
+# and in zarr's own filesystem (the store hands zarr `effective_options`). botocore retries every request on
+# 500/502/503/504, throttling codes and connection errors, up to `total_max_attempts` in all, waiting
+# rand * min(2**i, 20) s before attempt i + 1: 5 attempts wait at most 1 + 2 + 4 + 8 = 15 s. It cannot retry a body
+# cut off after the headers arrived (it has handed the stream over): s3fs's own loop around each call and each GET
+# does (5 tries; a class attribute, not an option), and it also retries errors that say SlowDown, so a persistent
+# SlowDown fails after 25 attempts (41 s measured), a persistent 500 after 5 (8 s). `read_timeout` cuts a stalled
+# read so that it is retried, `connect_timeout` an endpoint that does not answer. A user's `storage_options` win key
+# by key inside `config_kwargs` (a `retries` given there replaces this one whole); AWS_MAX_ATTEMPTS /
+# AWS_RETRY_MODE in the environment replace the retry default.
+S3_RETRIES = {"mode": "standard", "total_max_attempts": 5}
+S3_CONFIG = {"connect_timeout": 5, "read_timeout": 20}
+RETRY_ENVIRONMENT = ("AWS_MAX_ATTEMPTS", "AWS_RETRY_MODE")
+
+
+def effective_options(uri: str, options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The options a filesystem for `uri` is opened with: the user's, over the package's defaults for the protocol."""
+    merged = dict(options or {})
     if is_local(uri):
-        options.setdefault("auto_mkdir", True)
-    fs, path = fsspec.core.url_to_fs(uri, **options)
-    return fs, path
+        merged.setdefault("auto_mkdir", True)  # local writes create their parent folders as object stores do
+    elif protocol_of(uri) in ("s3", "s3a"):
+        config = {**S3_CONFIG, **dict(merged.get("config_kwargs") or {})}
+        if not any(name in os.environ for name in RETRY_ENVIRONMENT):
+            config.setdefault("retries", dict(S3_RETRIES))
+        merged["config_kwargs"] = config
+    return merged
+
+
+def filesystem(uri: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """Return (filesystem, path inside it) for a URI, opened with `effective_options`."""
+    return fsspec.core.url_to_fs(uri, **effective_options(uri, storage_options))
 
 
 def join(uri: str, *parts: str) -> str:
