@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from cna_dist.core import reduce as r
-from cna_dist.errors import RunFailure
+from cna_dist.errors import BadInput, RunFailure
 from cna_dist.io import stream
 from cna_dist.io.store import ActivationStore
 from tests.conftest import run_meta as meta
@@ -192,3 +192,25 @@ def test_run_id_ignores_how_rows_were_made(tmp_path: Path) -> None:
     rows = np.zeros((3, a.n_layers, a.intermediate_size), np.float32)
     run.commit(plan, [run.write_rows(plan, rows, slice(0, a.n_layers))], made_by={"backend": "hf", "engine": "single"})
     assert store.open_run(b).run == run.run and store.open_run(b).committed() == {0: hashes(3)}
+
+
+@pytest.mark.parametrize(
+    ("error", "kind"),
+    [
+        (PermissionError("Access Denied"), BadInput),
+        (FileNotFoundError("NoSuchBucket"), BadInput),
+        (OSError(16, "Service Unavailable"), RunFailure),
+    ],
+)
+def test_an_unwritable_store_is_bad_input_but_an_outage_is_a_run_failure(
+    monkeypatch: pytest.MonkeyPatch, error: Exception, kind: type
+) -> None:
+    """No bucket or no right to write is the manifest's fault (exit 2); a store down after every retry is not."""
+    store = ActivationStore("s3://no-such-bucket-here/store", {"anon": True})
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise error
+
+    monkeypatch.setattr(store.fs, "pipe_file", refuse)
+    with pytest.raises(kind, match="s3://no-such-bucket-here/store|activation store"):
+        store.check_writable()

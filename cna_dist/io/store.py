@@ -368,10 +368,14 @@ class ActivationStore:
     def load_meta(self, run: str) -> RunMeta | None:
         path = f"{self.path}/runs/{run}/run.json"
         try:
-            data = json.loads(self.fs.cat_file(path))
+            raw = self.fs.cat_file(path)
         except FileNotFoundError:
             return None
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:  # noqa: BLE001 - an outage is not damage: say which it is
+            raise RunFailure(f"cannot read run metadata {path}: {type(exc).__name__}: {exc}") from exc
+        try:
+            data = json.loads(raw)
+        except ValueError as exc:
             raise RunFailure(f"corrupt run metadata {path}: {type(exc).__name__}: {exc}") from exc
         meta = RunMeta(**integrity.run_meta_fields(data, path, RunMeta))
         if run_id(meta) != run:
@@ -389,12 +393,14 @@ class ActivationStore:
         try:
             self.fs.pipe_file(probe, b"ok")
             self.fs.rm_file(probe)
-        except Exception as exc:  # noqa: BLE001
+        except (PermissionError, FileNotFoundError) as exc:  # no such bucket, no right to write: the input's fault
             raise BadInput(
                 f"cannot write to the activation store: {type(exc).__name__}: {exc}",
                 source=self.uri,
                 field="output.store",
             ) from None
+        except Exception as exc:  # noqa: BLE001 - an outage after every retry: a failure at run time, exit 1
+            raise RunFailure(f"cannot write to the activation store {self.uri}: {type(exc).__name__}: {exc}") from exc
 
     def open_run(self, meta: RunMeta, create: bool = True) -> Run:
         """Open (or create) the run for `meta`; a run written for another model is refused by name."""

@@ -195,8 +195,12 @@ def _copy_checked(
     whose config.json does not give `fp` back, is a RunFailure and leaves no copy marked complete."""
     settings = download.Settings.from_env()
     fs, path = urimod.filesystem(uri, _with_connections(uri, storage_options, settings.concurrency))
-    entries = _listing(fs, path)
-    now = _fingerprint_of(fs, entries, fs.cat_file(path.rstrip("/") + "/config.json"))
+    try:
+        entries = _listing(fs, path)
+        config = fs.cat_file(path.rstrip("/") + "/config.json")
+    except OSError as exc:  # after the storage stack's retries: name what could not be read
+        raise RunFailure(f"cannot list {uri} or read its config.json: {type(exc).__name__}: {exc}") from exc
+    now = _fingerprint_of(fs, entries, config)
     if now != fp:
         raise RunFailure(f"{uri}: the checkpoint changed since its fingerprint {fp[:12]} was taken (now {now[:12]})")
     files = [download.remote(e) for e in entries if e.get("type") == "file" and wanted(Path(e["name"]).name)]
