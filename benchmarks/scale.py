@@ -36,9 +36,9 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
-import numpy as np
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,7 +47,6 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 from reduce import SubprocessMapper  # noqa: E402
 
 from cna_dist.demo.scale import save_scale_model, scale_prompts  # noqa: E402
-from cna_dist.io import stream  # noqa: E402
 from cna_dist.io import uri as urimod  # noqa: E402
 from cna_dist.io.store import ActivationStore  # noqa: E402
 
@@ -156,28 +155,16 @@ def mine(manifest: Path, cache: Path) -> dict[str, Any]:
 
 
 def task_peak_mib(store_uri: str, run_id: str, manifest: Path) -> float:
-    """The reduce again, every task in a fresh process: the largest task's peak RSS increase."""
+    """The reduce again, as `mine` runs it but every task in a fresh process: the largest task's peak RSS increase."""
     from cna_dist import manifest as manifestmod
-    from cna_dist.commands.mine import prepare
+    from cna_dist.commands.mine import prepare, reduce
     from cna_dist.validate import validate
 
     m = manifestmod.load(manifest)
     prepared = prepare(m, validate(m, check_remote=True))
     store = ActivationStore(store_uri)
-    run = store.open_run(store.load_meta(run_id), create=False)
-    index = run.row_index()
-    rows = {k: np.array([index[h] for h in e.row_hashes], dtype=np.int64) for k, e in prepared.sets.items()}
     mapper = SubprocessMapper(workers=2)
-    stream.reduce_store(
-        run,
-        rows,
-        k=m.select.k_for(run.meta.n_layers, run.meta.intermediate_size),
-        exclude_layers=m.select.exclude_layers,
-        universal_fraction=m.universal.top_fraction,
-        universal_threshold=m.universal.threshold,
-        universal_scope=m.universal.scope,
-        mapper=mapper,
-    )
+    reduce(m, prepared, store.open_run(store.load_meta(run_id), create=False), SimpleNamespace(map=mapper))
     return max(s["rss"] for s in mapper.stats) / (1 << 20)
 
 
