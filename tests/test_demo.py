@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -31,6 +32,9 @@ def test_demo_recovers_the_planted_gate(tmp_path: Path) -> None:
     assert rate["cna", 1.0] >= 0.9 and rate["cna", 0.0] <= 0.1
     assert rate["random", 0.0] == rate["random", 1.0] == rate["cna", 1.0]  # the control changes nothing
     assert {"caa"} <= {r["method"] for r in report["results"]}
+    if importlib.util.find_spec("lm_eval") is not None:  # the [capability] extra: the demo measures it too
+        line = next(x for x in result.output.splitlines() if x.startswith("capability (planted_answer, 12 questions"))
+        assert "cna m=0 1.00" in line  # ablating the refusal circuit leaves the planted answer alone
     for png in report["plots"].values():
         assert Path(png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
