@@ -180,6 +180,16 @@ def ray_head() -> Iterator[dict[str, str]]:
 
 
 def submit(env: dict[str, str], manifest: Path, *extra: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`ray job submit`, again while the head's job agent is still starting (a loaded machine takes a while)."""
+    for _ in range(6):
+        done = _submit_once(env, manifest, *extra, timeout=timeout)
+        if "No available agent to submit job" not in done.stderr + done.stdout:
+            return done
+        time.sleep(5)
+    return done
+
+
+def _submit_once(env: dict[str, str], manifest: Path, *extra: str, timeout: float) -> subprocess.CompletedProcess:
     return subprocess.run(
         [
             str(BIN / "ray"),
