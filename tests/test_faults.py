@@ -180,8 +180,9 @@ def ray_head() -> Iterator[dict[str, str]]:
 
 
 def submit(env: dict[str, str], manifest: Path, *extra: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    """`ray job submit`, again while the head's job agent is still starting (a loaded machine takes a while)."""
-    for _ in range(6):
+    """`ray job submit`, again while the head's job agent is still starting (a loaded machine takes a while: over
+    30 s was seen with another Ray beside it on 2 cores)."""
+    for _ in range(24):
         done = _submit_once(env, manifest, *extra, timeout=timeout)
         if "No available agent to submit job" not in done.stderr + done.stdout:
             return done
