@@ -28,10 +28,8 @@ from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from http.server import ThreadingHTTPServer
 
-from tests.conftest import free_port
-from tests.s3proxy import HOP_BY_HOP, ForwardingHandler, ProxyState, use_endpoint
+from tests.s3proxy import HOP_BY_HOP, ForwardingHandler, serve_proxy
 
 ERRORS = {
     "slowdown": (503, "Slow Down", "SlowDown", "Please reduce your request rate."),
@@ -174,18 +172,5 @@ class FaultHandler(ForwardingHandler):
 @contextmanager
 def serve_faults(s3_server: str, faults: Faults) -> Iterator[Faults]:
     """The flaky proxy in front of moto; s3fs talks to it (through AWS_ENDPOINT_URL_S3) until the block ends."""
-    host, port = s3_server.removeprefix("http://").split(":")
-    state = ProxyState(upstream=(host, int(port)), mode="pass")
-    handler = type("Handler", (FaultHandler,), {"state": state, "faults": faults})
-    server = ThreadingHTTPServer(("127.0.0.1", free_port()), handler)
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    use_endpoint(f"http://127.0.0.1:{server.server_address[1]}")
-    try:
+    with serve_proxy(s3_server, mode="pass", base=FaultHandler, faults=faults):
         yield faults
-    finally:
-        use_endpoint(s3_server)
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=10)

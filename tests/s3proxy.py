@@ -141,11 +141,14 @@ def use_endpoint(endpoint: str) -> None:
 
 
 @contextmanager
-def serve_proxy(s3_server: str) -> Iterator[ProxyState]:
-    """A proxy in front of moto (mode "drop" to start with); s3fs talks to it until the block ends."""
+def serve_proxy(
+    s3_server: str, mode: str = "drop", base: type[ForwardingHandler] = ForwardingHandler, **attributes: object
+) -> Iterator[ProxyState]:
+    """A proxy in front of moto (`base` handling each request, `attributes` on its class); s3fs talks to it until
+    the block ends."""
     host, port = s3_server.removeprefix("http://").split(":")
-    state = ProxyState(upstream=(host, int(port)))
-    handler = type("Handler", (ForwardingHandler,), {"state": state})
+    state = ProxyState(upstream=(host, int(port)), mode=mode)
+    handler = type("Handler", (base,), {"state": state, **attributes})
     server = ThreadingHTTPServer(("127.0.0.1", free_port()), handler)
     server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
