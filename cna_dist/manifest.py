@@ -114,7 +114,8 @@ class ModelSpec(Strict):
 
 class PromptSet(Strict):
     uri: str
-    field: str | None = None  # for .jsonl/.json objects; default "prompt"
+    field: str | None = None  # .jsonl/.json objects' field, or a .parquet/.csv table's column; default "prompt"
+    category_field: str | None = None  # a table's column naming each prompt's category (JailbreakBench: Category)
     limit: int | None = Field(None, ge=1)
     storage_options: dict[str, Any] = Field(default_factory=dict, repr=False)  # credentials: never in a repr
 
