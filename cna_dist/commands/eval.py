@@ -376,7 +376,7 @@ def run(
     progress: bool = True,
 ) -> str:
     """The `eval` command: steering checks on the executor's replicas; returns eval.json's URI."""
-    m = manifestmod.load(manifest_path)
+    m = manifestmod.pin_model(manifestmod.load(manifest_path))
     circuit = load_circuit(circuit_uri, m.output.storage_options)
     out = out or f"eval-{circuit.name}-v{circuit.version}"
     return run_eval(

@@ -45,11 +45,29 @@ class Remote:
     identity: str  # ETag, else modification time; "" when the store gives neither (such a file is never resumed)
 
 
+def content_identity(entry: dict[str, Any]) -> str:
+    """What names a listed file's content without reading it; "" when the listing says nothing about it.
+
+    S3, GCS and Azure give an ETag; the Hub (HfFileSystem) gives an LFS file's sha256 (the hash of its bytes,
+    what a local file is hashed to) and a small file's git blob id.
+    """
+    etag = entry.get("ETag") or entry.get("etag")
+    if etag:
+        return f"etag:{str(etag).strip(chr(34))}"
+    lfs = entry.get("lfs")
+    if isinstance(lfs, dict) and lfs.get("sha256"):
+        return f"sha256:{lfs['sha256']}"
+    if entry.get("blob_id"):
+        return f"git:{entry['blob_id']}"
+    return ""
+
+
 def remote(entry: dict[str, Any]) -> Remote:
     """A Remote from one `fs.ls(..., detail=True)` / `fs.info` entry."""
-    etag = entry.get("ETag") or entry.get("etag")
-    stamp = entry.get("mtime") or entry.get("LastModified") or entry.get("created")
-    identity = f"etag:{str(etag).strip(chr(34))}" if etag else (f"mtime:{stamp}" if stamp else "")
+    identity = content_identity(entry)
+    if not identity:
+        stamp = entry.get("mtime") or entry.get("LastModified") or entry.get("created")
+        identity = f"mtime:{stamp}" if stamp else ""
     return Remote(str(entry["name"]), Path(str(entry["name"])).name, int(entry["size"]), identity)
 
 

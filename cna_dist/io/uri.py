@@ -68,11 +68,25 @@ def effective_options(uri: str, options: dict[str, Any] | None = None) -> dict[s
         if not any(name in os.environ for name in RETRY_ENVIRONMENT):
             config.setdefault("retries", dict(S3_RETRIES))
         merged["config_kwargs"] = config
+    elif protocol_of(uri) == "hf":
+        from cna_dist.io import hub
+
+        if hub.endpoint():  # huggingface_hub read HF_ENDPOINT once, at import; the environment now wins
+            merged.setdefault("endpoint", hub.endpoint())
     return merged
 
 
 def filesystem(uri: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
-    """Return (filesystem, path inside it) for a URI, opened with `effective_options`."""
+    """Return (filesystem, path inside it) for a URI, opened with `effective_options`.
+
+    A pinned `hf://ORG/NAME@<sha>` under HF_HUB_OFFLINE=1 is the local HF cache's snapshot folder of that commit.
+    """
+    if protocol_of(uri) == "hf":
+        from cna_dist.io import hub
+
+        folder = hub.offline_folder(uri)
+        if folder is not None:
+            return fsspec.core.url_to_fs(folder, auto_mkdir=True)
     return fsspec.core.url_to_fs(uri, **effective_options(uri, storage_options))
 
 
