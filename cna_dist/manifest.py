@@ -359,9 +359,8 @@ def pin_model(manifest: Manifest) -> Manifest:
         return manifest
     from cna_dist.io import hub
 
-    if hub.revision_of(manifest.model.uri) is not None and manifest.model.revision == hub.revision_of(
-        manifest.model.uri
-    ):
+    sha = hub.revision_of(manifest.model.uri)
+    if sha is not None and manifest.model.revision == sha:
         return manifest  # pinned already
     uri, sha = hub.pin(manifest.model.uri, manifest.model.revision)
     m = manifest.model_copy(deep=True)
