@@ -296,13 +296,26 @@ def _fetch_all(fs: Any, files: list[Remote], fds: dict[str, int], progress: Prog
     return sum(end - start for _, start, end in jobs)
 
 
+def _read_range(fs: Any, path: str, start: int, end: int) -> bytes:
+    """Bytes [start, end) in one request. Object stores' `cat_file` sends exactly that range; a filesystem whose
+    `cat_file` goes through a buffered file (the Hub's HfFileSystem) would read ahead a whole block past `end` on
+    every part, so it is opened without a cache: one ranged GET of just the part."""
+    if getattr(fs, "async_impl", False) or "hf" not in (
+        fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    ):
+        return fs.cat_file(path, start=start, end=end)
+    with fs.open(path, "rb", cache_type="none") as f:
+        f.seek(start)
+        return f.read(end - start)
+
+
 def _fetch_part(
     fs: Any, item: Remote, start: int, end: int, fds: dict[str, int], progress: Progress, stop: threading.Event
 ) -> None:
     if stop.is_set():
         return
     try:
-        data = fs.cat_file(item.path, start=start, end=end)
+        data = _read_range(fs, item.path, start, end)
         if len(data) != end - start:
             raise RunFailure(f"got {len(data)} bytes for a {end - start}-byte range (was the file changed?)")
         view, offset = memoryview(data), start
