@@ -63,6 +63,15 @@ def test_run_lease_on_azure(azure: str, check: Callable[[str], None]) -> None:
     check(fresh("runs/r1/lease.json"))
 
 
+def test_azure_timeouts_are_set_and_the_users_win() -> None:
+    assert urimod.effective_options("az://c/x") == {"connection_timeout": 5, "read_timeout": 20}
+    assert urimod.effective_options("abfs://c/x", {"read_timeout": 300, "account_name": "a"}) == {
+        "connection_timeout": 5,
+        "read_timeout": 300,
+        "account_name": "a",
+    }
+
+
 def test_mine_into_azure(azure: str, workspace: Path, tmp_path: Path) -> None:
     root = fresh("out")
     data = yaml.safe_load(workspace.read_text())
