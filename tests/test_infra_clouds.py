@@ -18,7 +18,11 @@ from tests.test_infra import errors_of  # skips this module too where the CRDs a
 INFRA = Path(__file__).resolve().parents[1] / "infra"
 CLOUDS = {
     "gke": {"scheme": "gs://", "annotation": "iam.gke.io/gcp-service-account", "label": None},
-    "aks": {"scheme": "az://", "annotation": "azure.workload.identity/client-id", "label": "azure.workload.identity/use"},
+    "aks": {
+        "scheme": "az://",
+        "annotation": "azure.workload.identity/client-id",
+        "label": "azure.workload.identity/use",
+    },
 }
 FORBIDDEN = ("AccountKey=", "SharedAccessSignature", "sig=", "private_key", "BEGIN PRIVATE KEY", "AKIA")
 SECRET_NAMES = ("GOOGLE_APPLICATION_CREDENTIALS", "AZURE_CLIENT_SECRET", "AZURE_STORAGE_KEY", "AWS_SECRET_ACCESS_KEY")
