@@ -69,9 +69,10 @@ def folder_files(path: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(path.iterdir()) if p.is_file()}
 
 
-API = re.compile(r"^/api/models/([^/]+/[^/]+?)(?:/revision/([^/]+))?$")
-TREE = re.compile(r"^/api/models/([^/]+/[^/]+)/tree/([^/]+)(?:/(.*))?$")
-RESOLVE = re.compile(r"^/([^/]+/[^/]+)/resolve/([^/]+)/(.+)$")
+# Models are `ORG/NAME`, datasets `datasets/ORG/NAME` (the key a dataset is committed under, as hf:// names it).
+API = re.compile(r"^/api/(?:models/|(datasets)/)([^/]+/[^/]+?)(?:/revision/([^/]+))?$")
+TREE = re.compile(r"^/api/(?:models/|(datasets)/)([^/]+/[^/]+)/tree/([^/]+)(?:/(.*))?$")
+RESOLVE = re.compile(r"^/(?:(datasets)/)?([^/]+/[^/]+)/resolve/([^/]+)/(.+)$")
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -99,7 +100,8 @@ class Handler(BaseHTTPRequestHandler):
         for pattern, handler in ((TREE, self._tree), (API, self._info), (RESOLVE, self._file)):
             match = pattern.match(path)
             if match:
-                handler(*match.groups(), body=body)
+                kind, repo_id, *rest = match.groups()
+                handler(f"{kind}/{repo_id}" if kind else repo_id, *rest, body=body)
                 return
         self._error(404, "EntryNotFound", body)
 
@@ -149,7 +151,16 @@ class Handler(BaseHTTPRequestHandler):
         repo, sha = found
         siblings = [{"rfilename": name} for name in sorted(repo.commits[sha])]
         gated = "manual" if repo.gated else False
-        self._json({"id": repo_id, "sha": sha, "private": repo.private, "gated": gated, "siblings": siblings}, body)
+        self._json(
+            {
+                "id": repo_id.removeprefix("datasets/"),
+                "sha": sha,
+                "private": repo.private,
+                "gated": gated,
+                "siblings": siblings,
+            },
+            body,
+        )
 
     def _tree(self, repo_id: str, rev: str, inner: str | None, body: bool) -> None:
         found = self._repo(repo_id, rev, body, files=False)

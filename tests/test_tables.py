@@ -160,3 +160,20 @@ def test_million_row_csv_streams(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.split()
     assert out[0] == "1000000" and out[-2] == "999999"
     assert out[-1] == column_hash([f"goal number {i}" for i in range(1_000_000)])
+
+
+def test_eval_categories_come_from_the_tables_category_column(tmp_path: Path) -> None:
+    """`category_field` on the eval set is what the eval's per-category refusal rates group by."""
+    from cna_dist import manifest as manifestmod
+    from cna_dist.commands.eval import eval_categories
+
+    path = write_parquet(tmp_path / "jbb.parquet", JBB_COLUMNS, JBB_ROWS)
+    data = {
+        "name": "r",
+        "model": {"uri": "/m"},
+        "prompts": {"positive": "a.txt", "negative": "b.txt", "eval": {"uri": str(path), "field": "Goal"}},
+        "output": {"store": "/s", "registry": "/r"},
+    }
+    assert eval_categories(manifestmod.parse(data, "m.yaml"), 3) is None
+    data["prompts"]["eval"]["category_field"] = "Category"
+    assert eval_categories(manifestmod.parse(data, "m.yaml"), 2) == ["Harassment/Discrimination", "Physical harm"]
