@@ -65,8 +65,9 @@ def revision_of(uri: str) -> str | None:
     return revision if revision is not None and SHA.match(revision) else None
 
 
-def pinned_uri(repo: str, sha: str) -> str:
-    return f"hf://{repo}@{sha}"
+def pinned_uri(repo: str, sha: str, path: str = "") -> str:
+    """`hf://ORG/NAME@<sha>`, and the checkpoint's folder inside the repo when it is not the repo's root."""
+    return f"hf://{repo}@{sha}" + (f"/{path}" if path else "")
 
 
 def pin(uri: str, revision: str | None, field: str = "model.uri") -> tuple[str, str]:
@@ -76,16 +77,16 @@ def pin(uri: str, revision: str | None, field: str = "model.uri") -> tuple[str, 
     what to set); offline, the local HF cache does. The model's config.json is read once here, so access is
     checked before any work starts.
     """
-    repo, in_uri, _ = split(uri, field)
+    repo, in_uri, path = split(uri, field)
     if in_uri is not None and revision is not None and in_uri != revision:
         raise BadInput(f"the URI names revision {in_uri!r} and model.revision {revision!r}", source=uri, field=field)
     wanted = in_uri or revision
     if offline():
-        sha = _cached_sha(repo, wanted, uri, field)
+        sha = _cached_sha(repo, wanted, uri, field, path)
     else:
         sha = _remote_sha(repo, wanted, uri, field)
-        _check_readable(repo, sha, uri, field)
-    return pinned_uri(repo, sha), sha
+        _check_readable(pinned_uri(repo, sha, path), repo, sha, uri, field)
+    return pinned_uri(repo, sha, path), sha
 
 
 def _api() -> Any:
@@ -102,14 +103,14 @@ def _remote_sha(repo: str, wanted: str | None, uri: str, field: str) -> str:
     return info.sha
 
 
-def _check_readable(repo: str, sha: str, uri: str, field: str) -> None:
+def _check_readable(pinned: str, repo: str, sha: str, uri: str, field: str) -> None:
     """Read config.json at the pinned commit: a gated repo answers 401/403 to file reads, not to model_info."""
     from huggingface_hub import HfFileSystem
 
     fs = HfFileSystem(endpoint=endpoint())
     with _hub_errors(repo, sha, uri, field):
         try:
-            fs.cat_file(f"{repo}@{sha}/config.json")
+            fs.cat_file(pinned.removeprefix("hf://") + "/config.json")
         except FileNotFoundError:
             message = f"{repo} at {sha[:12]} has no config.json: not a model checkpoint"
             raise BadInput(message, source=uri, field=field) from None
@@ -177,7 +178,7 @@ def _repo_folder(repo: str) -> Path:
     return cache_root() / ("models--" + repo.replace("/", "--"))
 
 
-def _cached_sha(repo: str, wanted: str | None, uri: str, field: str) -> str:
+def _cached_sha(repo: str, wanted: str | None, uri: str, field: str, path: str = "") -> str:
     folder = _repo_folder(repo)
     ref = wanted or "main"
     if SHA.match(ref):
@@ -192,7 +193,7 @@ def _cached_sha(repo: str, wanted: str | None, uri: str, field: str) -> str:
                 field=field,
             )
         sha = ref_file.read_text().strip()
-    if not (folder / "snapshots" / sha / "config.json").is_file():
+    if not (folder / "snapshots" / sha / path / "config.json").is_file():
         raise BadInput(
             f"HF_HUB_OFFLINE=1 and the local HF cache has no snapshot {sha[:12]} of {repo} with a config.json",
             source=uri,
