@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -116,22 +118,16 @@ def _check_readable(pinned: str, repo: str, sha: str, uri: str, field: str) -> N
             raise BadInput(message, source=uri, field=field) from None
 
 
-class _hub_errors:
+@contextmanager
+def _hub_errors(repo: str, revision: str | None, uri: str, field: str) -> Iterator[None]:
     """huggingface_hub's errors as BadInput naming the repo and what to set; a token's value is never shown."""
-
-    def __init__(self, repo: str, revision: str | None, uri: str, field: str) -> None:
-        self.repo, self.revision, self.uri, self.field = repo, revision, uri, field
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind: Any, exc: BaseException | None, tb: Any) -> bool:
-        if exc is None:
-            return False
-        message = _describe(exc, self.repo, self.revision)
+    try:
+        yield
+    except Exception as exc:
+        message = _describe(exc, repo, revision)
         if message is None:
-            return False
-        raise BadInput(message, source=self.uri, field=self.field) from None
+            raise
+        raise BadInput(message, source=uri, field=field) from None
 
 
 def _describe(exc: BaseException, repo: str, revision: str | None) -> str | None:
