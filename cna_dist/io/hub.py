@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from cna_dist.errors import BadInput
+from cna_dist.errors import BadInput, RunFailure
 
 SHA = re.compile(r"^[0-9a-f]{40}$")
 REPO = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -101,7 +101,7 @@ def _remote_sha(repo: str, wanted: str | None, uri: str, field: str) -> str:
     with _hub_errors(repo, wanted, uri, field):
         info = _api().model_info(repo, revision=wanted)
     if not info.sha or not SHA.match(info.sha):
-        raise BadInput(f"the Hub gave no commit sha for {repo} at {wanted or 'its default branch'}", source=uri)
+        raise RunFailure(f"{uri}: the Hub gave no commit sha for {repo} at {wanted or 'its default branch'}")
     return info.sha
 
 
