@@ -119,6 +119,12 @@ class PromptSet(Strict):
     limit: int | None = Field(None, ge=1)
     storage_options: dict[str, Any] = Field(default_factory=dict, repr=False)  # credentials: never in a repr
 
+    @model_validator(mode="after")
+    def _categories_need_a_table(self) -> PromptSet:
+        if self.category_field is not None and not self.uri.lower().endswith((".parquet", ".csv")):
+            raise ValueError(f"category_field is read from .parquet and .csv tables only, not {self.uri!r}")
+        return self
+
 
 def _promptset_from_str(value: Any) -> Any:
     return {"uri": value} if isinstance(value, str) else value

@@ -5,6 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/pip install -q --disable-pip-version-check -c constraints.txt -e '.[test]'
+# Azurite (the Azure Storage emulator of tests/test_azure.py) is a Node program; without npm those tests skip.
+command -v azurite-blob >/dev/null || { command -v npm >/dev/null && npm install -g --silent azurite@3.35.0 || true; }
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 exec .venv/bin/python -m pytest -q "$@"

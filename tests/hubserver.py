@@ -2,8 +2,9 @@
 
 Read from huggingface_hub 2.4's own source (hf_api.py, hf_file_system.py, utils/_http.py):
 - `GET /api/models/{repo}` and `/api/models/{repo}/revision/{rev}`: `HfApi.model_info`, `{"id", "sha", ...}`;
-- `GET /api/models/{repo}/tree/{rev}[/{path}]`: `list_repo_tree`, one page (no `Link` header), entries
-  `{"type", "path", "size", "oid", "lfs": {"oid", "size", "pointerSize"}}` (weights are LFS files, as on the Hub);
+- `GET /api/models/{repo}/tree/{rev}[/{path}]`: `list_repo_tree`, one page (no `Link` header): the folder's files
+  `{"type": "file", "path", "size", "oid", "lfs": {"oid", "size", "pointerSize"}}` (weights are LFS files, as on
+  the Hub) and sub-folders `{"type": "directory", "path", "oid"}`, or every file below with `recursive=true`;
 - `GET|HEAD /{repo}/resolve/{rev}/{file}`: file bytes, a `Range: bytes=a-b` answered 206 with `Content-Range`;
   `ETag`, `X-Repo-Commit`, `Accept-Ranges` as the Hub sends them;
 - errors as `hf_raise_for_status` reads them: 404 with `X-Error-Code: RepoNotFound | RevisionNotFound |
@@ -168,9 +169,20 @@ class Handler(BaseHTTPRequestHandler):
             return
         repo, sha = found
         prefix = unquote(inner or "").strip("/")
-        entries = []
+        recursive = "recursive=true" in urlsplit(self.path).query.lower()
+        entries: list[dict[str, Any]] = []
+        folders: set[str] = set()
         for name, data in sorted(repo.commits[sha].items()):
             if prefix and not name.startswith(prefix + "/"):
+                continue
+            rest = name[len(prefix) + 1 :] if prefix else name
+            if "/" in rest and not recursive:  # a folder of this one: listed once, as the Hub lists it
+                folder = f"{prefix}/{rest.split('/')[0]}" if prefix else rest.split("/")[0]
+                if folder not in folders:
+                    folders.add(folder)
+                    entries.append(
+                        {"type": "directory", "path": folder, "oid": hashlib.sha1(folder.encode()).hexdigest()}
+                    )
                 continue
             entry: dict[str, Any] = {"type": "file", "path": name, "size": len(data), "oid": _git_oid(data)}
             if name.endswith(LFS_SUFFIXES):

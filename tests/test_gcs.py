@@ -138,3 +138,37 @@ def test_mine_a_hub_model_with_parquet_prompts_into_gcs(
     assert circuit["provenance"]["store"] == f"{root}/store"
     run = json.loads(fs.cat_file(f"{path.split('/circuits/')[0]}/store/runs/{circuit['provenance']['run']}/run.json"))
     assert run["fingerprint"] == circuit["model"]["fingerprint"] and sha in run["model_uri"]
+
+
+def test_a_model_and_a_prompt_table_on_gcs(
+    gcs: str, tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A checkpoint folder on gs:// is fingerprinted by its listing (ETags) and copied in ranged reads, like S3's;
+    a parquet table on gs:// is read in batches through gcsfs."""
+    from cna_dist.manifest import PromptSet
+    from cna_dist.model import checkpoint
+    from cna_dist.model import prompts as promptsmod
+
+    monkeypatch.setenv("CNA_DIST_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("CNA_DIST_DOWNLOAD_PART_SIZE", "65536")
+    model = fresh("models/tiny")
+    fs, path = urimod.filesystem(model)
+    fs.put(f"{tiny_llama}/", path, recursive=True)
+    fp = checkpoint.fingerprint(model)
+    folder = checkpoint.localize(model, fp=fp)
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        assert (folder / name).read_bytes() == (tiny_llama / name).read_bytes()
+    assert checkpoint.fingerprint(model) == fp
+    fs.pipe_file(f"{path}/model.safetensors", (tiny_llama / "model.safetensors").read_bytes()[:-4] + b"\0\0\0\0")
+    assert checkpoint.fingerprint(model) != fp  # new bytes, new ETag, new fingerprint
+    jbb_parquet(tmp_path / "jbb.parquet", HARMFUL)
+    table = fresh("prompts/jbb.parquet")
+    fs.put_file(str(tmp_path / "jbb.parquet"), table.removeprefix("gs://"))
+    got = promptsmod.load("positive", PromptSet(uri=table, field="Goal", category_field="Category"))
+    assert got.texts == HARMFUL and got.categories == [
+        "Physical harm",
+        "Malware/Hacking",
+        "uncategorized",
+        "Physical harm",
+        "Economic harm",
+    ]

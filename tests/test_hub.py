@@ -142,6 +142,15 @@ def test_missing_repo_or_revision(server: HubServer, files: dict[str, bytes], ur
     assert info.value.source == uri and info.value.field == "model.uri"
 
 
+def test_a_checkpoint_in_a_folder_of_the_repo(server: HubServer, files: dict[str, bytes]) -> None:
+    sha = server.hub.commit("acme/many", {f"instruct/{name}": data for name, data in files.items()})
+    uri, _ = hub.pin("hf://acme/many@main/instruct", None)
+    assert uri == f"hf://acme/many@{sha}/instruct"
+    assert checkpoint.inspect(uri).n_layers == 4
+    with pytest.raises(BadInput, match="has no config.json"):
+        hub.pin("hf://acme/many/base", None)
+
+
 def test_not_a_hub_model_uri() -> None:
     for uri in ("hf://tiny", "hf://acme/tiny@", "hf://datasets/acme/prompts"):
         with pytest.raises(BadInput, match="is not a Hub model"):

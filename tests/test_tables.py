@@ -114,8 +114,8 @@ def test_non_string_column_and_category_only_for_tables(tmp_path: Path) -> None:
         load(path)
     jsonl = tmp_path / "p.jsonl"
     jsonl.write_text('"one"\n')
-    with pytest.raises(BadInput, match="category_field is read from .parquet and .csv tables only"):
-        load(jsonl, category_field="category")
+    with pytest.raises(ValueError, match="category_field is read from .parquet and .csv tables only"):
+        load(jsonl, category_field="category")  # refused with the manifest, before any file is opened
 
 
 def test_not_a_parquet_file(tmp_path: Path) -> None:
@@ -124,6 +124,19 @@ def test_not_a_parquet_file(tmp_path: Path) -> None:
     with pytest.raises(BadInput, match="not a parquet file") as info:
         load(path)
     assert info.value.source == str(path)
+
+
+def test_damaged_parquet_data_is_bad_input(tmp_path: Path) -> None:
+    """A file whose footer reads but whose second row group is damaged: exit 2 naming the file, not a crash."""
+    path = write_parquet(tmp_path / "d.parquet", ["prompt"], [[f"prompt {i}"] for i in range(100)], row_group_size=50)
+    meta = pq.ParquetFile(path).metadata.row_group(1).column(0)
+    start = meta.dictionary_page_offset or meta.data_page_offset
+    data = bytearray(path.read_bytes())
+    data[start : start + meta.total_compressed_size] = b"\xff" * meta.total_compressed_size
+    path.write_bytes(bytes(data))
+    with pytest.raises(BadInput, match="unreadable parquet data after row 0") as info:
+        load(path)
+    assert info.value.source == str(path) and "page header" in str(info.value)
 
 
 def test_parquet_is_read_in_batches_of_the_selected_columns(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from cna_dist.errors import BadInput
+from cna_dist.errors import BadInput, RunFailure
 
 SHA = re.compile(r"^[0-9a-f]{40}$")
 REPO = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -65,8 +67,9 @@ def revision_of(uri: str) -> str | None:
     return revision if revision is not None and SHA.match(revision) else None
 
 
-def pinned_uri(repo: str, sha: str) -> str:
-    return f"hf://{repo}@{sha}"
+def pinned_uri(repo: str, sha: str, path: str = "") -> str:
+    """`hf://ORG/NAME@<sha>`, and the checkpoint's folder inside the repo when it is not the repo's root."""
+    return f"hf://{repo}@{sha}" + (f"/{path}" if path else "")
 
 
 def pin(uri: str, revision: str | None, field: str = "model.uri") -> tuple[str, str]:
@@ -76,16 +79,16 @@ def pin(uri: str, revision: str | None, field: str = "model.uri") -> tuple[str, 
     what to set); offline, the local HF cache does. The model's config.json is read once here, so access is
     checked before any work starts.
     """
-    repo, in_uri, _ = split(uri, field)
+    repo, in_uri, path = split(uri, field)
     if in_uri is not None and revision is not None and in_uri != revision:
         raise BadInput(f"the URI names revision {in_uri!r} and model.revision {revision!r}", source=uri, field=field)
     wanted = in_uri or revision
     if offline():
-        sha = _cached_sha(repo, wanted, uri, field)
+        sha = _cached_sha(repo, wanted, uri, field, path)
     else:
         sha = _remote_sha(repo, wanted, uri, field)
-        _check_readable(repo, sha, uri, field)
-    return pinned_uri(repo, sha), sha
+        _check_readable(pinned_uri(repo, sha, path), repo, sha, uri, field)
+    return pinned_uri(repo, sha, path), sha
 
 
 def _api() -> Any:
@@ -98,39 +101,33 @@ def _remote_sha(repo: str, wanted: str | None, uri: str, field: str) -> str:
     with _hub_errors(repo, wanted, uri, field):
         info = _api().model_info(repo, revision=wanted)
     if not info.sha or not SHA.match(info.sha):
-        raise BadInput(f"the Hub gave no commit sha for {repo} at {wanted or 'its default branch'}", source=uri)
+        raise RunFailure(f"{uri}: the Hub gave no commit sha for {repo} at {wanted or 'its default branch'}")
     return info.sha
 
 
-def _check_readable(repo: str, sha: str, uri: str, field: str) -> None:
+def _check_readable(pinned: str, repo: str, sha: str, uri: str, field: str) -> None:
     """Read config.json at the pinned commit: a gated repo answers 401/403 to file reads, not to model_info."""
     from huggingface_hub import HfFileSystem
 
     fs = HfFileSystem(endpoint=endpoint())
     with _hub_errors(repo, sha, uri, field):
         try:
-            fs.cat_file(f"{repo}@{sha}/config.json")
+            fs.cat_file(pinned.removeprefix("hf://") + "/config.json")
         except FileNotFoundError:
             message = f"{repo} at {sha[:12]} has no config.json: not a model checkpoint"
             raise BadInput(message, source=uri, field=field) from None
 
 
-class _hub_errors:
+@contextmanager
+def _hub_errors(repo: str, revision: str | None, uri: str, field: str) -> Iterator[None]:
     """huggingface_hub's errors as BadInput naming the repo and what to set; a token's value is never shown."""
-
-    def __init__(self, repo: str, revision: str | None, uri: str, field: str) -> None:
-        self.repo, self.revision, self.uri, self.field = repo, revision, uri, field
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind: Any, exc: BaseException | None, tb: Any) -> bool:
-        if exc is None:
-            return False
-        message = _describe(exc, self.repo, self.revision)
+    try:
+        yield
+    except Exception as exc:
+        message = _describe(exc, repo, revision)
         if message is None:
-            return False
-        raise BadInput(message, source=self.uri, field=self.field) from None
+            raise
+        raise BadInput(message, source=uri, field=field) from None
 
 
 def _describe(exc: BaseException, repo: str, revision: str | None) -> str | None:
@@ -177,7 +174,7 @@ def _repo_folder(repo: str) -> Path:
     return cache_root() / ("models--" + repo.replace("/", "--"))
 
 
-def _cached_sha(repo: str, wanted: str | None, uri: str, field: str) -> str:
+def _cached_sha(repo: str, wanted: str | None, uri: str, field: str, path: str = "") -> str:
     folder = _repo_folder(repo)
     ref = wanted or "main"
     if SHA.match(ref):
@@ -192,7 +189,7 @@ def _cached_sha(repo: str, wanted: str | None, uri: str, field: str) -> str:
                 field=field,
             )
         sha = ref_file.read_text().strip()
-    if not (folder / "snapshots" / sha / "config.json").is_file():
+    if not (folder / "snapshots" / sha / path / "config.json").is_file():
         raise BadInput(
             f"HF_HUB_OFFLINE=1 and the local HF cache has no snapshot {sha[:12]} of {repo} with a config.json",
             source=uri,

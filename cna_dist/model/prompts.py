@@ -128,7 +128,8 @@ def load(name: str, spec: PromptSet) -> Prompts:
         texts, categories, sha256 = table.texts, table.categories, table.sha256
     else:
         if spec.category_field is not None:
-            raise BadInput("category_field is read from .parquet and .csv tables only", source=spec.uri, field=where)
+            message = "category_field is read from .parquet and .csv tables only"
+            raise BadInput(message, source=spec.uri, field=f"{where}.category_field")
         texts, categories, sha256 = parse(data, spec.uri, spec.field), None, hashlib.sha256(data).hexdigest()
     if spec.limit is not None:
         texts = texts[: spec.limit]

@@ -102,13 +102,24 @@ def _parquet_rows(f: Any, uri: str, columns: tuple[str, ...], where: str) -> Ite
         kind = table.schema_arrow.field(column).type
         if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_null(kind)):
             raise BadInput(f"column {column!r} holds {kind}, not strings", source=uri)
-    return _parquet_batches(table, columns)
+    return _parquet_batches(table, columns, uri)
 
 
-def _parquet_batches(table: Any, columns: tuple[str, ...]) -> Iterator[tuple[Any, Any]]:
-    for batch in table.iter_batches(batch_size=BATCH_ROWS, columns=list(columns)):
+def _parquet_batches(table: Any, columns: tuple[str, ...], uri: str) -> Iterator[tuple[Any, Any]]:
+    import pyarrow as pa
+
+    batches = table.iter_batches(batch_size=BATCH_ROWS, columns=list(columns))
+    done = 0
+    while True:
+        try:
+            batch = next(batches, None)
+        except (pa.ArrowException, OSError) as exc:  # a damaged row group: the file is at fault, not the run
+            raise BadInput(f"unreadable parquet data after row {done} ({exc})", source=uri) from None
+        if batch is None:
+            return
         texts = batch.column(0).to_pylist()
         categories = batch.column(1).to_pylist() if len(columns) > 1 else [None] * len(texts)
+        done += len(texts)
         yield from zip(texts, categories, strict=True)
 
 
