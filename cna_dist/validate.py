@@ -9,8 +9,8 @@ from pathlib import Path
 from cna_dist.errors import BadInput
 from cna_dist.io import uri as urimod
 from cna_dist.manifest import Manifest
+from cna_dist.model import cache, engines, weights
 from cna_dist.model import checkpoint as modelmod
-from cna_dist.model import engines, weights
 from cna_dist.model import prompts as promptsmod
 
 
@@ -137,6 +137,7 @@ def check_capability(m: Manifest, check_remote: bool, checked: Checked) -> None:
 def validate(manifest: Manifest, *, check_remote: bool = False) -> Checked:
     checked = Checked(manifest)
     m = manifest
+    cache.max_bytes()  # CNA_DIST_CACHE_MAX_BYTES is a size, or exit 2 now rather than on the first replica
     if urimod.is_local(m.model.uri) or check_remote:
         config = modelmod.read_config(m.model.uri, m.model.storage_options)
         checked.model = modelmod.info_from_config(config, m.model.uri)
