@@ -167,7 +167,11 @@ def check(
     found: dict[str, tuple[tuple[int, ...], str]] = {}
     for listed in files:
         source = uri.rstrip("/") + "/" + str(listed["name"]).rstrip("/").rsplit("/", 1)[-1]
-        for tensor, shape in header(fs, str(listed["name"]), int(listed["size"]), source).items():
+        try:
+            shapes = header(fs, str(listed["name"]), int(listed["size"]), source)
+        except BadInput as exc:  # the same message, also naming the manifest field that points at the checkpoint
+            raise BadInput(str(exc).removeprefix(f"{source}: "), source=source, field=field) from None
+        for tensor, shape in shapes.items():
             if tensor in found:  # two files naming one tensor: which one transformers keeps is an accident
                 raise BadInput(f"tensor {tensor!r} is also in {found[tensor][1]}", source=source, field=field)
             found[tensor] = (shape, source)
