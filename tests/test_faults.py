@@ -295,10 +295,11 @@ def test_killed_driver_then_rerun_reuses_committed_shards(ray_head: dict[str, st
 
 
 def job_driver(manifest: Path) -> psutil.Process | None:
-    """The job's entrypoint process on the head (the Python running jobs/mine_circuit.py MANIFEST, not its shell)."""
+    """The job's entrypoint process on the head: `python jobs/mine_circuit.py MANIFEST` (not its shell, not the
+    `ray job submit` client, whose command line holds the same words further on)."""
     for p in psutil.process_iter(["cmdline"]):
         cmd = p.info["cmdline"] or []
-        if any(c.endswith("mine_circuit.py") for c in cmd) and str(manifest) in cmd and not cmd[0].endswith("sh"):
+        if len(cmd) > 2 and cmd[1].endswith("mine_circuit.py") and cmd[2] == str(manifest):
             return p
     return None
 

@@ -173,7 +173,8 @@ def test_the_stream_engine_chooses_a_new_runs_shard_size(workspace: Path, tmp_pa
 def test_the_driver_reads_no_weight_file_of_a_remote_model(
     workspace: Path, tmp_path: Path, s3_server: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """prepare() (fingerprint, tokenizer, rendering) on an s3:// checkpoint: config and tokenizer files only."""
+    """prepare() (fingerprint, tokenizer, rendering) on an s3:// checkpoint: config and tokenizer files only (the
+    weight files' headers are read by validate, two ranged reads each: tests/test_weights.py)."""
     import s3fs
     import yaml
 
