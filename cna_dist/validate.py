@@ -134,7 +134,9 @@ def check_capability(m: Manifest, check_remote: bool, checked: Checked) -> None:
     checked.skipped_remote.extend(f"capability task {t}" for t in tasks if t not in local)
 
 
-def validate(manifest: Manifest, *, check_remote: bool = False) -> Checked:
+def validate(manifest: Manifest, *, check_remote: bool = False, evaluation: bool = True) -> Checked:
+    """Everything the manifest names, checked without writing. `evaluation`: also `eval.judge` and
+    `eval.capability` (not for `mine`, which uses neither: their data may be where the capture cluster cannot go)."""
     checked = Checked(manifest)
     m = manifest
     cache.max_bytes()  # CNA_DIST_CACHE_MAX_BYTES is a size, or exit 2 now rather than on the first replica
@@ -155,8 +157,9 @@ def validate(manifest: Manifest, *, check_remote: bool = False) -> Checked:
             checked.prompts[name] = promptsmod.load(name, spec)
         else:
             checked.skipped_remote.append(spec.uri)
-    check_judge(m, check_remote, checked)
-    check_capability(m, check_remote, checked)
+    if evaluation:
+        check_judge(m, check_remote, checked)
+        check_capability(m, check_remote, checked)
     check_writable(m.output.store, "output.store", m.source)
     check_writable(m.output.registry, "output.registry", m.source)
     return checked

@@ -103,7 +103,6 @@ def every_case() -> list[tuple[str, Damage]]:
         ("store-under-a-file", both(prompt_file("a-file", "x"), manifest_edit(
             lambda d: d["output"].update(store="./prompts/a-file/store")))),
         ("stream-on-two-gpus", manifest_edit(lambda d: d["model"].update(engine="stream", gpus_per_replica=2))),
-        ("judge-missing", manifest_edit(lambda d: d.update(eval={"judge": {"uri": "./models/no-judge"}}))),
     ]  # fmt: skip
     return cases
 
