@@ -58,7 +58,8 @@ def validate(manifest: Path, check_remote: bool) -> None:
         if bad:
             raise BadInput(f"{bad} of {len(results)} manifests are bad (listed above)", source=str(manifest))
         return
-    checked = run_validate(manifestmod.load(manifest), check_remote=check_remote)
+    m = manifestmod.load(manifest)
+    checked = run_validate(manifestmod.pin_model(m) if check_remote else m, check_remote=check_remote)
     counts = ", ".join(f"{k}: {len(p.texts)}" for k, p in checked.prompts.items())
     model = (
         f"{checked.model.architecture} {checked.model.n_layers}x{checked.model.intermediate_size}"

@@ -114,7 +114,8 @@ class ModelSpec(Strict):
 
 class PromptSet(Strict):
     uri: str
-    field: str | None = None  # for .jsonl/.json objects; default "prompt"
+    field: str | None = None  # .jsonl/.json objects' field, or a .parquet/.csv table's column; default "prompt"
+    category_field: str | None = None  # a table's column naming each prompt's category (JailbreakBench: Category)
     limit: int | None = Field(None, ge=1)
     storage_options: dict[str, Any] = Field(default_factory=dict, repr=False)  # credentials: never in a repr
 
@@ -347,4 +348,21 @@ def resolve_uris(manifest: Manifest, base: Path) -> Manifest:
         value = getattr(obj, attr)
         urimod.check_protocol(value, source=m.source, field=field)
         setattr(obj, attr, urimod.resolve(value, base))
+    return m
+
+
+def pin_model(manifest: Manifest) -> Manifest:
+    """A Hub model (`hf://ORG/NAME[@REVISION]`) pinned to its commit: `model.uri` names the sha, `model.revision` is
+    it. Asks the Hub (or, with HF_HUB_OFFLINE=1, the local HF cache) once; the driver calls it before any work, so
+    every later read, the store run and the circuit name one commit. Any other model is returned as it is."""
+    if not manifest.model.uri.startswith("hf://"):
+        return manifest
+    from cna_dist.io import hub
+
+    sha = hub.revision_of(manifest.model.uri)
+    if sha is not None and manifest.model.revision == sha:
+        return manifest  # pinned already
+    uri, sha = hub.pin(manifest.model.uri, manifest.model.revision)
+    m = manifest.model_copy(deep=True)
+    m.model.uri, m.model.revision = uri, sha
     return m

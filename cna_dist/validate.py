@@ -176,12 +176,13 @@ def is_nightly_list(path: Path) -> bool:
 def validate_list(path: Path, *, check_remote: bool = False) -> list[tuple[Path, Checked | BadInput]]:
     """Every manifest a nightly list names, each validated on its own: (path, what it checked or why it is bad)."""
     from cna_dist.commands.nightly import load_list
-    from cna_dist.manifest import load
+    from cna_dist.manifest import load, pin_model
 
     out: list[tuple[Path, Checked | BadInput]] = []
     for manifest in load_list(path):
         try:
-            out.append((manifest, validate(load(manifest), check_remote=check_remote)))
+            m = load(manifest)
+            out.append((manifest, validate(pin_model(m) if check_remote else m, check_remote=check_remote)))
         except BadInput as exc:
             out.append((manifest, exc))
     return out

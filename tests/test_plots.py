@@ -1,4 +1,5 @@
-"""PNG reports: files exist, are real PNGs of the expected size, and odd inputs (gaps, URIs) are handled."""
+"""PNG reports: each figure draws the data it is given (bar heights, line points), files are real PNGs of the
+expected size, and odd inputs (gaps, URIs) are handled."""
 
 from __future__ import annotations
 
@@ -75,3 +76,53 @@ def test_writes_to_fsspec_uri() -> None:
     )
     with fsspec.open(out, "rb") as f:
         assert f.read(8) == PNG_SIGNATURE
+
+
+def bars(ax) -> dict[str, list[tuple[float, float]]]:
+    """Legend label -> (bar centre, height) of each bar in that series."""
+    out = {}
+    for container in ax.containers:
+        out[container.get_label()] = [(p.get_x() + p.get_width() / 2, p.get_height()) for p in container.patches]
+    return out
+
+
+def test_histogram_draws_each_circuits_counts_per_layer() -> None:
+    a = make([(2, 0, 3.0), (2, 1, 2.0), (3, 5, 1.0)])
+    b = make([(0, 9, 5.0), (2, 0, 4.0), (5, 1, 1.0)], n_layers=6)
+    fig = plots.histogram_figure({"a v1": a, "b v2": b})
+    series = bars(fig.axes[0])
+    assert list(series) == ["a v1 (3)", "b v2 (3)"]
+    heights = {label: [h for _, h in pts] for label, pts in series.items()}
+    assert heights["a v1 (3)"] == [0, 0, 2, 1, 0, 0]  # six layers: the wider circuit sets the axis
+    assert heights["b v2 (3)"] == [1, 0, 1, 0, 0, 1]
+    centres = [x for x, _ in series["a v1 (3)"]]
+    assert centres == pytest.approx([layer - 0.2 for layer in range(6)])  # side by side around each layer
+
+
+def lines(ax) -> dict[str, list[tuple[float, float]]]:
+    return {line.get_label(): [tuple(p) for p in line.get_xydata()] for line in ax.lines}
+
+
+def test_curves_draw_each_methods_points_sorted_by_multiplier() -> None:
+    results = [
+        {"method": "cna", "multiplier": 2.0, "refusal_rate": 0.9, "quality": 0.7, "n": 20},
+        {"method": "cna", "multiplier": 0.0, "refusal_rate": 0.1, "quality": None, "n": 20},
+        {"method": "random", "multiplier": 0.0, "refusal_rate": 0.55, "quality": 0.93, "n": 20},
+        {
+            "method": "cna",
+            "multiplier": 1.0,
+            "refusal_rate": 0.6,
+            "quality": 0.95,
+            "n": 20,
+            "capability": [{"task": "t", "acc": 0.5, "acc_stderr": 0.1}],
+            "refusal_by_category": {"fraud": {"refusal_rate": 0.25, "n": 4}},
+        },
+    ]
+    fig = plots.curves_figure(results)
+    refusal, quality, capability, category = fig.axes
+    assert lines(refusal) == {"cna": [(0.0, 0.1), (1.0, 0.6), (2.0, 0.9)], "random": [(0.0, 0.55)]}
+    assert lines(quality) == {"cna": [(1.0, 0.95), (2.0, 0.7)], "random": [(0.0, 0.93)]}  # a missing point skipped
+    assert lines(capability) == {"cna": [(1.0, 0.5)]}
+    assert capability.get_title() == "capability (t)"
+    assert lines(category) == {"fraud": [(1.0, 0.25)]}
+    assert fig._suptitle.get_text() == "steering evaluation (n = 20 prompts)"

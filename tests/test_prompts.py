@@ -149,9 +149,9 @@ def test_json_must_be_a_list() -> None:
     assert bad('{"prompt": "x"}', "a.json") == "expected a JSON list, got dict"
 
 
-@pytest.mark.parametrize("name", ["a.csv", "a.parquet", "prompts", "a.jsonl.gz"])
+@pytest.mark.parametrize("name", ["a.xlsx", "prompts", "a.jsonl.gz"])
 def test_unsupported_suffix(name: str) -> None:
-    assert bad('"x"\n', name) == "unsupported prompt file type (use one of .jsonl, .json, .txt)"
+    assert bad('"x"\n', name) == "unsupported prompt file type (use one of .jsonl, .json, .txt, .parquet, .csv)"
 
 
 def test_not_utf8() -> None:

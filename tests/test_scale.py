@@ -24,7 +24,7 @@ from cna_dist.validate import validate
 from tests.conftest import write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
-N_PROMPTS = 240
+N_PROMPTS = 96  # 450 MB of rows at the real shape: enough for a multi-chunk store and a working universal filter
 
 
 def in_memory(store: ActivationStore, run_id: str, row_hashes: dict[str, list[str]]) -> dict[str, np.ndarray]:

@@ -86,16 +86,16 @@ def test_every_item_once_results_in_order_and_in_flight_bounded() -> None:
 def test_a_failing_call_is_retried_with_exponential_backoff() -> None:
     clock = FakeClock()
     pool = FakePool(1, lambda r, item, attempt: ValueError("flaky") if attempt < 2 else "ok")
-    results, report = run(pool, ["a"], Settings(max_retries=3, backoff_s=0.5), clock)
+    results, report = run(pool, ["a"], Settings(call_retries=3, backoff_s=0.5), clock)
     assert results == {0: "ok"} and report.retries == 2
     # no sleeping: the call waits in the queue until its backoff (0.5 s, then 1 s) ends on the clock
     assert pool.started == [(0, "a")] * 3
 
 
-def test_a_call_that_always_fails_is_reported_by_name_after_max_retries() -> None:
+def test_a_call_that_always_fails_is_reported_by_name_after_call_retries() -> None:
     pool = FakePool(2, lambda r, item, attempt: IndexError("index out of range") if item == "bad" else item)
     with pytest.raises(RunFailure, match=r"item bad failed after 2 retries: IndexError: index out of range"):
-        run(pool, ["good", "bad", "fine"], Settings(max_retries=2, backoff_s=0.01))
+        run(pool, ["good", "bad", "fine"], Settings(call_retries=2, backoff_s=0.01))
     assert sum(1 for _, item in pool.started if item == "bad") == 3
 
 
@@ -122,7 +122,7 @@ def test_a_lost_replica_gets_no_work_until_its_probe_answers() -> None:
 def test_every_replica_dead_fails_the_run_naming_what_is_left() -> None:
     pool = FakePool(2, lambda r, item, attempt: ReplicaLost("gone"), lambda r, attempt: ReplicaLost("no restarts"))
     with pytest.raises(RunFailure, match=r"every replica died \(restarts exhausted, .*\); \d+ calls not done"):
-        run(pool, list(range(5)), Settings(max_in_flight=1, max_retries=10))
+        run(pool, list(range(5)), Settings(max_in_flight=1, call_retries=10))
 
 
 def lost_then_restarting(answers_after: int | None):

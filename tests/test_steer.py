@@ -1,6 +1,6 @@
 """CAA baseline: contrastive MLP-output vectors (padding-proof), exact addition, alpha = 0 exactness, layer choice.
 
-Neuron scaling (`steer.steered`) is covered in test_circuit.py and test_evaluate.py.
+Neuron scaling (`steer.steered`) is covered in test_circuit.py and test_generate.py.
 """
 
 from __future__ import annotations

@@ -118,9 +118,11 @@ def prepare(
 
 def eval_categories(m: Manifest, n: int) -> list[str] | None:
     """The eval prompts' categories (the field `eval.categories` names), as many as prompts were loaded."""
-    if m.eval.categories is None or m.prompts.eval is None:
-        return None
     spec = m.prompts.eval
+    if spec is not None and spec.category_field is not None:  # a table's category column, read with its prompts
+        return (promptsmod.load("eval", spec).categories or [])[:n]
+    if m.eval.categories is None or spec is None:
+        return None
     fs, path = urimod.filesystem(spec.uri, spec.storage_options)
     with fs.open(path, "rb") as f:
         data = f.read()
@@ -374,7 +376,7 @@ def run(
     progress: bool = True,
 ) -> str:
     """The `eval` command: steering checks on the executor's replicas; returns eval.json's URI."""
-    m = manifestmod.load(manifest_path)
+    m = manifestmod.pin_model(manifestmod.load(manifest_path))
     circuit = load_circuit(circuit_uri, m.output.storage_options)
     out = out or f"eval-{circuit.name}-v{circuit.version}"
     return run_eval(

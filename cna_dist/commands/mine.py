@@ -189,6 +189,7 @@ def mine(m: Manifest, executor: Executor, *, progress: bool = True, checked: Che
     """Validate, capture what the store lacks on the executor's replicas, stream the reduce, publish."""
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
+    m = manifestmod.pin_model(m)
     checked = checked or validate(m, check_remote=True, evaluation=False)
     p = prepare(m, checked)  # every check that needs no forward pass is behind us: from here on, writes
     store = ActivationStore(m.output.store, m.output.storage_options)
@@ -243,7 +244,7 @@ def peak_rss_mib() -> float | None:
 
 def run(manifest_path: Path, executor: Executor, *, progress: bool, summary: Path | None = None) -> MineResult:
     """The `mine` command: load and validate first (exit 2 before anything is written), then mine."""
-    m = manifestmod.load(manifest_path)
+    m = manifestmod.pin_model(manifestmod.load(manifest_path))  # a Hub model's revision: one commit from here on
     result = mine(m, executor, progress=progress, checked=validate(m, check_remote=True, evaluation=False))
     if summary is not None:
         summary.parent.mkdir(parents=True, exist_ok=True)

@@ -224,6 +224,7 @@ class FsspecObjects(Objects):
     def list(self, prefix: str = "") -> list[str]:
         try:
             with _naming(self.uri(prefix)):
+                self.fs.invalidate_cache(self._path(prefix))  # adlfs ignores refresh=True: it takes invalidate_cache
                 entries = self.fs.ls(self._path(prefix), detail=False, refresh=True)
         except FileNotFoundError:
             return []

@@ -38,7 +38,13 @@ class Published:
 
 
 def model_slug(model_uri: str) -> str:
-    """The checkpoint folder's name as one path segment; never '.' or '..' (leading dots go), which would climb."""
+    """The checkpoint folder's name as one path segment; never '.' or '..' (leading dots go), which would climb.
+
+    A Hub model's revision is not part of it (`hf://ORG/NAME@<sha>` is NAME): every commit's circuits are versions
+    of one name, and each circuit records its commit in `model.revision`.
+    """
+    if model_uri.startswith("hf://"):
+        model_uri = model_uri.split("@", 1)[0]
     base = model_uri.rstrip("/").rsplit("/", 1)[-1] or "model"
     return re.sub(r"[^A-Za-z0-9._-]+", "-", base).lstrip(".").strip("-") or "model"
 

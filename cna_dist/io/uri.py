@@ -56,6 +56,14 @@ def check_protocol(uri: str, *, source: str | None = None, field: str | None = N
 S3_RETRIES = {"mode": "standard", "total_max_attempts": 5}
 S3_CONFIG = {"connect_timeout": 5, "read_timeout": 20}
 RETRY_ENVIRONMENT = ("AWS_MAX_ATTEMPTS", "AWS_RETRY_MODE")
+# GCS (gcsfs): gcsfs retries every request itself, 6 attempts in all (`GCSFileSystem.retries`, a class attribute, not
+# an option), on 408/429/5xx and connection errors, waiting min(rand + 2**(n-1), 32) s between them; nothing here
+# changes that. A create (`ifGenerationMatch=0`) whose answer was lost meets its own object on the retry (412):
+# objects.ConditionalPutObjects reads it back and counts it done when it holds its bytes, as on S3.
+# Azure (adlfs on azure-storage-blob): the SDK's own retry policy (exponential, 3 retries by default); the timeouts
+# are set here as for S3: `connection_timeout` cuts an endpoint that does not answer, `read_timeout` a stalled read
+# (then retried). The user's `storage_options` win key by key.
+AZURE_TIMEOUTS = {"connection_timeout": 5, "read_timeout": 20}
 
 
 def effective_options(uri: str, options: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -68,11 +76,28 @@ def effective_options(uri: str, options: dict[str, Any] | None = None) -> dict[s
         if not any(name in os.environ for name in RETRY_ENVIRONMENT):
             config.setdefault("retries", dict(S3_RETRIES))
         merged["config_kwargs"] = config
+    elif protocol_of(uri) in ("az", "abfs", "abfss"):
+        for key, value in AZURE_TIMEOUTS.items():
+            merged.setdefault(key, value)
+    elif protocol_of(uri) == "hf":
+        from cna_dist.io import hub
+
+        if hub.endpoint():  # huggingface_hub read HF_ENDPOINT once, at import; the environment now wins
+            merged.setdefault("endpoint", hub.endpoint())
     return merged
 
 
 def filesystem(uri: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
-    """Return (filesystem, path inside it) for a URI, opened with `effective_options`."""
+    """Return (filesystem, path inside it) for a URI, opened with `effective_options`.
+
+    A pinned `hf://ORG/NAME@<sha>` under HF_HUB_OFFLINE=1 is the local HF cache's snapshot folder of that commit.
+    """
+    if protocol_of(uri) == "hf":
+        from cna_dist.io import hub
+
+        folder = hub.offline_folder(uri)
+        if folder is not None:
+            return fsspec.core.url_to_fs(folder, auto_mkdir=True)
     return fsspec.core.url_to_fs(uri, **effective_options(uri, storage_options))
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from cna_dist.errors import BadInput, RunFailure
-from cna_dist.io import download
+from cna_dist.io import download, hub
 from cna_dist.io import uri as urimod
 from cna_dist.model import cache
 
@@ -98,12 +98,13 @@ def _file_sha256(fs: Any, path: str) -> str:
 
 
 def fingerprint(uri: str, storage_options: dict[str, Any] | None = None) -> str:
-    """Content hash of a checkpoint: config plus every weight file's hash (ETag on object stores).
+    """Content hash of a checkpoint: config plus every weight file's hash (ETag on object stores, the listed sha256
+    of an LFS file on the Hub), and a pinned Hub model's commit sha.
 
     Local hashes are cached by (path, size, mtime) so a 145 GB checkpoint is read once per node.
     """
     fs, path = urimod.filesystem(uri, storage_options)
-    return _fingerprint_of(fs, _listing(fs, path), fs.cat_file(path.rstrip("/") + "/config.json"))
+    return _fingerprint_of(fs, _listing(fs, path), fs.cat_file(path.rstrip("/") + "/config.json"), hub.revision_of(uri))
 
 
 def _listing(fs: Any, path: str) -> list[dict[str, Any]]:
@@ -112,19 +113,26 @@ def _listing(fs: Any, path: str) -> list[dict[str, Any]]:
     return sorted(fs.ls(path, detail=True), key=lambda e: e["name"])
 
 
-def _fingerprint_of(fs: Any, entries: list[dict[str, Any]], config: bytes) -> str:
-    """The fingerprint of a listing and the bytes of its config.json (so a copy can be checked against it)."""
+def _fingerprint_of(fs: Any, entries: list[dict[str, Any]], config: bytes, revision: str | None = None) -> str:
+    """The fingerprint of a listing and the bytes of its config.json (so a copy can be checked against it).
+
+    `revision`: a Hub commit sha, hashed in, so two commits never share a run even where their files agree. An LFS
+    file's listed sha256 is the hash of its bytes, the value a local copy of it hashes to, so a model read from the
+    local HF cache (HF_HUB_OFFLINE=1) has the fingerprint it has on the Hub.
+    """
     cache_file = cache_dir() / "file-hashes.json"
     cache: dict[str, str] = json.loads(cache_file.read_text()) if cache_file.exists() else {}
     digest = hashlib.sha256(json.dumps(json.loads(config), sort_keys=True).encode())
+    if revision:
+        digest.update(f"revision:{revision}\n".encode())
     changed = False
     for entry in entries:
         name = entry["name"]
         if not name.endswith(WEIGHT_SUFFIXES):
             continue
-        etag = entry.get("ETag") or entry.get("etag")
-        if etag:
-            file_hash = f"etag:{etag.strip(chr(34))}"
+        identity = download.content_identity(entry)
+        if identity:
+            file_hash = identity.removeprefix("sha256:")
         else:
             key = f"{name}|{entry.get('size')}|{entry.get('mtime') or entry.get('created')}"
             if key not in cache:
@@ -170,7 +178,7 @@ def _cached_copy(
     The copy is made in `<fp>.partial` (kept across failures so the next call resumes it), checked against the
     fingerprint, marked `.complete` inside and renamed into place, so a reader sees a whole copy or none.
     """
-    if urimod.is_local(uri):
+    if urimod.is_local(uri) or hub.offline_folder(uri):  # a folder here already (HF_HUB_OFFLINE: the HF cache's)
         return Path(urimod.filesystem(uri)[1])
     from filelock import FileLock
 
@@ -202,12 +210,12 @@ def _copy_checked(
         config = fs.cat_file(path.rstrip("/") + "/config.json")
     except OSError as exc:  # after the storage stack's retries: name what could not be read
         raise RunFailure(f"cannot list {uri} or read its config.json: {type(exc).__name__}: {exc}") from exc
-    now = _fingerprint_of(fs, entries, config)
+    now = _fingerprint_of(fs, entries, config, hub.revision_of(uri))
     if now != fp:
         raise RunFailure(f"{uri}: the checkpoint changed since its fingerprint {fp[:12]} was taken (now {now[:12]})")
     files = [download.remote(e) for e in entries if e.get("type") == "file" and wanted(Path(e["name"]).name)]
     stats = download.copy(fs, files, partial, key=fp, settings=settings)
-    if _fingerprint_of(fs, entries, (partial / "config.json").read_bytes()) != fp:
+    if _fingerprint_of(fs, entries, (partial / "config.json").read_bytes(), hub.revision_of(uri)) != fp:
         shutil.rmtree(partial)
         raise RunFailure(f"{uri}: the copied config.json does not match fingerprint {fp[:12]}; copy discarded")
     return stats

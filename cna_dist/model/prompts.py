@@ -1,8 +1,10 @@
-"""Prompt sets: read from any fsspec URI (.jsonl, .json, .txt), hashed, rendered with the chat template."""
+"""Prompt sets: read from any fsspec URI (.jsonl, .json, .txt, or a .parquet / .csv table), hashed, rendered with the
+chat template."""
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -10,18 +12,21 @@ from typing import Any
 from cna_dist.errors import BadInput
 from cna_dist.io import uri as urimod
 from cna_dist.manifest import PromptSet
+from cna_dist.model import tables
 
 FORMATS = (".jsonl", ".json", ".txt")
 
 
 @dataclass(frozen=True)
 class Prompts:
-    """One loaded prompt set: the raw texts and the hash of the file's bytes."""
+    """One loaded prompt set: the raw texts and their hash (of the file's bytes; of the prompt column for a table),
+    and, for a table read with `category_field`, each prompt's category."""
 
     name: str
     uri: str
     texts: list[str]
     sha256: str
+    categories: list[str] | None = None
 
 
 def sha256_text(text: str) -> str:
@@ -85,9 +90,12 @@ _PARSERS = {".txt": _parse_txt, ".jsonl": _parse_jsonl, ".json": _parse_json}
 
 def parse(data: bytes, uri: str, field: str | None) -> list[str]:
     """Parse prompt-file bytes; errors name the file and the line (or list index)."""
+    if tables.is_table(uri):
+        return tables.read(io.BytesIO(data), uri, field, None, "prompts").texts
     suffix = next((s for s in FORMATS if uri.lower().endswith(s)), None)
     if suffix is None:
-        raise BadInput(f"unsupported prompt file type (use one of {', '.join(FORMATS)})", source=uri)
+        known = ", ".join((*FORMATS, *tables.TABLE_FORMATS))
+        raise BadInput(f"unsupported prompt file type (use one of {known})", source=uri)
     try:
         text = data.decode("utf-8-sig")  # a BOM (Windows editors write one) is not part of the first prompt
     except UnicodeDecodeError as exc:
@@ -102,20 +110,30 @@ def parse(data: bytes, uri: str, field: str | None) -> list[str]:
 
 
 def load(name: str, spec: PromptSet) -> Prompts:
+    where = f"prompts.{name}"
     try:
         fs, path = urimod.filesystem(spec.uri, spec.storage_options)
         with fs.open(path, "rb") as f:
-            data = f.read()
+            if tables.is_table(spec.uri):
+                table = tables.read(f, spec.uri, spec.field, spec.category_field, where)
+            else:
+                data = f.read()
     except FileNotFoundError:
-        raise BadInput("prompt file does not exist", source=spec.uri, field=f"prompts.{name}.uri") from None
+        raise BadInput("prompt file does not exist", source=spec.uri, field=f"{where}.uri") from None
     except IsADirectoryError:
-        raise BadInput("is a folder, not a prompt file", source=spec.uri, field=f"prompts.{name}.uri") from None
+        raise BadInput("is a folder, not a prompt file", source=spec.uri, field=f"{where}.uri") from None
     except OSError as exc:
-        raise BadInput(f"cannot read prompt file: {exc}", source=spec.uri, field=f"prompts.{name}.uri") from None
-    texts = parse(data, spec.uri, spec.field)
+        raise BadInput(f"cannot read prompt file: {exc}", source=spec.uri, field=f"{where}.uri") from None
+    if tables.is_table(spec.uri):
+        texts, categories, sha256 = table.texts, table.categories, table.sha256
+    else:
+        if spec.category_field is not None:
+            raise BadInput("category_field is read from .parquet and .csv tables only", source=spec.uri, field=where)
+        texts, categories, sha256 = parse(data, spec.uri, spec.field), None, hashlib.sha256(data).hexdigest()
     if spec.limit is not None:
         texts = texts[: spec.limit]
-    return Prompts(name=name, uri=spec.uri, texts=texts, sha256=hashlib.sha256(data).hexdigest())
+        categories = None if categories is None else categories[: spec.limit]
+    return Prompts(name=name, uri=spec.uri, texts=texts, sha256=sha256, categories=categories)
 
 
 def use_chat_template(tokenizer: Any, wanted: bool | None) -> bool:

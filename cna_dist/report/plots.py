@@ -46,6 +46,11 @@ def layer_histogram(
     storage_options: dict[str, Any] | None = None,
 ) -> str:
     """Neurons per layer, one bar series per circuit side by side; shows where in depth a circuit lives."""
+    return _save(histogram_figure(circuits, title), path, storage_options)
+
+
+def histogram_figure(circuits: Mapping[str, Circuit], title: str | None = None) -> Figure:
+    """The figure `layer_histogram` saves: one bar per layer and circuit, its height the circuit's neurons there."""
     if not circuits:
         raise ValueError("layer_histogram needs at least one circuit")
     n_layers = max(max([c.model.n_layers, *(n.layer + 1 for n in c.neurons)]) for c in circuits.values())
@@ -78,7 +83,7 @@ def layer_histogram(
     ax.grid(axis="y", alpha=0.35)
     ax.set_axisbelow(True)
     ax.legend(frameon=False)
-    return _save(fig, path, storage_options)
+    return fig
 
 
 def _number(x: Any) -> float | None:
@@ -169,6 +174,11 @@ def eval_curves(
     """Refusal, quality, and when measured capability, judge score and refusal per category, against the steering
     multiplier: one panel each, one line per method, so CNA reads against the random-neuron and CAA baselines at a
     glance. Points with a missing metric are skipped in that panel only."""
+    return _save(curves_figure(results, title), path, storage_options)
+
+
+def curves_figure(results: list[dict[str, Any]], title: str | None = None) -> Figure:
+    """The figure `eval_curves` saves: one axes per measure, one line per method (label = method name)."""
     panels = [p for p in PANELS if p[0] in ("refusal", "quality") or any(p[2](r) is not None for r in results)]
     categories = any(r.get("refusal_by_category") for r in results)
     n_panels = len(panels) + categories
@@ -192,4 +202,4 @@ def eval_curves(
     n = sorted({int(r["n"]) for r in results if r.get("n") is not None})
     suffix = f" (n = {n[0]} prompts)" if len(n) == 1 else ""
     fig.suptitle((title or "steering evaluation") + suffix)
-    return _save(fig, path, storage_options)
+    return fig

@@ -94,12 +94,12 @@ class RayExecutor:
         *,
         replicas: int | None = None,
         max_in_flight: int = 2,
-        max_retries: int = 3,
+        call_retries: int = 3,
         backoff_s: float = 0.5,
         num_cpus: int | None = None,
     ):
         self.address, self.num_cpus = address, num_cpus
-        self.settings = Settings(max_in_flight, max_retries, backoff_s)
+        self.settings = Settings(max_in_flight, call_retries, backoff_s)
         self.on_shard: Callable[[ShardResult], None] | None = None
         self.requested = replicas
         self.started = False  # whether this executor started the Ray it uses (and so shuts it down)
@@ -125,7 +125,7 @@ class RayExecutor:
     def _start(self, spec: ReplicaSpec) -> RayPool:
         self._ray()
         n = RayPool.size(spec.gpus, self.requested)
-        return RayPool(spec, n, concurrency=CONCURRENCY, max_restarts=self.settings.max_retries)
+        return RayPool(spec, n, concurrency=CONCURRENCY, max_restarts=self.settings.actor_restarts)
 
     def replicas(self, spec: ReplicaSpec) -> Pool:
         return self._replicas.get(spec)
@@ -138,7 +138,7 @@ class RayExecutor:
         """Every task submitted now; results fetched in order as the caller consumes them, so the driver holds one
         result at a time (the others wait in Ray's object store) whatever the number of tasks."""
         ray = self._ray()
-        task = ray.remote(num_cpus=1, max_retries=self.settings.max_retries)(fn)
+        task = ray.remote(num_cpus=1, max_retries=self.settings.task_retries)(fn)
         return _in_order(ray, deque(task.remote(*a) for a in args))
 
     def close(self) -> None:

@@ -3,7 +3,7 @@
 It knows nothing of Ray or of what a call does. A `Pool` starts calls' handles and reports how they ended:
 a handle's result is a value, or `ReplicaLost` (the replica's process died: the call is re-queued and the
 replica gets no work until a probe answers, so its restart, a model reload, does not burn the calls' retries),
-or any other exception (the call failed: retried with backoff). A call is retried at most `max_retries` times,
+or any other exception (the call failed: retried with backoff). A call is retried at most `call_retries` times,
 whatever killed it; then the run fails naming every call that failed. A replica still restarting after
 `restart_timeout_s` (its node is gone and no node has room for it) counts as dead, so a run whose replicas all
 lost their nodes fails instead of waiting forever; while any replica works, the others' restarts cost nothing.
@@ -45,9 +45,11 @@ class Pool(Protocol):
 @dataclass(frozen=True)
 class Settings:
     max_in_flight: int = 2  # calls per replica: 2 lets a replica write one shard while it computes the next
-    max_retries: int = 3
+    call_retries: int = 3  # a failed call (shard, eval chunk) is tried again this many times, with backoff
     backoff_s: float = 0.5
     restart_timeout_s: float = 1800.0  # a replica restarting longer than this is given up (a 145 GB copy fits)
+    actor_restarts: int = 3  # Ray restarts a dead replica actor this many times (a lost node, a killed process)
+    task_retries: int = 3  # Ray runs a reduce task again this many times when its worker or node dies
 
 
 @dataclass
@@ -116,7 +118,7 @@ class Scheduler:
         if self.report.failures:
             failed = ", ".join(f.call for f in self.report.failures)
             raise RunFailure(
-                f"{failed} failed after {self.settings.max_retries} retries: {self.report.failures[0].error}"
+                f"{failed} failed after {self.settings.call_retries} retries: {self.report.failures[0].error}"
             )
         return self.report
 
@@ -177,7 +179,7 @@ class Scheduler:
     def _retry(self, call: _Call, exc: Exception, names: Sequence[str]) -> None:
         call.attempts += 1
         self.report.retries += 1
-        if call.attempts > self.settings.max_retries:
+        if call.attempts > self.settings.call_retries:
             self.report.failures.append(Failure(names[call.index], f"{type(exc).__name__}: {exc}"[:500]))
             return
         call.not_before = self.clock.monotonic() + self.settings.backoff_s * 2 ** (call.attempts - 1)
