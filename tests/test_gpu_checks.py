@@ -1,4 +1,4 @@
-"""benchmarks/gpu_checks.py runs its comparisons on the CPU too, so the script a lent GPU will run is not dead code,
+"""benchmarks/gpu_checks.py runs its comparisons on the CPU too, so the GPU script is not dead code,
 and a mismatch fails it."""
 
 from __future__ import annotations
