@@ -45,10 +45,19 @@ def main() -> None:
 @click.option("--check-remote", is_flag=True, help="Also open remote URIs (model, prompts).")
 @handled
 def validate(manifest: Path, check_remote: bool) -> None:
-    """Check MANIFEST's schema and every local path it names; write nothing."""
+    """Check MANIFEST's schema and every local path it names (each manifest of a nightly list); write nothing."""
     from cna_dist import manifest as manifestmod
+    from cna_dist.validate import is_nightly_list, validate_list
     from cna_dist.validate import validate as run_validate
 
+    if is_nightly_list(manifest):
+        results = validate_list(manifest, check_remote=check_remote)
+        for path, outcome in results:
+            click.echo(f"error: {outcome}" if isinstance(outcome, BadInput) else f"ok: {path}")
+        bad = sum(isinstance(outcome, BadInput) for _, outcome in results)
+        if bad:
+            raise BadInput(f"{bad} of {len(results)} manifests are bad (listed above)", source=str(manifest))
+        return
     m = manifestmod.load(manifest)
     checked = run_validate(manifestmod.pin_model(m) if check_remote else m, check_remote=check_remote)
     counts = ", ".join(f"{k}: {len(p.texts)}" for k, p in checked.prompts.items())

@@ -9,8 +9,8 @@ from pathlib import Path
 from cna_dist.errors import BadInput
 from cna_dist.io import uri as urimod
 from cna_dist.manifest import Manifest
+from cna_dist.model import cache, engines, weights
 from cna_dist.model import checkpoint as modelmod
-from cna_dist.model import engines, weights
 from cna_dist.model import prompts as promptsmod
 
 
@@ -95,14 +95,56 @@ def check_engine(m: Manifest, info: modelmod.ModelInfo) -> None:
         raise BadInput(problem, source=m.source, field="model.stages")
 
 
-def validate(manifest: Manifest, *, check_remote: bool = False) -> Checked:
+def check_judge(m: Manifest, check_remote: bool, checked: Checked) -> None:
+    """`eval.judge` as `eval` checks it: config, every weight header, tokenizer (remote ones with --check-remote)."""
+    j = m.eval.judge
+    if j is None:
+        return
+    if not (urimod.is_local(j.uri) or check_remote):
+        checked.skipped_remote.append(j.uri)
+        return
+    config = modelmod.read_config(j.uri, j.storage_options, field="eval.judge.uri")
+    weights.check(j.uri, config, j.storage_options, field="eval.judge.uri")
+    if urimod.is_local(j.uri):  # a remote tokenizer is copied into the node cache: eval does that, validate not
+        from cna_dist.commands import eval_judge
+
+        eval_judge.prepare(j)
+
+
+def check_capability(m: Manifest, check_remote: bool, checked: Checked) -> None:
+    """`eval.capability` as `eval` checks it: the harness is installed, task files exist and every task loads.
+
+    A task named by the harness (not a local YAML file) loads its data from the Hub: only with --check-remote.
+    """
+    if not m.eval.capability:
+        return
+    from cna_dist.commands.eval import manifest_tasks
+    from cna_dist.model import capability
+
+    field = f"{m.source}: eval.capability"
+    tasks = manifest_tasks(m)
+    local = [t for t in tasks if t.lower().endswith((".yaml", ".yml"))]
+    if check_remote or len(local) == len(tasks):
+        capability.check(tasks, m.eval.capability_limit, field)
+        return
+    capability.harness(field)
+    for spec in local:
+        if not Path(spec).is_file():
+            raise BadInput(f"task file {spec!r} does not exist", field=field)
+    checked.skipped_remote.extend(f"capability task {t}" for t in tasks if t not in local)
+
+
+def validate(manifest: Manifest, *, check_remote: bool = False, evaluation: bool = True) -> Checked:
+    """Everything the manifest names, checked without writing. `evaluation`: also `eval.judge` and
+    `eval.capability` (not for `mine`, which uses neither: their data may be where the capture cluster cannot go)."""
     checked = Checked(manifest)
     m = manifest
+    cache.max_bytes()  # CNA_DIST_CACHE_MAX_BYTES is a size, or exit 2 now rather than on the first replica
     if urimod.is_local(m.model.uri) or check_remote:
         config = modelmod.read_config(m.model.uri, m.model.storage_options)
         checked.model = modelmod.info_from_config(config, m.model.uri)
-        if urimod.is_local(m.model.uri):  # a remote one's weights are read on the replicas' nodes only
-            weights.check(m.model.uri, config, m.model.storage_options)
+        # every weight file's header (two ranged reads each, never the data): remote ones too with --check-remote
+        weights.check(m.model.uri, config, m.model.storage_options)
         check_selection(m, checked.model)
         check_engine(m, checked.model)
     else:
@@ -115,6 +157,32 @@ def validate(manifest: Manifest, *, check_remote: bool = False) -> Checked:
             checked.prompts[name] = promptsmod.load(name, spec)
         else:
             checked.skipped_remote.append(spec.uri)
+    if evaluation:
+        check_judge(m, check_remote, checked)
+        check_capability(m, check_remote, checked)
     check_writable(m.output.store, "output.store", m.source)
     check_writable(m.output.registry, "output.registry", m.source)
     return checked
+
+
+def is_nightly_list(path: Path) -> bool:
+    """A nightly list is a YAML mapping with the one key `manifests` (a manifest always has `name`)."""
+    from cna_dist.manifest import read_yaml
+
+    data = read_yaml(path, "manifest")
+    return isinstance(data, dict) and set(data) == {"manifests"}
+
+
+def validate_list(path: Path, *, check_remote: bool = False) -> list[tuple[Path, Checked | BadInput]]:
+    """Every manifest a nightly list names, each validated on its own: (path, what it checked or why it is bad)."""
+    from cna_dist.commands.nightly import load_list
+    from cna_dist.manifest import load, pin_model
+
+    out: list[tuple[Path, Checked | BadInput]] = []
+    for manifest in load_list(path):
+        try:
+            m = load(manifest)
+            out.append((manifest, validate(pin_model(m) if check_remote else m, check_remote=check_remote)))
+        except BadInput as exc:
+            out.append((manifest, exc))
+    return out

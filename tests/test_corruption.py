@@ -112,7 +112,19 @@ MARKERS = [
     # a fifth row in a 4-row shard would map that prompt onto the next shard's first row: wrong data, silently
     ("rows-beyond-the-shard", edit_json(lambda d: d["rows"].append("a" * 64)), "5 rows, over the run's 4"),
     ("n-rows-disagrees", edit_json(lambda d: d.update(n_rows=3)), "n_rows 3"),
+    # the schema kept, two prompts' rows exchanged: only the marker's own checksum tells
+    ("row-hashes-swapped", edit_json(lambda d: d["rows"].__setitem__(slice(0, 2), d["rows"][1::-1])), "checksum"),
+    ("writer-edited", edit_json(lambda d: d.update(writer="someone else")), "does not match its content"),
 ]
+
+
+def test_a_swapped_marker_is_found_by_inspect_verify(ws: Path) -> None:
+    marker = run_dir(ws) / "commits" / "00000001.json"
+    data = json.loads(marker.read_text())
+    assert data["checksum"].startswith("sha256:")
+    data["rows"][0], data["rows"][1] = data["rows"][1], data["rows"][0]
+    marker.write_text(json.dumps(data))
+    assert_named(cli("inspect", ws / "out" / "store", "--verify"), 1, str(marker), "checksum", "does not match")
 
 
 @pytest.mark.parametrize("damage,needle", [(m[1], m[2]) for m in MARKERS], ids=[m[0] for m in MARKERS])

@@ -294,6 +294,59 @@ def test_killed_driver_then_rerun_reuses_committed_shards(ray_head: dict[str, st
     assert_each_row_once(manifest)
 
 
+def job_driver(manifest: Path) -> psutil.Process | None:
+    """The job's entrypoint process on the head: `python jobs/mine_circuit.py MANIFEST` (not its shell, not the
+    `ray job submit` client, whose command line holds the same words further on)."""
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = p.info["cmdline"] or []
+        if len(cmd) > 2 and cmd[1].endswith("mine_circuit.py") and cmd[2] == str(manifest):
+            return p
+    return None
+
+
+def test_a_job_whose_driver_dies_resubmitted_reuses_shards_and_takes_the_lease_at_once(
+    ray_head: dict[str, str], tmp_path: Path
+) -> None:
+    """The head's loss as a RayJob sees it: the driver SIGKILLed mid-capture, then the same job submitted again (what
+    the RayJob's retry does). Its lease names a process that is gone from this host: taken over at once, not after
+    the ttl; the committed shards are reused and the circuit is the fault-free one."""
+    manifest = demo_manifest(tmp_path / "job-driver", max_batch_size=1)
+    store = tmp_path / "job-driver" / "store"
+    client = subprocess.Popen(
+        [str(BIN / "ray"), "job", "submit", "--address", ray_head["RAY_ADDRESS"], "--working-dir", str(ROOT), "--",
+         sys.executable, "jobs/mine_circuit.py", str(manifest), "--quiet"],
+        env=ray_head, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and client.poll() is None:
+            if len(list(store.rglob("commits/*.json"))) >= 2:
+                break
+            time.sleep(0.01)
+        driver = job_driver(manifest)
+        assert driver is not None, "no job driver to kill: the job ended or never started"
+        kill_and_wait(driver.pid)
+        client.wait(timeout=120)
+    finally:
+        if client.poll() is None:
+            os.killpg(client.pid, signal.SIGKILL)
+            client.wait(timeout=30)
+    (lease,) = store.rglob("lease.json")  # left behind by the killed driver, naming it
+    assert json.loads(lease.read_text())["pid"] == driver.pid
+    committed = len(list(store.rglob("commits/*.json")))
+    assert 2 <= committed < 18
+    summary = tmp_path / "summary.json"
+    again = submit(ray_head, manifest, "--summary", str(summary))
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "waiting for" not in again.stdout + again.stderr  # the holder is dead: no wait for the lease's ttl
+    s = json.loads(summary.read_text())
+    assert s["shards_reused"] >= committed and s["shards_reused"] + s["shards_captured"] == 18
+    uri = next(ln.strip() for ln in reversed(again.stdout.splitlines()) if ln.strip().endswith(".json"))
+    assert_same_circuit(circuitmod.load(uri), reference_circuit(ray_head, tmp_path / "reference", max_batch_size=1))
+    assert_each_row_once(manifest)
+    assert not list(store.rglob("lease.json"))  # released by the run that finished
+
+
 def test_a_shard_that_keeps_failing_is_reported_by_name(tmp_path: Path) -> None:
     from cna_dist.errors import RunFailure
     from cna_dist.io.store import RunMeta

@@ -98,6 +98,23 @@ def test_a_dead_driver_on_this_host_is_taken_over_at_once(tmp_path: Path) -> Non
     lease.release()
 
 
+def test_a_driver_on_another_host_is_taken_over_only_after_its_lease_expires(lease_uri: str) -> None:
+    """A holder on another host cannot be asked whether it lives (its pid means nothing here: pid 1 always runs
+    on this host), so only its heartbeat's age frees the lease: refused within the ttl, taken over after it."""
+    folder, key = split_uri(lease_uri)
+    clock = FakeClock()
+    body = {"owner": "driver-on-node-b", "host": "node-b.cluster.internal", "pid": 1, "heartbeat": clock.time()}
+    open_objects(folder).put_json(key, body)
+    clock.advance(299.0)
+    with pytest.raises(RunFailure, match="held by the driver node-b.cluster.internal:1"):
+        Lease(lease_uri, wait_s=0, clock=clock).acquire()  # the default ttl, 300 s, not yet past
+    said: list[str] = []
+    lease = Lease(lease_uri, wait_s=10.0, poll_s=2.0, echo=said.append, clock=clock).acquire()
+    assert lease.holder()["owner"] == lease.owner and 300.0 < clock.time() - body["heartbeat"] <= 302.0
+    assert len(said) == 1 and "node-b.cluster.internal:1" in said[0]  # it waited, said for whom, then took over
+    lease.release()
+
+
 def until(condition: Callable[[], bool], limit_s: float = 30.0) -> bool:
     """Whether `condition` became true within limit_s: waiting for an event, never asserting a duration."""
     end = time.monotonic() + limit_s

@@ -173,7 +173,8 @@ def test_the_stream_engine_chooses_a_new_runs_shard_size(workspace: Path, tmp_pa
 def test_the_driver_reads_no_weight_file_of_a_remote_model(
     workspace: Path, tmp_path: Path, s3_server: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """prepare() (fingerprint, tokenizer, rendering) on an s3:// checkpoint: config and tokenizer files only."""
+    """prepare() (fingerprint, tokenizer, rendering) on an s3:// checkpoint: config and tokenizer files only (the
+    weight files' headers are read by validate, two ranged reads each: tests/test_weights.py)."""
     import s3fs
     import yaml
 
@@ -190,12 +191,20 @@ def test_the_driver_reads_no_weight_file_of_a_remote_model(
     data["model"] = {"uri": uri}
     workspace.write_text(yaml.safe_dump(data))
     read: list[str] = []
+    weight_bytes: list[int] = []  # bytes of weight files read (validate's header reads)
+    # s3fs binds each instance's sync methods when it is made, and fsspec caches instances by options: one made by
+    # an earlier test (or the upload above) would read past the patches below
+    s3fs.S3FileSystem.clear_instance_cache()
     for name in ("_cat_file", "_get_file"):
         real = getattr(s3fs.S3FileSystem, name)
 
-        async def recording(self, rpath, *args, _real=real, **kwargs):
-            read.append(str(rpath))
-            return await _real(self, rpath, *args, **kwargs)
+        async def recording(self, rpath, *args, _real=real, _name=name, **kwargs):
+            out = await _real(self, rpath, *args, **kwargs)
+            if _name == "_cat_file" and str(rpath).endswith(".safetensors"):
+                weight_bytes.append(len(out))
+            else:
+                read.append(str(rpath))
+            return out
 
         monkeypatch.setattr(s3fs.S3FileSystem, name, recording)
     real_open = s3fs.S3FileSystem._open
@@ -206,5 +215,7 @@ def test_the_driver_reads_no_weight_file_of_a_remote_model(
     prepared = prepare(m, validate(m, check_remote=True))
     assert prepared.sets["positive"].token_ids and prepared.info.n_layers == 4
     assert any(r.endswith("tokenizer.json") for r in read) and any(r.endswith("config.json") for r in read)
-    assert not [r for r in read if r.endswith((".safetensors", ".bin"))], read
+    assert not [r for r in read if r.endswith((".safetensors", ".bin"))], read  # no weight file opened or copied
+    raw = (workspace.parent / "models" / "tiny-instruct" / "model.safetensors").read_bytes()
+    assert sum(weight_bytes) == 8 + int.from_bytes(raw[:8], "little")  # its header, not one byte of tensor data
     assert not list((tmp_path / "cache").rglob("*.safetensors"))

@@ -310,3 +310,72 @@ def test_a_node_removed_mid_capture_gives_the_fault_free_circuit(
     for x, y in zip(a.neurons, b.neurons, strict=True):
         assert abs(x.delta - y.delta) <= 1e-9
     assert_each_node_copied_once(nodes, model_uri)  # the second run's replicas, and any restarted, used the caches
+
+
+def announced(fn: Callable[..., Any], folder: str) -> Callable[..., Any]:
+    """A reduce task that first says on which node it runs (a file named after its process) and then lingers a
+    second, so the test can remove that node while the task is running on it."""
+
+    def task(*args: Any) -> Any:
+        import time
+
+        Path(folder, uuid.uuid4().hex).write_text(os.environ["CNA_DIST_CACHE"])  # one file per attempt
+        time.sleep(1.0)
+        return fn(*args)
+
+    return task
+
+
+class NodeLosingExecutor(RayExecutor):
+    """Removes the node that runs the first reduce task, once, while that task runs (Ray then retries the lost
+    tasks on the node left)."""
+
+    def __init__(self, nodes: Nodes, folder: Path, **kwargs: Any):
+        super().__init__(nodes.cluster.address, **kwargs)
+        self.nodes, self.folder = nodes, folder
+        self.lost: str | None = None
+        self.tasks = 0  # in the map that lost the node
+
+    def map(self, fn: Callable[..., Any], args: Any) -> Any:
+        if self.lost is not None:
+            return super().map(fn, args)
+        self.tasks = len(args)
+        results = super().map(announced(fn, str(self.folder)), args)  # every task submitted by now
+        for _ in range(6000):
+            started = sorted(self.folder.iterdir())
+            if started:
+                break
+            threading.Event().wait(0.01)
+        cache = started[0].read_text()
+        self.lost = next(name for name, folder in self.nodes.caches.items() if str(folder) == cache)
+        self.nodes.removed.append(self.lost)
+        self.nodes.cluster.remove_node(self.nodes.workers.pop(self.lost))
+        return results
+
+
+def test_a_node_removed_during_the_reduce_gives_the_same_circuit(
+    nodes: Nodes, reference: Mined, s3_server: str, tmp_path: Path
+) -> None:
+    """The reference run's store (every shard committed: nothing to capture) reduced again on two nodes, one of
+    which goes while a reduce task runs on it, into a fresh registry: the circuit of the reduce that lost nothing."""
+    while len(nodes.workers) < 2:  # a node removed by an earlier test: add one with its own cache
+        name = f"w{len(nodes.caches)}"
+        nodes.caches[name] = tmp_path / f"cache-{name}"
+        env = {"CNA_DIST_CACHE": str(nodes.caches[name]), "AWS_ENDPOINT_URL_S3": s3_server}
+        env["CNA_TEST_CLUSTER"] = nodes.tag
+        nodes.workers[name] = nodes.cluster.add_node(num_cpus=4, env_vars=env)
+    nodes.cluster.wait_for_nodes()
+    m = reference.manifest
+    again = m.model_copy(update={"output": m.output.model_copy(update={"registry": str(tmp_path / "circuits")})})
+    (tmp_path / "started").mkdir()
+    with NodeLosingExecutor(nodes, tmp_path / "started", replicas=2, backoff_s=0.1) as executor:
+        result = mine(again, executor, progress=False)
+    assert executor.lost is not None and executor.lost not in nodes.workers
+    s = result.summary
+    assert s.shards_captured == 0 and s.shards_reused == 18 and result.published.version == 1
+    a, b = result.circuit, reference.result.circuit
+    assert a.pairs() == b.pairs() and a.universal == b.universal
+    for x, y in zip(a.neurons, b.neurons, strict=True):
+        assert abs(x.delta - y.delta) <= 1e-9
+    attempts = len(list((tmp_path / "started").iterdir()))  # one file per attempt: a retried task leaves two
+    assert attempts > executor.tasks >= 1, "no reduce task ran again after its node was removed"

@@ -15,6 +15,7 @@ from cna_dist import circuit as circuitmod
 from cna_dist import manifest as manifestmod
 from cna_dist.core.reduce import Reduction
 from cna_dist.io import registry, stream
+from cna_dist.io import uri as urimod
 from cna_dist.io.store import ActivationStore, Run, RunMeta, run_id
 from cna_dist.manifest import Manifest
 from cna_dist.model import checkpoint, engines
@@ -91,11 +92,18 @@ def selection_params(m: Manifest, chat: bool, k: int) -> dict[str, Any]:
 
 
 def prepare(m: Manifest, checked: Checked) -> Prepared:
-    """Fingerprint the model, render and tokenize every set, and describe the run their rows belong to."""
+    """Render and tokenize every set, fingerprint the model, and describe the run their rows belong to.
+
+    The tokenizer and the encoding are the last checks on the input (a tokenizer with nothing to pad with, a prompt
+    longer than the model takes): they come before the fingerprint of a local checkpoint, whose file hashes are
+    remembered in the cache, so bad input leaves the cache as it was. A remote checkpoint's tokenizer can only be
+    read from its copy in the node cache, keyed by the fingerprint (an exact copy of the input's own files).
+    """
     assert checked.model is not None
     info = checked.model
-    fingerprint = checkpoint.fingerprint(m.model.uri, m.model.storage_options)
-    # config and tokenizer files only: the driver never reads a weight file
+    local = urimod.is_local(m.model.uri)
+    fingerprint = None if local else checkpoint.fingerprint(m.model.uri, m.model.storage_options)
+    # config and tokenizer files only: the driver never reads a weight file (a local one is read in place)
     local_model = checkpoint.localize_tokenizer(m.model.uri, m.model.storage_options, fp=fingerprint)
     tokenizer = checkpoint.load_tokenizer(local_model, trust_remote_code=m.model.trust_remote_code)
     chat = promptsmod.use_chat_template(tokenizer, m.model.chat_template)
@@ -103,6 +111,8 @@ def prepare(m: Manifest, checked: Checked) -> Prepared:
         name: promptsmod.encode_set(checked.prompts[name], tokenizer, chat, m.capture.max_length)
         for name in m.prompt_sets()
     }
+    if fingerprint is None:
+        fingerprint = checkpoint.fingerprint(m.model.uri, m.model.storage_options)
     meta = RunMeta(
         fingerprint=fingerprint,
         model_uri=m.model.uri,
@@ -180,10 +190,10 @@ def mine(m: Manifest, executor: Executor, *, progress: bool = True, checked: Che
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     m = manifestmod.pin_model(m)
-    checked = checked or validate(m, check_remote=True)
+    checked = checked or validate(m, check_remote=True, evaluation=False)
+    p = prepare(m, checked)  # every check that needs no forward pass is behind us: from here on, writes
     store = ActivationStore(m.output.store, m.output.storage_options)
     store.check_writable()
-    p = prepare(m, checked)
     spec = replace(ReplicaSpec.from_manifest(m), fingerprint=p.fingerprint)
     advice = None
     with store.lease(run_id(p.meta), echo=lambda text: print(text, file=sys.stderr)) as lease:
@@ -235,7 +245,7 @@ def peak_rss_mib() -> float | None:
 def run(manifest_path: Path, executor: Executor, *, progress: bool, summary: Path | None = None) -> MineResult:
     """The `mine` command: load and validate first (exit 2 before anything is written), then mine."""
     m = manifestmod.pin_model(manifestmod.load(manifest_path))  # a Hub model's revision: one commit from here on
-    result = mine(m, executor, progress=progress, checked=validate(m, check_remote=True))
+    result = mine(m, executor, progress=progress, checked=validate(m, check_remote=True, evaluation=False))
     if summary is not None:
         summary.parent.mkdir(parents=True, exist_ok=True)
         summary.write_text(json.dumps(result.summary.to_dict(), indent=1, default=str) + "\n")

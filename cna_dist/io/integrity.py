@@ -6,6 +6,7 @@ make a row read as another prompt's row, or make the reader divide by zero, is r
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import asdict, fields
@@ -79,8 +80,23 @@ def check_array(meta: Any, array: Any, path: str) -> None:
                 raise _bad(path, f"{name} = {value!r}, but the run was created with {recorded.get(name)!r}")
 
 
+CHECKSUM = "checksum"  # a marker's own field: "sha256:" + the digest of the rest of it, in canonical JSON
+
+
+def _digest(data: dict[str, Any]) -> str:
+    body = {k: v for k, v in data.items() if k != CHECKSUM}
+    return "sha256:" + hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def seal(data: dict[str, Any]) -> dict[str, Any]:
+    """The marker with its checksum: an edit that keeps the schema (two row hashes swapped, a row hash replaced by
+    another prompt's) would otherwise make rows read as other prompts' rows, silently."""
+    return {**data, CHECKSUM: _digest(data)}
+
+
 def marker(raw: bytes, name: str, shard_rows: int) -> dict[str, Any]:
-    """A commit marker, checked: its shard is its file's, its rows fit the shard and are sha256 hex digests."""
+    """A commit marker, checked: its checksum matches its content, its shard is its file's, its rows fit the shard
+    and are sha256 hex digests. A marker written before checksums existed has every check but the first."""
     base = name.rstrip("/").rsplit("/", 1)[-1]
     try:
         data = json.loads(raw)
@@ -107,4 +123,6 @@ def _marker_problem(data: dict[str, Any], shard: Any, rows: list[Any], base: str
         return f"{len(rows)} rows, over the run's {shard_rows} a shard"
     if "n_rows" in data and data["n_rows"] != len(rows):
         return f"n_rows {data['n_rows']!r} but {len(rows)} row hashes"
+    if CHECKSUM in data and data[CHECKSUM] != _digest(data):  # last: a schema fault is named as such first
+        return f"its checksum {data[CHECKSUM]!r} does not match its content (edited or damaged)"
     return None

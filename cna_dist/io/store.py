@@ -270,6 +270,7 @@ class Run:
         }
         if made_by:
             marker["made_by"] = made_by
+        marker = integrity.seal(marker)  # its own checksum: a hand edit that keeps the schema is found on reading
         try:
             if urimod.is_local(self.root):  # a local file is written in place: a crash would leave half a marker
                 LocalObjects(self.root).put(f"commits/{plan.shard:08d}.json", json.dumps(marker).encode())

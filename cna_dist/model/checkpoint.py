@@ -17,6 +17,7 @@ from typing import Any
 from cna_dist.errors import BadInput, RunFailure
 from cna_dist.io import download, hub
 from cna_dist.io import uri as urimod
+from cna_dist.model import cache
 
 SUPPORTED = {"llama", "qwen2", "mistral"}
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
@@ -193,6 +194,7 @@ def _cached_copy(
                 shutil.rmtree(target)
             partial.rename(target)
             print(f"copied {kind.rstrip('s')} {fp[:12]}: {stats.describe()}", file=sys.stderr)
+        cache.used(target)  # held while this process lives; LRU copies beyond CNA_DIST_CACHE_MAX_BYTES evicted
     return target
 
 

@@ -206,7 +206,15 @@ class StreamBackend:
     def _take(self, pending: Future) -> Stage:
         stage, ready = pending.result()
         if ready is not None:
-            self._compute_stream().wait_event(ready)
+            compute = self._compute_stream()
+            compute.wait_event(ready)
+            # The weights were allocated on the loader's stream and are read on this one. Without this, `del stage`
+            # hands their blocks back to the loader stream's pool at once, while this stream may still be computing
+            # with them, and the next layer's load can be copied into them (`freed` is recorded before this layer's
+            # compute is queued): rows silently wrong, on CUDA only. record_stream keeps each block out of the pool
+            # until the work queued here by the time of its release has run.
+            for tensor in (*stage.parameters(), *stage.buffers()):
+                tensor.record_stream(compute)
         return stage
 
     def _release(self) -> None:

@@ -32,6 +32,7 @@ from cna_dist.model.backend import CAAVectors, Part, Prompts
 from cna_dist.model.batching import Batch, Limits, batches
 from cna_dist.model.capture import STORE_DTYPES, LastTokenRows, to_store
 from cna_dist.model.checkpoint import load_tokenizer
+from cna_dist.model.pinned import PinnedRing
 from cna_dist.model.stage import Stage, load_stage
 
 QUEUE_DEPTH = 2  # micro-batches waiting in front of each stage: enough to keep it busy, bounded for memory
@@ -55,7 +56,6 @@ class _Call:
     dtype: str
     rows: list[np.ndarray]
     overflow: list[torch.Tensor]
-    copies: list[tuple[int, list[int], torch.Tensor, Any]] = field(default_factory=list)  # CUDA rows in flight
     finished: int = 0
     error: BaseException | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -94,6 +94,8 @@ class _Worker(threading.Thread):
         projs = stage.down_projs()
         self.width = projs[0].in_features
         self.rows = LastTokenRows(projs)
+        # a fixed set of pinned buffers for this stage's rows, not a new one per micro-batch (kept by PyTorch forever)
+        self.ring = PinnedRing() if self.cuda else None
 
     def run(self) -> None:
         while (item := self.inbox.get()) is not _STOP:
@@ -132,9 +134,7 @@ class _Worker(threading.Thread):
         if not self.cuda:
             item.call.rows[self.index][item.batch.indices] = values.numpy()
             return
-        host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
-        host.copy_(values, non_blocking=True)
-        item.call.copies.append((self.index, item.batch.indices, host, self._event()))
+        self.ring.put(values, item.call.rows[self.index], item.batch.indices)
 
     def _event(self) -> Any:
         if not self.cuda:
@@ -188,7 +188,7 @@ class PipelineBackend:
             len(plan),
             dtype,
             [self._rows(len(token_ids), s, dtype) for s in self.stages],
-            [torch.zeros((), dtype=torch.int64, device=s.device) for s in self.stages],
+            [self._counter(w) for w in self.workers],
         )
         if not plan:
             return self._parts(call), 0
@@ -196,13 +196,23 @@ class PipelineBackend:
             for batch in plan:
                 self.workers[0].inbox.put(_Item(call, batch, batch.input_ids))
         call.done.wait()
+        # Every copy of this call's rows is waited for and filed, also when it failed: its rows and counters must
+        # not be freed while a worker stream's copy or count into them is still queued.
+        for worker in self.workers:
+            if worker.ring is not None:
+                worker.ring.flush()
         if call.error is not None:
             raise call.error
-        for index, indices, host, event in call.copies:
-            event.synchronize()
-            call.rows[index][indices] = host.numpy()
         overflow = sum(int(c.cpu()) for c in call.overflow)
         return self._parts(call), overflow
+
+    @staticmethod
+    def _counter(worker: _Worker) -> torch.Tensor:
+        """A stage's float16-overflow counter, zero-filled on the worker's own stream: filled on the caller's, the
+        worker's additions (on a non-blocking stream that never waits for the caller's) could run before the fill,
+        and a counter freed on the error path would go back to the caller's pool with additions still queued."""
+        with torch.cuda.stream(worker.stream) if worker.cuda else nullcontext():
+            return torch.zeros((), dtype=torch.int64, device=worker.stage.device)
 
     def _rows(self, n: int, stage: Stage, dtype: str) -> np.ndarray:
         return np.empty((n, stage.hi - stage.lo, self.intermediate_size), dtype=STORE_DTYPES[dtype])

@@ -157,6 +157,11 @@ def load_stage(
     targets = _targets(stage)
     for file, keys in _files(path, list(targets)).items():
         _load_file(file, keys, targets, stage.device)
+    if stage.device.type == "cuda":
+        # The copies above are queued on this thread's current stream; the stage is read on other streams (a
+        # pipeline worker's, which does not wait for this one: PyTorch's streams are non-blocking). Wait for the
+        # last copy here, on this stream only: the stream engine's loader thread waits, its compute does not.
+        torch.cuda.current_stream(stage.device).synchronize()
     return stage
 
 

@@ -1,15 +1,20 @@
 """A checkpoint's safetensors files checked against its config before anything loads them.
 
 transformers fills a tensor the files lack with random values and only warns: a circuit mined on such a model is
-wrong and nothing says so. Reading each file's header (8 bytes and a JSON index, never the data) shows every
-tensor's name and shape and where its bytes end, so a missing or wrongly shaped tensor and a truncated file are
-named here, by file and tensor. `.bin` checkpoints are pickles whose index cannot be read without unpickling:
-they are left to transformers (which loads them with weights_only).
+wrong and nothing says so. Reading each file's header (8 bytes and a JSON index, never the data: two ranged reads,
+so a remote checkpoint is checked without fetching its weights) shows every tensor's dtype, shape and byte range.
+Every entry is checked the way the safetensors loader will check it, and more plainly named: a known dtype, a
+shape whose size times the dtype's item size is its byte range, ranges that tile the data exactly (no overlap, no
+gap, none past the end). The loader's own message names neither the file nor the tensor, and by the time a replica
+loads the file the run has started; here a bad entry is bad input, by file and tensor, before anything is written.
+`.bin` checkpoints are pickles whose index cannot be read without unpickling: they are left to transformers (which
+loads them with weights_only).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import struct
 from typing import Any
 
@@ -17,33 +22,118 @@ from cna_dist.errors import BadInput
 from cna_dist.io import uri as urimod
 
 MAX_HEADER_BYTES = 100 << 20  # the safetensors format's own limit
+# The dtypes the safetensors loader turns into torch tensors, with their item size in bytes.
+ITEM_BYTES = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U64": 8,
+    "U32": 4,
+    "U16": 2,
+    "U8": 1,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E4M3FNUZ": 1,
+    "F8_E5M2": 1,
+    "F8_E5M2FNUZ": 1,
+    "C64": 8,
+}
 
 
-def header(fs: Any, path: str, size: int, source: str) -> dict[str, tuple[int, ...]]:
-    """Tensor name -> shape of one safetensors file; a truncated or malformed file is bad input naming it."""
-    with fs.open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise BadInput(f"{size} bytes: too short for a safetensors file", source=source)
-        (length,) = struct.unpack("<Q", head)
-        if not 0 < length <= min(MAX_HEADER_BYTES, size - 8):
-            raise BadInput(f"header length {length} does not fit the file's {size} bytes (truncated?)", source=source)
-        try:
-            index = json.loads(f.read(length))
-        except (ValueError, RecursionError):
-            raise BadInput(
-                "safetensors header is not valid JSON (truncated or not a safetensors file)", source=source
-            ) from None
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json.loads keeps the last of two equal keys: a tensor named twice would hide the first entry."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"tensor {key!r} is listed twice")
+        out[key] = value
+    return out
+
+
+def _read_index(fs: Any, path: str, size: int, source: str) -> tuple[int, dict[str, Any]]:
+    """(header length, the JSON index) of one file, read as two byte ranges: nothing past the header."""
+    if size < 8:
+        raise BadInput(f"{size} bytes: too short for a safetensors file (truncated?)", source=source)
+    (length,) = struct.unpack("<Q", fs.cat_file(path, start=0, end=8))
+    if not 0 < length <= min(MAX_HEADER_BYTES, size - 8):
+        raise BadInput(f"header length {length} does not fit the file's {size} bytes (truncated?)", source=source)
+    raw = fs.cat_file(path, start=8, end=8 + length)
+    try:
+        index = json.loads(raw, object_pairs_hook=_no_duplicates)
+    except ValueError as exc:
+        if "listed twice" in str(exc):
+            raise BadInput(f"safetensors header: {exc}", source=source) from None
+        raise BadInput(
+            "safetensors header is not valid JSON (truncated or not a safetensors file)", source=source
+        ) from None
+    except RecursionError:
+        raise BadInput("safetensors header is nested too deeply (not a safetensors file)", source=source) from None
     if not isinstance(index, dict):
         raise BadInput("safetensors header is not a JSON object", source=source)
     index.pop("__metadata__", None)
-    try:
-        end = max((int(t["data_offsets"][1]) for t in index.values()), default=0)
-        shapes = {name: tuple(int(d) for d in t["shape"]) for name, t in index.items()}
-    except (TypeError, KeyError, IndexError, ValueError):
-        raise BadInput("safetensors header entries lack shape or data_offsets", source=source) from None
-    if 8 + length + end != size:
-        raise BadInput(f"{size} bytes, but its header says {8 + length + end}: truncated or padded", source=source)
+    return length, index
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def entry(name: str, info: Any, source: str) -> tuple[tuple[int, ...], int, int]:
+    """(shape, first byte, end byte) of one header entry, each field checked; the size must match the range."""
+    field = f"tensor {name!r}"
+    if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
+        raise BadInput(f"{field}: the entry lacks dtype, shape or data_offsets", source=source)
+    dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if dtype not in ITEM_BYTES:
+        raise BadInput(f"{field}: unknown dtype {dtype!r} (known: {', '.join(ITEM_BYTES)})", source=source)
+    if not isinstance(shape, list) or not all(_whole(d) for d in shape):
+        raise BadInput(f"{field}: shape {shape!r} is not a list of non-negative integers", source=source)
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_whole(o) for o in offsets)):
+        raise BadInput(f"{field}: data_offsets {offsets!r} is not two non-negative integers", source=source)
+    begin, end = offsets
+    nbytes = math.prod(shape) * ITEM_BYTES[dtype]
+    if end < begin or end - begin != nbytes:
+        raise BadInput(
+            f"{field}: shape {shape} of {dtype} is {nbytes} bytes, but its data_offsets {offsets} hold {end - begin}",
+            source=source,
+        )
+    return tuple(shape), begin, end
+
+
+def _tiled(ranges: list[tuple[int, int, str]], data: int, source: str) -> None:
+    """The byte ranges cover the data exactly once, in order (the safetensors loader requires it too)."""
+    at, last = 0, None
+    for begin, end, name in sorted(ranges):
+        if begin < at:
+            raise BadInput(
+                f"tensors {last!r} and {name!r} overlap: bytes [{begin}, {at}) belong to both", source=source
+            )
+        if begin > at:
+            raise BadInput(f"bytes [{at}, {begin}) of the data belong to no tensor (before {name!r})", source=source)
+        if end > data:
+            raise BadInput(
+                f"tensor {name!r} ends at byte {end} of the data, past the file's {data} (truncated?)", source=source
+            )
+        at, last = end, name
+    if at != data:
+        raise BadInput(f"{data} bytes of data, but its header says {at}: truncated or padded", source=source)
+
+
+def header(fs: Any, path: str, size: int, source: str) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape of one safetensors file, every entry checked; a bad file is bad input naming it."""
+    length, index = _read_index(fs, path, size, source)
+    shapes: dict[str, tuple[int, ...]] = {}
+    ranges: list[tuple[int, int, str]] = []
+    for name, info in index.items():
+        shape, begin, end = entry(name, info, source)
+        shapes[name] = shape
+        ranges.append((begin, end, name))
+    _tiled(ranges, size - 8 - length, source)
     return shapes
 
 
@@ -75,10 +165,16 @@ def check(
         (e for e in fs.ls(path, detail=True) if str(e["name"]).endswith(".safetensors")), key=lambda e: e["name"]
     )
     found: dict[str, tuple[tuple[int, ...], str]] = {}
-    for entry in files:
-        name = str(entry["name"])
-        for tensor, shape in header(fs, name, int(entry["size"]), name).items():
-            found[tensor] = (shape, name)
+    for listed in files:
+        source = uri.rstrip("/") + "/" + str(listed["name"]).rstrip("/").rsplit("/", 1)[-1]
+        try:
+            shapes = header(fs, str(listed["name"]), int(listed["size"]), source)
+        except BadInput as exc:  # the same message, also naming the manifest field that points at the checkpoint
+            raise BadInput(str(exc).removeprefix(f"{source}: "), source=source, field=field) from None
+        for tensor, shape in shapes.items():
+            if tensor in found:  # two files naming one tensor: which one transformers keeps is an accident
+                raise BadInput(f"tensor {tensor!r} is also in {found[tensor][1]}", source=source, field=field)
+            found[tensor] = (shape, source)
     if not files:
         return 0
     try:
