@@ -115,7 +115,7 @@ PROMPT = torch.tensor([[1, 7, 30, 41, 52, 63, 74, 85, 96, 12]])
 @torch.no_grad()
 def outputs(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     logits = model(PROMPT).logits
-    tokens = model.generate(PROMPT, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    tokens = model.generate(PROMPT, max_new_tokens=6, do_sample=False, pad_token_id=0)
     return logits, tokens
 
 
@@ -133,21 +133,23 @@ def family_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[P
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_baked_equals_steered(family: str, family_models: dict, tmp_path: Path) -> None:
     source, circuit = family_models[family]
-    for m in (0.0, 0.5, 2.0, 0.3):
-        out = tmp_path / f"m{m}"
-        bake(circuit, m, out)
-        for dtype in (torch.float32, torch.bfloat16):
-            model, baked = load(source, dtype), load(out, dtype)
+    multipliers = (0.0, 0.5, 2.0, 0.3)
+    for m in multipliers:
+        bake(circuit, m, tmp_path / f"m{m}")
+    for dtype in (torch.float32, torch.bfloat16):
+        model = load(source, dtype)
+        with torch.no_grad():
+            plain = model(PROMPT).logits
+        for m in multipliers:
             with steer.steered(model, PAIRS, m):
                 want_logits, want_tokens = outputs(model)
-            got_logits, got_tokens = outputs(baked)
-            plain_logits, _ = outputs(model)
-            assert not torch.equal(plain_logits, want_logits), "the circuit must change the logits"
+            assert not torch.equal(plain, want_logits), "the circuit must change the logits"
+            got_logits, got_tokens = outputs(load(tmp_path / f"m{m}", dtype))
             if m != 0.3:
                 assert torch.equal(got_logits, want_logits), (family, m, dtype)
                 assert torch.equal(got_tokens, want_tokens), (family, m, dtype)
             else:
-                tol = 1e-5 if dtype == torch.float32 else 5e-2
+                tol = 1e-5 if dtype == torch.float32 else 2e-2
                 torch.testing.assert_close(got_logits, want_logits, rtol=tol, atol=tol)
 
 
