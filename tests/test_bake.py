@@ -100,7 +100,9 @@ def write_circuit(path: Path, model: Path, pairs: list[tuple[int, int]], n_layer
 
 
 def bake(circuit: Path, m: float, out: Path, *extra: str) -> None:
-    result = CliRunner().invoke(main, ["bake", "--circuit", str(circuit), "--multiplier", str(m), "--out", str(out), *extra])
+    result = CliRunner().invoke(
+        main, ["bake", "--circuit", str(circuit), "--multiplier", str(m), "--out", str(out), *extra]
+    )
     assert result.exit_code == 0, result.output
     assert result.output.strip().splitlines()[-1] == str(out)
 

@@ -17,7 +17,7 @@ from cna_dist.cli import main
 from cna_dist.demo.models import save_random_model
 from cna_dist.model import steer
 from tests.conftest import snapshot
-from tests.test_bake import PROMPT, load, outputs, write_circuit
+from tests.test_bake import load, outputs, write_circuit
 
 PAIRS = [(0, 3), (1, 0), (1, 63), (3, 10)]
 
@@ -159,7 +159,9 @@ def _circuit_with(path: Path, circuit: Path, **changes) -> Path:
         ("quantized", "quantized down projections"),
     ],
 )
-def test_bad_input_exits_2_and_writes_nothing(sharded: tuple[Path, Path], tmp_path: Path, case: str, expected: str) -> None:
+def test_bad_input_exits_2_and_writes_nothing(
+    sharded: tuple[Path, Path], tmp_path: Path, case: str, expected: str
+) -> None:
     source, circuit = sharded
     out, m = tmp_path / "out", "2"
     args: list[str] = []
