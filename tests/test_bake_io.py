@@ -192,3 +192,25 @@ def test_bad_input_exits_2_and_writes_nothing(
     assert code == 2, output
     assert expected in output
     assert (snapshot(tmp_path), snapshot(source)) == before
+
+
+def test_inspect_shows_a_bakes_provenance(sharded: tuple[Path, Path], tmp_path: Path) -> None:
+    source, circuit = sharded
+    out = tmp_path / "out"
+    assert invoke("--circuit", str(circuit), "--multiplier", "0.5", "--out", str(out))[0] == 0
+    result = CliRunner().invoke(main, ["inspect", str(out)])
+    assert result.exit_code == 0, result.output
+    assert f"circuit refusal v1 ({circuit}) at M = 0.5" in result.output
+    assert f"source: {source}" in result.output and f"{len(PAIRS)} neurons = {len(PAIRS)} columns" in result.output
+    doc = json.loads(CliRunner().invoke(main, ["inspect", str(out), "--json"]).output)
+    assert doc["schema"] == "cna-bake/1" and doc["problems"] == []
+
+    shard = sorted(out.glob("*.safetensors"))[0]
+    shard.write_bytes(shard.read_bytes()[:-4])  # a damaged copy of the checkpoint
+    result = CliRunner().invoke(main, ["inspect", str(out)])
+    assert result.exit_code == 1 and f"problem: {shard.name}" in result.output
+
+    (out / "cna-bake.json").unlink()
+    (out / ".cna-bake-partial").mkdir()
+    result = CliRunner().invoke(main, ["inspect", str(out)])
+    assert result.exit_code == 1 and "unfinished bake" in result.output
