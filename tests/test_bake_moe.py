@@ -1,6 +1,6 @@
-"""`bake` on mixture-of-experts checkpoints (Mixtral, Qwen3-MoE, OLMoE): neuron e * WIDTH + j of a layer is column j
+"""`bake` on mixture-of-experts checkpoints (Mixtral, Qwen3-MoE, OLMoE): neuron e * I + j of a layer is column j
 of expert e's down projection, in both layouts a checkpoint may hold (one tensor per expert, as these models are
-published and as transformers saves them; or transformers 5's fused [EXPERTS, H, WIDTH] tensor).
+published and as transformers saves them; or transformers 5's fused [E, H, I] tensor).
 
 The oracle scales the expert's down-projection input inside HF's own (eager) experts forward: while it runs,
 `torch.nn.functional.linear` is wrapped so that a call whose weight is a view of a layer's `experts.down_proj`
