@@ -90,3 +90,23 @@ def summary(rec: dict[str, Any], uri: str) -> str:
             f"{len(rec['files'])} files; made {rec['created_at']} by cna-dist {rec['package_version']}",
         ]
     )
+
+
+def read_record(uri: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """The `cna-bake.json` of the checkpoint folder at `uri`, None when it has none (not a finished bake)."""
+    from cna_dist.io import uri as urimod
+
+    fs, path = urimod.filesystem(uri, storage_options)
+    try:
+        rec = json.loads(fs.cat_file(path.rstrip("/") + "/cna-bake.json"))
+    except (FileNotFoundError, NotADirectoryError, ValueError):
+        return None
+    return rec if isinstance(rec, dict) and rec.get("schema") == SCHEMA else None
+
+
+def bake_of(rec: dict[str, Any] | None, name: str, version: int, source_fingerprint: str) -> bool:
+    """Whether a bake record says its checkpoint is circuit `name` v`version` baked into the model it was mined on."""
+    if rec is None:
+        return False
+    c, s = rec.get("circuit") or {}, rec.get("source") or {}
+    return (c.get("name"), c.get("version"), s.get("fingerprint")) == (name, version, source_fingerprint)
