@@ -180,3 +180,63 @@ def test_remote_bake_streams_and_copies_server_side(s3_server: str, tmp_path: Pa
     rec = json.loads(fs.cat_file("cna/baked/big/cna-bake.json"))
     assert rec["multiplier"] == 0.5 and rec["source"]["uri"] == "s3://cna/models/big"
     assert not fs.exists("cna/baked/big/.cna-bake-partial")
+
+
+@pytest.mark.slow
+def test_remote_bake_killed_and_rerun(s3_server: str, tmp_path: Path) -> None:
+    """A bake killed (SIGKILL) after its first weight file leaves no loadable-looking folder; the same command
+    run again writes only what is missing, and the result is the one an uninterrupted bake writes."""
+    import signal
+    import time
+
+    import s3fs
+
+    local = save_layout(tmp_path / "model", hidden=256, inter=2048)
+    upload(local, "s3://cna/models/k")
+    circuit = remote_circuit(tmp_path, local, "s3://cna/models/k", "ck")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "CNA_DIST_DOWNLOAD_PART_SIZE": "1m"}
+    env["CNA_DIST_CACHE"] = str(tmp_path / "cache")
+    env["CNA_DIST_DOWNLOAD_CONCURRENCY"] = "1"  # slow enough to be killed in the middle
+    fs = s3fs.S3FileSystem()
+
+    def command(out: str) -> list[str]:
+        return [sys.executable, "-m", "cna_dist.cli", "bake", "--circuit", str(circuit), "--multiplier", "2"] + [
+            "--out",
+            out,
+        ]
+
+    proc = subprocess.Popen(command("s3://cna/baked/k"), env=env, cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            fs.invalidate_cache()
+            if fs.glob("cna/baked/k/.cna-bake-partial/*/*.done"):
+                proc.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.05)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL, "the bake finished before it could be killed"
+    fs.invalidate_cache()
+    left = {p.rsplit("/", 1)[-1] for p in fs.ls("cna/baked/k")}
+    assert not left & {"config.json", "cna-bake.json", "README.md", "model.safetensors.index.json"}
+
+    inspect = subprocess.run(
+        [sys.executable, "-m", "cna_dist.cli", "inspect", "s3://cna/baked/k"], env=env, cwd=ROOT, capture_output=True
+    )
+    assert inspect.returncode == 1 and b"unfinished bake" in inspect.stdout
+
+    rerun = subprocess.run(command("s3://cna/baked/k"), env=env, cwd=ROOT, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr
+    finished_before = int(rerun.stderr.split(" finished before")[0].rsplit(" ", 1)[-1])
+    assert finished_before >= 1
+    fresh = subprocess.run(command("s3://cna/baked/fresh"), env=env, cwd=ROOT, capture_output=True, text=True)
+    assert fresh.returncode == 0, fresh.stderr
+    fs.invalidate_cache()
+    names = sorted(p.rsplit("/", 1)[-1] for p in fs.ls("cna/baked/fresh"))
+    assert names == sorted(p.rsplit("/", 1)[-1] for p in fs.ls("cna/baked/k"))
+    for name in names:
+        if name not in ("cna-bake.json", "README.md"):
+            assert fs.cat_file(f"cna/baked/k/{name}") == fs.cat_file(f"cna/baked/fresh/{name}"), name

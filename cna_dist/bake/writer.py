@@ -21,6 +21,7 @@ import posixpath
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -109,17 +110,29 @@ class Output:
     def __init__(self, out: Location, settings: Settings):
         self.out, self.settings = out, settings
 
-    def open(self, name: str) -> Any:
-        return self.out.fs.open(self._staged(name), "wb", block_size=max(self.settings.part_size, MIN_UPLOAD_PART))
+    @contextmanager
+    def writing(self, name: str) -> Iterator[Any]:
+        """A file open for writing, given its final name only if the block ends without an exception; an upload
+        that fails is aborted (no object), a local file that fails keeps its temporary name."""
+        f = self.out.fs.open(self._staged(name), "wb", block_size=max(self.settings.part_size, MIN_UPLOAD_PART))
+        try:
+            yield f
+        except BaseException:
+            if self.out.local or not hasattr(f, "discard"):
+                f.close()
+            else:
+                f.discard()
+            raise
+        f.close()
+        self.publish(name)
 
     def publish(self, name: str) -> None:
         if self.out.local:
             self.out.fs.mv(self._staged(name), self.out.join(name))
 
     def put(self, name: str, data: bytes) -> None:
-        with self.open(name) as f:
+        with self.writing(name) as f:
             f.write(data)
-        self.publish(name)
 
     def _staged(self, name: str) -> str:
         return self.out.join(name + ".cna-partial") if self.out.local else self.out.join(name)
@@ -149,7 +162,7 @@ def rewrite(
     """Stream one weight file through, scaling its circuit columns and converting dtypes on the way."""
     path, settings = src.join(wf.name), out.settings
     raw = headermod.relaid(wf.header, wf.dtypes)[0] if wf.dtypes else wf.header.raw
-    with out.open(wf.name) as f:
+    with out.writing(wf.name) as f:
         f.write(raw)
         stats.bytes_written += len(raw)
         for start, end, entry in segments(wf):
@@ -166,7 +179,6 @@ def rewrite(
             f.write(view)
             stats.bytes_written += len(view)
             del data, view
-    out.publish(wf.name)
     stats.rewritten.append(wf.name)
 
 
@@ -197,12 +209,11 @@ def copy_file(
         out.publish(name)
         stats.copied.append(name)
     else:
-        with out.open(name) as f:
+        with out.writing(name) as f:
             for part in ranges(src, src.join(name), 0, size, pool, out.settings):
                 f.write(part)
                 stats.bytes_read += len(part)
                 stats.bytes_written += len(part)
-        out.publish(name)
         stats.copied.append(name)
 
 
