@@ -6,6 +6,8 @@
   whole in memory. Peak memory is the largest changed tensor plus `concurrency` parts in flight.
 - A file without a circuit neuron is copied as a whole object: server-side (S3 CopyObject, `fs.copy`) when source
   and destination are on the same filesystem, else streamed through in parallel ranges.
+- Writes to S3 are multipart uploads with `concurrency` parts in flight (`ParallelUpload`); other filesystems get
+  their own streaming writer.
 - Crash safety: a local file is written under a temporary name and renamed into place; an object-store write
   becomes visible only when its upload completes. Each finished weight file gets a marker under
   `.cna-bake-partial/<key>/`, so a re-run of the same bake skips it. The files that make a folder look like a
@@ -20,7 +22,7 @@ import json
 import posixpath
 from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,7 +39,7 @@ CARD = "README.md"
 INDEX_SUFFIX = ".safetensors.index.json"
 # Written last, in this order: what makes the folder loadable comes after every weight file.
 LAST = ("config.json",)
-MIN_UPLOAD_PART = 8 << 20  # S3 multipart parts must be at least 5 MiB
+MIN_UPLOAD_PART = 5 << 20  # S3 multipart parts (all but the last) must be at least 5 MiB
 
 
 @dataclass(frozen=True)
@@ -104,6 +106,86 @@ def read_whole(
     return buf
 
 
+def is_s3(fs: Any) -> bool:
+    protocol = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    return "s3" in protocol and hasattr(fs, "call_s3")
+
+
+class ParallelUpload:
+    """A file written to S3 as a multipart upload whose parts go up `concurrency` at a time.
+
+    Memory: one part being filled plus `concurrency` parts in flight. The object exists only once `close` completes
+    the upload; `discard` aborts it. A file smaller than one part is a single PUT.
+    """
+
+    def __init__(self, fs: Any, path: str, part_size: int, concurrency: int):
+        self.fs, self.path, self.part_size, self.limit = fs, path, part_size, max(1, concurrency)
+        self.bucket, self.key, _ = fs.split_path(path)
+        self.buffer = bytearray()
+        self.parts: list[Future] = []
+        self.upload_id: str | None = None
+        self.pool = ThreadPoolExecutor(self.limit)
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        pos = 0
+        while pos < len(view):
+            take = min(self.part_size - len(self.buffer), len(view) - pos)
+            self.buffer += view[pos : pos + take]
+            pos += take
+            if len(self.buffer) == self.part_size:
+                self._send(bytes(self.buffer))
+                self.buffer = bytearray()
+        return len(view)
+
+    def _send(self, chunk: bytes) -> None:
+        if self.upload_id is None:
+            self.upload_id = self.fs.call_s3("create_multipart_upload", Bucket=self.bucket, Key=self.key)["UploadId"]
+        number = len(self.parts) + 1
+        self.parts.append(
+            self.pool.submit(
+                self.fs.call_s3,
+                "upload_part",
+                Bucket=self.bucket,
+                Key=self.key,
+                UploadId=self.upload_id,
+                PartNumber=number,
+                Body=chunk,
+            )
+        )
+        while sum(not f.done() for f in self.parts) >= self.limit:
+            wait([f for f in self.parts if not f.done()], return_when=FIRST_COMPLETED)
+        for f in self.parts:
+            if f.done() and f.exception() is not None:
+                raise f.exception()  # type: ignore[misc]
+
+    def close(self) -> None:
+        try:
+            if self.upload_id is None:
+                self.fs.pipe_file(self.path, bytes(self.buffer))
+                return
+            if self.buffer:
+                self._send(bytes(self.buffer))
+            done = [{"PartNumber": i + 1, "ETag": f.result()["ETag"]} for i, f in enumerate(self.parts)]
+            self.fs.call_s3(
+                "complete_multipart_upload",
+                Bucket=self.bucket,
+                Key=self.key,
+                UploadId=self.upload_id,
+                MultipartUpload={"Parts": done},
+            )
+        finally:
+            self.pool.shutdown()
+            self.fs.invalidate_cache(self.path)
+
+    def discard(self) -> None:
+        for f in self.parts:
+            f.cancel()
+        self.pool.shutdown(wait=True)
+        if self.upload_id is not None:
+            self.fs.call_s3("abort_multipart_upload", Bucket=self.bucket, Key=self.key, UploadId=self.upload_id)
+
+
 class Output:
     """Writes files into the output folder so that no half-written file ever carries its final name."""
 
@@ -114,7 +196,11 @@ class Output:
     def writing(self, name: str) -> Iterator[Any]:
         """A file open for writing, given its final name only if the block ends without an exception; an upload
         that fails is aborted (no object), a local file that fails keeps its temporary name."""
-        f = self.out.fs.open(self._staged(name), "wb", block_size=max(self.settings.part_size, MIN_UPLOAD_PART))
+        part = max(self.settings.part_size, MIN_UPLOAD_PART)
+        if is_s3(self.out.fs):
+            f: Any = ParallelUpload(self.out.fs, self._staged(name), part, self.settings.concurrency)
+        else:
+            f = self.out.fs.open(self._staged(name), "wb", block_size=part)
         try:
             yield f
         except BaseException:
@@ -123,7 +209,12 @@ class Output:
             else:
                 f.discard()
             raise
-        f.close()
+        try:
+            f.close()
+        except BaseException:
+            if not self.out.local and hasattr(f, "discard"):
+                f.discard()
+            raise
         self.publish(name)
 
     def publish(self, name: str) -> None:
