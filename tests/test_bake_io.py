@@ -90,25 +90,33 @@ def test_dtype_conversion(sharded: tuple[Path, Path], tmp_path: Path) -> None:
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
+@pytest.mark.parametrize("dies_at", [1, 2])
 def test_interrupted_bake_is_finished_by_a_rerun(
-    sharded: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    sharded: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dies_at: int
 ) -> None:
+    """The process dies in the middle of its first or second rewritten shard (its header already written)."""
     source, circuit = sharded
     out = tmp_path / "out"
-    real, calls = writer.rewrite, []
+    real_rewrite, real_transformed, calls, scaled = writer.rewrite, writer.transformed, [], []
 
-    def dies_on_second(*args, **kwargs):  # the process dies while writing its second rewritten shard
+    def rewrite(*args, **kwargs):
         calls.append(args[2].name)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
+        return real_rewrite(*args, **kwargs)
 
-    monkeypatch.setattr(writer, "rewrite", dies_on_second)
+    def transformed(*args, **kwargs):
+        if len(calls) == dies_at:
+            raise KeyboardInterrupt
+        scaled.append(args)
+        return real_transformed(*args, **kwargs)
+
+    monkeypatch.setattr(writer, "rewrite", rewrite)
+    monkeypatch.setattr(writer, "transformed", transformed)
     with pytest.raises(KeyboardInterrupt):
         from cna_dist.commands import bake as command
 
         command.run(str(circuit), 0.0, str(out))
-    monkeypatch.setattr(writer, "rewrite", real)
+    monkeypatch.undo()
+    assert (out / f"{calls[-1]}.cna-partial").exists() and not (out / calls[-1]).exists()
     names = {p.name for p in out.iterdir()}
     assert "config.json" not in names and "cna-bake.json" not in names and "README.md" not in names
     assert ".cna-bake-partial" in names
@@ -124,9 +132,9 @@ def test_interrupted_bake_is_finished_by_a_rerun(
     code, output = invoke("--circuit", str(circuit), "--multiplier", "0", "--out", str(out))
     assert code == 0, output
     shards = sorted(p.name for p in source.glob("*.safetensors"))
-    # every shard before the one it died in is kept: the first rewritten shard is not written again
-    assert f"rewrote {len(touched_shards(source)) - 1} weight files" in output
-    assert f"{shards.index(calls[1])} finished before" in output
+    # every shard before the one it died in is kept: a rewritten shard finished before is not written again
+    assert f"rewrote {len(touched_shards(source)) - (dies_at - 1)} weight files" in output
+    assert f"{shards.index(calls[-1])} finished before" in output
     fresh = tmp_path / "fresh"
     assert invoke("--circuit", str(circuit), "--multiplier", "0", "--out", str(fresh))[0] == 0
     for f in fresh.iterdir():
@@ -214,3 +222,25 @@ def test_inspect_shows_a_bakes_provenance(sharded: tuple[Path, Path], tmp_path: 
     (out / ".cna-bake-partial").mkdir()
     result = CliRunner().invoke(main, ["inspect", str(out)])
     assert result.exit_code == 1 and "unfinished bake" in result.output
+
+
+def test_bake_killed_in_its_first_file_is_resumed(
+    tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A single-file checkpoint: the run dies before any file is finished, and the re-run still knows the folder."""
+    circuit = write_circuit(tmp_path / "c.json", tiny_llama, PAIRS, 4, 64)
+    out = tmp_path / "out"
+
+    def dies(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(writer, "transformed", dies)
+    with pytest.raises(KeyboardInterrupt):
+        from cna_dist.commands import bake as command
+
+        command.run(str(circuit), 2.0, str(out))
+    monkeypatch.undo()
+    assert (out / "model.safetensors.cna-partial").exists() and not (out / "model.safetensors").exists()
+    code, output = invoke("--circuit", str(circuit), "--multiplier", "2", "--out", str(out))
+    assert code == 0, output
+    assert "rewrote 1 weight files" in output and not (out / "model.safetensors.cna-partial").exists()

@@ -343,6 +343,8 @@ def execute(plan: Plan, settings: Settings, finals: Callable[[Output], None]) ->
     out = Output(plan.out, settings)
     server_side = same_filesystem(plan.src, plan.out)
     done = finished(plan)
+    # the bake's own marker first, so that a run killed in its first file is recognised (and resumed) as this bake
+    plan.out.fs.pipe_file(plan.out.join(f"{PARTIAL}/{plan.key}/started"), b"")
     with ThreadPoolExecutor(settings.concurrency) as pool:
         for wf in plan.weights:
             if wf.name in done:
