@@ -252,6 +252,31 @@ def steer(model_uri: str, circuit_uri: str, multiplier: float, max_new_tokens: i
 
 
 @main.command()
+@click.option("--circuit", "circuit_uri", required=True, help="Circuit file (URI).")
+@click.option("--multiplier", type=float, required=True, help="M: each circuit neuron's column is multiplied by it.")
+@click.option("--out", "out_uri", required=True, help="Folder (or object-store URI) for the baked checkpoint.")
+@click.option("--model", "model_uri", default=None, help="Source checkpoint [the circuit's own model.uri].")
+@click.option("--format", "fmt", type=click.Choice(["safetensors"]), default="safetensors", show_default=True)
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None, help="Convert floats.")
+@handled
+def bake(circuit_uri: str, multiplier: float, out_uri: str, model_uri: str | None, fmt: str, dtype: str | None) -> None:
+    """Write a checkpoint with the circuit's neurons scaled by M in the weights; print its URI."""
+    from cna_dist.commands import bake as command
+
+    uri, stats = command.run(circuit_uri, multiplier, out_uri, model_uri, dtype)
+    if stats is None:
+        click.echo(f"already baked: {uri}", err=True)
+    else:
+        click.echo(
+            f"rewrote {len(stats.rewritten)} weight files, copied {len(stats.copied)} files"
+            f" ({len(stats.server_side)} more server-side), {len(stats.skipped)} finished before;"
+            f" read {stats.bytes_read / 2**20:.1f} MiB, wrote {stats.bytes_written / 2**20:.1f} MiB",
+            err=True,
+        )
+    click.echo(uri)
+
+
+@main.command()
 @click.argument("uri")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--verify", is_flag=True, help="Also read every committed chunk of a store (checksums, missing rows).")

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from cna_dist import manifest as manifestmod
+from cna_dist.bake import card
 from cna_dist.circuit import Circuit, check_fits
 from cna_dist.circuit import load as load_circuit
 from cna_dist.commands import eval_judge
@@ -83,6 +84,8 @@ class EvalInputs:
     tasks: capability.Tasks | None = None
     categories: list[str] | None = None  # each eval prompt's category (eval.categories)
     judge: eval_judge.JudgeInputs | None = None
+    fingerprint: str = ""  # the evaluated checkpoint's
+    baked: dict[str, Any] | None = None  # its bake record, when it is the circuit baked into its model
 
 
 def prepare(
@@ -95,7 +98,12 @@ def prepare(
     check_writable(out, "--out", m.source)  # before hours of generation, not after
     checked = validate(m, check_remote=True)
     fingerprint = checkpoint.fingerprint(m.model.uri, m.model.storage_options)
-    if circuit.model.fingerprint != fingerprint:
+    # a checkpoint `cna-dist bake` made of this circuit and the circuit's model is evaluated as a model: m = 1 is
+    # the baked steering itself, other multipliers steer on top of it
+    baked = card.read_record(m.model.uri, m.model.storage_options)
+    if not card.bake_of(baked, circuit.name, circuit.version, circuit.model.fingerprint):
+        baked = None
+    if circuit.model.fingerprint != fingerprint and baked is None:
         raise BadInput(
             f"circuit {circuit.name} v{circuit.version} was mined on another model "
             f"({circuit.model.uri}, fingerprint {circuit.model.fingerprint[:12]}) than {m.model.uri} "
@@ -113,7 +121,7 @@ def prepare(
     sets = {n: promptsmod.encode_set(checked.prompts[n], tokenizer, chat) for n in names}
     categories = eval_categories(m, len(sets["eval"].token_ids))
     judge = eval_judge.prepare(m.eval.judge) if m.eval.judge is not None else None
-    return EvalInputs(chat, sets, tokenizer, checked_tasks, categories, judge)
+    return EvalInputs(chat, sets, tokenizer, checked_tasks, categories, judge, fingerprint, baked)
 
 
 def eval_categories(m: Manifest, n: int) -> list[str] | None:
@@ -221,7 +229,7 @@ def run_eval(
     tasks = capability_tasks if capability_tasks is not None else manifest_tasks(m)
     field = "--capability" if capability_tasks is not None else f"{m.source}: eval.capability"
     inputs = prepare(m, circuit, out, settings.caa, tasks, field)
-    spec = replace(ReplicaSpec.from_manifest(m), fingerprint=circuit.model.fingerprint).for_generation()
+    spec = replace(ReplicaSpec.from_manifest(m), fingerprint=inputs.fingerprint).for_generation()
     caa_vectors = None
     if settings.caa:
         settings.caa_layer = caa_layer_for(m, circuit)
@@ -329,6 +337,9 @@ def write_outputs(
             "neurons": len(circuit.neurons),
             "model": circuit.model.uri,
         },
+        "baked": None
+        if inputs.baked is None
+        else {"model": m.model.uri, "multiplier": inputs.baked["multiplier"], "source": inputs.baked["source"]},
         "prompts": {"uri": prompts.uri, "sha256": prompts.sha256, "count": len(prompts.texts)},
         "settings": {
             "multipliers": settings.multipliers,

@@ -163,8 +163,39 @@ def store_report(uri: str, check_all: bool = False) -> list[RunReport] | None:
     return [r for r in (run_report(store, name, check_all) for name in runs) if r is not None]
 
 
+def bake_report(uri: str, as_json: bool) -> tuple[str, int] | None:
+    """A baked checkpoint's provenance (`cna-bake.json`) and its files checked against it (a listing, no reads);
+    an unfinished bake is a problem. None if `uri` is no bake's folder."""
+    from cna_dist.bake import card, writer
+    from cna_dist.io import uri as urimod
+
+    fs, path = urimod.filesystem(uri)
+    try:
+        fs.invalidate_cache(path)
+        listing = {e["name"].rstrip("/").rsplit("/", 1)[-1]: e for e in fs.ls(path, detail=True)}
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    if writer.RECORD not in listing:
+        if writer.PARTIAL in listing:
+            return f"unfinished bake {uri}: re-run the same cna-dist bake to finish it", 1
+        return None
+    rec = json.loads(fs.cat_file(listing[writer.RECORD]["name"]))
+    problems = [
+        f"{name}: {listing[name]['size'] if name in listing else 'missing'}, the record says {size} bytes"
+        for name, size in rec.get("files", {}).items()
+        if name not in listing or int(listing[name]["size"]) != size
+    ]
+    if as_json:
+        return json.dumps({**rec, "problems": problems}, indent=1), len(problems)
+    return "\n".join([card.summary(rec, uri), *(f"  problem: {p}" for p in problems)]), len(problems)
+
+
 def render(uri: str, as_json: bool, check_all: bool = False) -> tuple[str, int]:
-    """The text `cna-dist inspect URI` prints (a store's runs, else the circuit's summary) and the problems found."""
+    """The text `cna-dist inspect URI` prints (a baked checkpoint's provenance, a store's runs, else the circuit's
+    summary) and the problems found."""
+    baked = bake_report(uri, as_json) if not uri.endswith(".json") else None
+    if baked is not None:
+        return baked
     runs = store_report(uri, check_all) if not uri.endswith(".json") else None
     if runs is not None:
         problems = sum(len(r.problems) for r in runs)
