@@ -17,8 +17,9 @@ from typing import Any
 from cna_dist.errors import BadInput, RunFailure
 from cna_dist.io import download
 from cna_dist.io import uri as urimod
+from cna_dist.model import arch
 
-SUPPORTED = {"llama", "qwen2", "mistral"}
+SUPPORTED = set(arch.FAMILIES)  # model_types cna-dist captures: cna_dist.model.arch knows each one
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
@@ -60,13 +61,7 @@ def read_config(uri: str, storage_options: dict[str, Any] | None = None, field: 
 
 def info_from_config(config: dict, uri: str) -> ModelInfo:
     model_type = config.get("model_type")
-    if model_type not in SUPPORTED:
-        raise BadInput(
-            f"unsupported model_type {model_type!r}; cna-dist knows {sorted(SUPPORTED)} "
-            "(decoder layers at model.layers[i].mlp.down_proj)",
-            source=uri,
-            field="model_type",
-        )
+    arch.check_config(config, uri)  # a known family (else BadInput naming model_type and the known ones)
     sizes = {}
     for key in ("num_hidden_layers", "intermediate_size", "hidden_size"):
         if key not in config:
