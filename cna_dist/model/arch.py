@@ -213,8 +213,7 @@ def check_config(config: dict[str, Any], source: str) -> Family:
 
 
 def decoder(model: Any) -> Any:
-    """The decoder stack (no lm_head) of a loaded causal LM of a known family."""
-    of(getattr(model, "config", None), source=type(model).__name__)
+    """The decoder stack (no lm_head) of a loaded causal LM: `model.model`, holding `.layers`."""
     inner = getattr(model, "model", None)
     if inner is None or not hasattr(inner, "layers"):
         raise BadInput(f"{type(model).__name__}: no model.layers; cna-dist knows {known()}")
@@ -222,12 +221,14 @@ def decoder(model: Any) -> Any:
 
 
 def neurons(model: Any) -> list[Any]:
-    """Every decoder layer's neuron module (its input is the activation), in layer order."""
-    fam = of(model.config, source=type(model).__name__)
+    """Every decoder layer's neuron module (its input is the activation), in layer order: the family's, from the
+    model's config (an unknown family is BadInput); `mlp.down_proj` for a model that carries no config."""
+    config = getattr(model, "config", None)
+    neuron = _down_proj if config is None else of(config, source=type(model).__name__).neuron
     try:
-        return [fam.neuron(layer) for layer in decoder(model).layers]
+        return [neuron(layer) for layer in decoder(model).layers]
     except AttributeError:
-        raise BadInput(f"{type(model).__name__}: decoder layers have no neuron module for {fam.model_type}") from None
+        raise BadInput(f"{type(model).__name__}: decoder layers have no mlp.down_proj") from None
 
 
 def mlps(model: Any) -> list[Any]:

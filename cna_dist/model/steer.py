@@ -36,8 +36,8 @@ def steered(model: torch.nn.Module, pairs: Iterable[tuple[int, int]], multiplier
     x * 1.0 is exact in IEEE arithmetic, so m = 1 gives bit-identical logits to no hook at all. A family with its
     own steering (`cna_dist.model.arch.Family.steering`, e.g. mixture-of-experts layers) steers its way.
     """
-    family = arch.of(model.config, source=type(model).__name__)
-    if family.steering is not None:
+    family = arch.of(model.config, source=type(model).__name__) if hasattr(model, "config") else None
+    if family is not None and family.steering is not None:
         with family.steering(model, list(pairs), multiplier):
             yield
         return
