@@ -191,3 +191,48 @@ def test_steering(family: dict[str, Any]) -> None:
                 proj.weight.copy_(weight)
         torch.testing.assert_close(steered, baked, rtol=1e-5, atol=1e-5)
         assert not torch.allclose(steered, plain)
+
+
+def _workspace(tmp_path: Path, checkpoint: Path) -> Path:
+    """The spec's minimal manifest around `checkpoint` (linked as ./models/tiny-instruct)."""
+    from tests.conftest import DIVERSE, HARMFUL, HARMLESS, MINIMAL, write_jsonl
+
+    (tmp_path / "models").mkdir(parents=True)
+    (tmp_path / "models" / "tiny-instruct").symlink_to(checkpoint, target_is_directory=True)
+    for name, texts in (("harmful", HARMFUL), ("harmless", HARMLESS), ("diverse", DIVERSE)):
+        write_jsonl(tmp_path / "prompts" / f"{name}.jsonl", texts)
+    (tmp_path / "manifest.yaml").write_text(MINIMAL)
+    return tmp_path / "manifest.yaml"
+
+
+def _with_config(src: Path, dst: Path, **changes: Any) -> Path:
+    import json
+    import shutil
+
+    shutil.copytree(src, dst)
+    config = json.loads((dst / "config.json").read_text())
+    (dst / "config.json").write_text(json.dumps(config | changes))
+    return dst
+
+
+def test_validate_checks_the_architecture(tmp_path: Path) -> None:
+    """validate accepts a known family, and refuses (exit 2, naming model_type and the known families, writing
+    nothing) an unknown one and a config the family cannot capture."""
+    from click.testing import CliRunner
+
+    from cna_dist.cli import main
+
+    gemma = build("gemma3_text", tmp_path / "gemma")
+    ok = CliRunner().invoke(main, ["validate", str(_workspace(tmp_path / "ok", gemma))])
+    assert ok.exit_code == 0, ok.output
+    gpt2 = _with_config(gemma, tmp_path / "gpt2", model_type="gpt2")
+    refused = CliRunner().invoke(main, ["validate", str(_workspace(tmp_path / "unknown", gpt2))])
+    assert refused.exit_code == 2
+    assert f"unsupported model_type 'gpt2'; cna-dist knows {arch.known()}" in refused.output
+    assert not (tmp_path / "unknown" / "out").exists()
+    embedding = _with_config(gemma, tmp_path / "bidirectional", use_bidirectional_attention=True)
+    refused = CliRunner().invoke(main, ["validate", str(_workspace(tmp_path / "embedding", embedding))])
+    assert refused.exit_code == 2 and "use_bidirectional_attention is set" in refused.output
+    broken = _with_config(gemma, tmp_path / "broken", layer_types=["full_attention"])
+    refused = CliRunner().invoke(main, ["validate", str(_workspace(tmp_path / "types", broken))])
+    assert refused.exit_code == 2 and "layer_types has 1 entries, not num_hidden_layers=3" in refused.output
