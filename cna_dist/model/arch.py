@@ -144,10 +144,12 @@ def _causal_only(config: Any) -> str | None:
 FAMILIES: dict[str, Family] = {
     f.model_type: f
     for f in (
-        Family("llama", "llama", "Llama", "meta-llama/Llama-3.1-8B-Instruct"),
+        Family("llama", "llama", "Llama", "meta-llama/Llama-3.1-70B-Instruct"),
         Family("qwen2", "qwen2", "Qwen2", "Qwen/Qwen2.5-72B-Instruct", layer_kind=_from_layer_types),
         Family("qwen3", "qwen3", "Qwen3", "Qwen/Qwen3-32B", layer_kind=_from_layer_types),
-        Family("mistral", "mistral", "Mistral", "mistralai/Mistral-7B-Instruct-v0.3", layer_kind=_from_sliding_window),
+        Family(
+            "mistral", "mistral", "Mistral", "mistralai/Mistral-Large-Instruct-2407", layer_kind=_from_sliding_window
+        ),
         Family(
             "gemma2",
             "gemma2",
@@ -160,14 +162,14 @@ FAMILIES: dict[str, Family] = {
             "gemma3_text",
             "gemma3",
             "Gemma3",
-            "google/gemma-3-27b-it (text tower) / google/gemma-3-1b-it",
+            "google/gemma-3-27b-it (text decoder)",
             layer_kind=_from_layer_types,
             embedding="Gemma3TextScaledWordEmbedding",
             rotary_per_kind=True,
             checks=(_layer_types, _causal_only),
         ),
-        Family("phi3", "phi3", "Phi3", "microsoft/Phi-4-mini-instruct", layer_kind=_from_sliding_window),
-        Family("olmo2", "olmo2", "Olmo2", "allenai/OLMo-2-1124-13B-Instruct"),
+        Family("phi3", "phi3", "Phi3", "microsoft/phi-4", layer_kind=_from_sliding_window),
+        Family("olmo2", "olmo2", "Olmo2", "allenai/OLMo-2-0325-32B-Instruct"),
         Family(
             "granite",
             "granite",
