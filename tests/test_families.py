@@ -236,3 +236,38 @@ def test_validate_checks_the_architecture(tmp_path: Path) -> None:
     broken = _with_config(gemma, tmp_path / "broken", layer_types=["full_attention"])
     refused = CliRunner().invoke(main, ["validate", str(_workspace(tmp_path / "types", broken))])
     assert refused.exit_code == 2 and "layer_types has 1 entries, not num_hidden_layers=3" in refused.output
+
+
+@pytest.mark.parametrize("model_type, engine", [("gemma3_text", "auto"), ("qwen3", "stream")])
+def test_mined_circuit_equals_an_oracle_reduce(tmp_path: Path, model_type: str, engine: str) -> None:
+    """`cna-dist mine --in-process` on a non-Llama family: its circuit's neurons and deltas are the top |delta| of
+    HF-forward oracle rows of the same rendered prompts (float32 store, no universal filtering)."""
+    import json
+
+    from click.testing import CliRunner
+
+    from cna_dist.cli import main
+    from cna_dist.model import prompts as promptsmod
+    from cna_dist.model.checkpoint import load_tokenizer
+    from tests.conftest import HARMFUL, HARMLESS
+
+    path = build(model_type, tmp_path / "model")
+    manifest = _workspace(tmp_path / "ws", path)
+    text = manifest.read_text().replace("  diverse: {uri: ./prompts/diverse.jsonl}", "")
+    text = text.replace("  uri: ./models/tiny-instruct", f"  uri: ./models/tiny-instruct\n  engine: {engine}")
+    manifest.write_text(text + "capture: {dtype: float32}\n")
+    result = CliRunner().invoke(main, ["mine", str(manifest), "--quiet", "--in-process"])
+    assert result.exit_code == 0, result.output
+    circuit = json.loads(Path(result.stdout.strip().splitlines()[-1]).read_text())
+
+    tok = load_tokenizer(path)
+    chat = promptsmod.use_chat_template(tok, None)
+    ids = {
+        name: [promptsmod.encode(tok, promptsmod.render(tok, t, chat), chat) for t in texts]
+        for name, texts in (("pos", HARMFUL), ("neg", HARMLESS))
+    }
+    delta = oracle(path, ids["pos"]).astype(np.float64).mean(0) - oracle(path, ids["neg"]).astype(np.float64).mean(0)
+    want = sorted(((2, n) for n in range(delta.shape[1])), key=lambda p: (-abs(delta[p]), p))[:40]
+    got = [(n["layer"], n["neuron"]) for n in circuit["neurons"]]
+    assert got == want
+    np.testing.assert_allclose([n["delta"] for n in circuit["neurons"]], [delta[p] for p in want], rtol=1e-4, atol=1e-6)
