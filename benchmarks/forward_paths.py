@@ -3,7 +3,8 @@
 Why: every engine now runs `cna_dist.model.stage.Stage.forward`; single-device capture used to call the loaded
 model's decoder (`model.model(...)`) with hooks on every down_proj. This script runs both on the same random Llama
 checkpoint and prompts in one process, alternating them run by run (so machine load hits both alike), prints
-prompts/s and the median ratio, and checks the rows are bit-identical.
+wall and CPU seconds (this process's CPU time: on a shared machine it varies far less than wall time), the
+median per-run ratios, and checks the rows are bit-identical.
 
 Run from the repository root:
 
@@ -59,8 +60,10 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--intermediate", type=int, default=688)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: CPU time is the work done)")
     parser.add_argument("--json", type=Path, default=None, help="write the figures as JSON here")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
 
     texts, source = load_texts(args.n)
     with tempfile.TemporaryDirectory() as tmp:
@@ -83,27 +86,32 @@ def main() -> None:
         return cap.capture_with(paths[name], token_ids, pad, dtype="float16")[0]
 
     outs = {name: run(name) for name in paths}  # warm-up, and the rows to compare
-    times: dict[str, list[float]] = {name: [] for name in paths}
+    wall: dict[str, list[float]] = {name: [] for name in paths}
+    cpu: dict[str, list[float]] = {name: [] for name in paths}
     for i in range(args.repeats):
         for name in paths if i % 2 == 0 else reversed(paths):
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             run(name)
-            times[name].append(time.perf_counter() - start)
+            wall[name].append(time.perf_counter() - start)
+            cpu[name].append(time.process_time() - start_cpu)
     identical = bool(np.array_equal(outs["stage"], outs["hf_decoder"]))
-    ratios = [b / a for a, b in zip(times["stage"], times["hf_decoder"], strict=True)]
 
     n_tokens = sum(map(len, token_ids))
     print(f"prompts: {source}")
     print(f"{len(token_ids)} prompts, {n_tokens} tokens; llama layers={args.layers} hidden={args.hidden}")
-    print(f"{'path':<11} {'median s':>9} {'prompts/s':>10}   runs (s)")
+    print(f"torch threads={torch.get_num_threads()}, {args.repeats} runs of each path, alternating")
+    print(f"{'path':<11} {'wall s':>8} {'cpu s':>8} {'prompts/cpu-s':>14}   cpu runs (s)")
     figures: dict = {"n_prompts": len(token_ids), "n_tokens": n_tokens, "rows_bit_identical": identical}
-    for name, ts in times.items():
-        med = statistics.median(ts)
-        figures[name] = {"seconds": ts, "median_s": med, "prompts_per_s": len(token_ids) / med}
-        print(f"{name:<11} {med:>9.3f} {len(token_ids) / med:>10.1f}   {' '.join(f'{t:.2f}' for t in ts)}")
-    ratio = figures["speed_ratio_stage_over_hf_decoder"] = statistics.median(ratios)
+    for name in paths:
+        med_wall, med_cpu = statistics.median(wall[name]), statistics.median(cpu[name])
+        figures[name] = {"wall_s": wall[name], "cpu_s": cpu[name], "median_wall_s": med_wall, "median_cpu_s": med_cpu}
+        runs = " ".join(f"{t:.2f}" for t in cpu[name])
+        print(f"{name:<11} {med_wall:>8.3f} {med_cpu:>8.3f} {len(token_ids) / med_cpu:>14.1f}   {runs}")
+    for kind, times in (("wall", wall), ("cpu", cpu)):
+        ratio = statistics.median(b / a for a, b in zip(times["stage"], times["hf_decoder"], strict=True))
+        figures[f"{kind}_speed_stage_over_hf_decoder"] = ratio
+        print(f"{kind} speed of stage vs hf_decoder (median of per-run ratios, >1 = stage faster): {ratio:.3f}")
     print(f"rows bit-identical: {identical}")
-    print(f"speed of stage relative to hf_decoder (median of per-run time ratios, >1 = stage faster): {ratio:.3f}")
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2))
     for capturer in paths.values():
