@@ -20,7 +20,7 @@ from cna_dist.model.backend import CAAVectors, Part, Prompts
 from cna_dist.model.batching import Limits
 from cna_dist.model.capture import Capturer, capture_with
 from cna_dist.model.checkpoint import load_tokenizer, torch_dtype
-from cna_dist.model.plumbing import mask_maker
+from cna_dist.model.plumbing import made_by, mask_maker
 
 decoder = arch.decoder
 down_projs = arch.neurons
@@ -104,9 +104,7 @@ class HFBackend:
         return cls(model, tokenizer, engine)
 
     def made_by(self) -> dict[str, str]:
-        import transformers
-
-        return {"backend": self.name, "library": f"transformers {transformers.__version__}", "engine": self.engine}
+        return made_by(self.name, self.engine)
 
     def capture_parts(self, token_ids: Prompts, dtype: str, limits: Limits) -> tuple[list[Part], int]:
         pad = self.tokenizer.pad_token_id

@@ -33,7 +33,7 @@ from cna_dist.model.backend import CAAVectors, Part, Prompts
 from cna_dist.model.batching import Batch, Limits, batches
 from cna_dist.model.checkpoint import inspect, load_tokenizer, torch_dtype
 from cna_dist.model.engines import compute_bound_tokens
-from cna_dist.model.plumbing import STORE_DTYPES, check_store_dtype, devices, to_store
+from cna_dist.model.plumbing import STORE_DTYPES, check_store_dtype, devices, made_by, to_store
 from cna_dist.model.plumbing import event as _event
 from cna_dist.model.stage import Stage, load_stage, stage_config
 
@@ -128,9 +128,7 @@ class StreamBackend:
         )
 
     def made_by(self) -> dict[str, str]:
-        import transformers
-
-        return {"backend": self.name, "library": f"transformers {transformers.__version__}", "engine": "stream"}
+        return made_by(self.name, "stream")
 
     def capture_parts(self, token_ids: Prompts, dtype: str, limits: Limits) -> tuple[list[Part], int]:
         """Every prompt's rows as one part [prompt, layer, neuron] covering all layers, and the float16 overflow."""

@@ -31,7 +31,7 @@ import torch
 from cna_dist.model.backend import CAAVectors, Part, Prompts
 from cna_dist.model.batching import Batch, Limits, batches
 from cna_dist.model.checkpoint import load_tokenizer
-from cna_dist.model.plumbing import STORE_DTYPES, devices, event, to_store
+from cna_dist.model.plumbing import STORE_DTYPES, devices, event, made_by, to_store
 from cna_dist.model.stage import Stage, load_stage
 
 QUEUE_DEPTH = 2  # micro-batches waiting in front of each stage: enough to keep it busy, bounded for memory
@@ -156,15 +156,7 @@ class PipelineBackend:
         return cls(stages, load_tokenizer(path).pad_token_id)
 
     def made_by(self) -> dict[str, str]:
-        import transformers
-
-        spans = ",".join(f"{s.lo}-{s.hi}@{s.device}" for s in self.stages)
-        return {
-            "backend": self.name,
-            "library": f"transformers {transformers.__version__}",
-            "engine": "pipeline",
-            "stages": spans,
-        }
+        return made_by(self.name, "pipeline", stages=",".join(f"{s.lo}-{s.hi}@{s.device}" for s in self.stages))
 
     def capture_parts(self, token_ids: Prompts, dtype: str, limits: Limits) -> tuple[list[Part], int]:
         """Every prompt's rows, one part per stage ([prompt, stage's layers, neuron]), and the float16 overflow."""

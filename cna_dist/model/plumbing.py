@@ -18,6 +18,13 @@ _TORCH_STORE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 FLOAT16_MAX = float(np.finfo(np.float16).max)
 
 
+def made_by(backend: str, engine: str, **extra: str) -> dict[str, str]:
+    """What a shard's commit marker records about how its rows were made: backend, library version, engine."""
+    import transformers
+
+    return {"backend": backend, "library": f"transformers {transformers.__version__}", "engine": engine, **extra}
+
+
 def check_store_dtype(dtype: str) -> None:
     if dtype not in STORE_DTYPES:
         raise ValueError(f"capture dtype must be one of {sorted(STORE_DTYPES)}, got {dtype!r}")
