@@ -271,3 +271,35 @@ def test_mined_circuit_equals_an_oracle_reduce(tmp_path: Path, model_type: str, 
     got = [(n["layer"], n["neuron"]) for n in circuit["neurons"]]
     assert got == want
     np.testing.assert_allclose([n["delta"] for n in circuit["neurons"]], [delta[p] for p in want], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "engine, gpus, made",
+    [("auto", 0, "single"), ("device_map", 0, "single"), ("pipeline", 0, "pipeline"), ("stream", 0, "stream")],
+)
+def test_the_engine_registry_loads_each_engine(tmp_path: Path, engine: str, gpus: int, made: str) -> None:
+    """One place picks the backend: `engine_registry.load_backend` for the engine `engines.resolve` names (no GPU
+    here: device_map falls back to one device and says so in made_by)."""
+    from types import SimpleNamespace
+
+    from cna_dist.model.engine_registry import load_backend
+
+    path = build("qwen3", tmp_path / "qwen3")
+    spec = SimpleNamespace(
+        backend="hf",
+        engine=engine,
+        gpus=gpus,
+        dtype="float32",
+        trust_remote_code=False,
+        max_memory_per_gpu=None,
+        stages=2,
+        hidden_budget=None,
+    )
+    backend = load_backend(spec, path)
+    try:
+        assert backend.made_by()["engine"] == made
+        assert (backend.n_layers, backend.intermediate_size) == (3, 48)
+    finally:
+        backend.close()
+    with pytest.raises(ValueError, match="unknown capture backend 'vllm'; known: hf"):
+        load_backend(SimpleNamespace(**{**vars(spec), "backend": "vllm"}), path)
