@@ -1,15 +1,15 @@
 """The capture-backend seam: what a replica needs from a loaded model, and nothing else.
 
-A replica (in process, on Ray, or a future pipeline or layer-streaming engine) holds one backend and calls only
-these methods, so a second backend (another inference library, a stage of a pipeline) plugs in without editing the
-store, the reduce or the runtime. `made_by` goes into every shard's commit marker: a run's rows say how they were
-made, while the run id stays a function of the values (model bytes, rendering, stored dtype) alone.
+A replica (in process or on Ray) holds one backend, whichever engine it is (`cna_dist.model.engine_registry`
+picks it), and calls only these methods, so another engine or inference library plugs in without editing the
+store, the reduce or the runtime. This module defines the seam only and imports no implementation. `made_by`
+goes into every shard's commit marker: a run's rows say how they were made, while the run id stays a function of
+the values (model bytes, rendering, stored dtype) alone.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -47,31 +47,3 @@ class CaptureBackend(Protocol):
     def close(self) -> None:
         """Release hooks and workers (a replica in this process outlives its backend)."""
         ...
-
-
-def load_backend(spec: Any, path: Path) -> CaptureBackend:
-    """The backend for a replica spec (`cna_dist.runtime.replica.ReplicaSpec`), loaded from a local checkpoint."""
-    from cna_dist.model import engines
-
-    if spec.backend != "hf":
-        raise ValueError(f"unknown capture backend {spec.backend!r}; known: hf")
-    engine = engines.resolve(spec.engine, spec.gpus)
-    if engine == "stream":
-        from cna_dist.model.layer_stream import StreamBackend
-
-        return StreamBackend.load(path, dtype=spec.dtype, gpus=spec.gpus, hidden_budget_bytes=spec.hidden_budget)
-    if engine == "pipeline":
-        from cna_dist.model.checkpoint import inspect
-        from cna_dist.model.pipeline import PipelineBackend
-
-        ranges = engines.stage_ranges(spec.stages, inspect(str(path)).n_layers, spec.gpus)
-        return PipelineBackend.load(path, ranges, dtype=spec.dtype, gpus=spec.gpus)
-    from cna_dist.model.hf import HFBackend
-
-    return HFBackend.load(
-        path,
-        dtype=spec.dtype,
-        trust_remote_code=spec.trust_remote_code,
-        gpus=spec.gpus,
-        max_memory_per_gpu=spec.max_memory_per_gpu,
-    )

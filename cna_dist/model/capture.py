@@ -1,6 +1,9 @@
-"""Capture: the input of every mlp.down_proj at the last real token, batched by length under a token budget.
+"""Single-device capture: every layer's neurons (the input of mlp.down_proj for dense families) at the last real
+token, batched by length under a token budget.
 
-Rows are left-padded, so the last real token of every row sits at position -1 and the hook gathers
+The forward is a one-stage run of `cna_dist.model.stage.Stage` over the loaded model's own modules, the same code
+pipeline stages and the stream engine run, and the rows come from the family's recorder (`cna_dist.model.arch`).
+Rows are left-padded, so the last real token of every row sits at position -1 and the recorder gathers
 `x[:, -1]` on the device. Position ids come from the attention mask so a padded row sees exactly the
 positions it would see alone.
 
@@ -13,8 +16,7 @@ it has queued the next batch, so the GPU computes batch k+1 while the host files
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,11 +24,19 @@ import numpy as np
 import torch
 
 from cna_dist.model.batching import Batch, batches
-from cna_dist.model.hf import decoder, device_mask_maker, down_projs
+from cna_dist.model.plumbing import FLOAT16_MAX, STORE_DTYPES, LastTokenRows, check_store_dtype, to_store
+from cna_dist.model.stage import Stage
 
-STORE_DTYPES = {"float16": np.float16, "float32": np.float32}
-_TORCH_STORE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
-FLOAT16_MAX = float(np.finfo(np.float16).max)
+__all__ = [
+    "STORE_DTYPES",
+    "Capturer",
+    "LastTokenRows",
+    "Pending",
+    "capture",
+    "capture_with",
+    "to_store",
+    "to_store_dtype",
+]
 
 
 @dataclass
@@ -44,51 +54,18 @@ class Pending:
         return self.host.numpy()
 
 
-class LastTokenRows:
-    """Forward pre-hooks on down_proj modules: inside `into(buffer)`, each forward writes module k's input at the last
-    position (left padding puts every row's last real token there) into buffer[:, k], on the device.
-
-    Single-device capture, pipeline stages and the stream engine all record rows through this one mechanism.
-    """
-
-    def __init__(self, projs: Sequence[torch.nn.Module]):
-        self.buffer: torch.Tensor | None = None
-        self._handles = [p.register_forward_pre_hook(self._hook(k)) for k, p in enumerate(projs)]
-
-    def _hook(self, k: int) -> Callable:
-        def hook(module: torch.nn.Module, args: tuple) -> None:
-            if self.buffer is not None:
-                self.buffer[:, k].copy_(args[0][:, -1], non_blocking=True)
-
-        return hook
-
-    @contextmanager
-    def into(self, buffer: torch.Tensor) -> Iterator[torch.Tensor]:
-        self.buffer = buffer
-        try:
-            yield buffer
-        finally:
-            self.buffer = None
-
-    def close(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-
-
 class Capturer:
-    """Hooks registered once on every down_proj; each forward fills one device buffer [batch, layer, neuron]."""
+    """The model as one stage; its recorder's hooks registered once; each forward fills one device buffer
+    [batch, layer, neuron]."""
 
     def __init__(self, model: torch.nn.Module):
         self.model = model
-        self.decoder = decoder(model)
-        self.projs = down_projs(model)
-        self.n_layers = len(self.projs)
-        self.intermediate_size = self.projs[0].in_features
-        self.device = self.decoder.embed_tokens.weight.device
+        self.stage = Stage.of_model(model)
+        self.n_layers = self.stage.hi
+        self.intermediate_size = self.stage.width
+        self.device = self.stage.device
         self.cuda = self.device.type == "cuda"
-        self._attention_mask = device_mask_maker(model)
-        self._rows = LastTokenRows(self.projs)  # registered once, for the capturer's life
+        self._rows = self.stage.recorder()  # registered once, for the capturer's life
         self._slots: dict[tuple[int, torch.dtype], torch.Tensor] = {}
         self._submitted = 0
 
@@ -113,15 +90,10 @@ class Capturer:
     @torch.inference_mode()
     def _run(self, batch: Batch) -> torch.Tensor:
         """The decoder stack only (no lm_head) on one batch; returns the filled device buffer, model dtype."""
-        ids = batch.input_ids.to(self.device, non_blocking=True)
-        mask = batch.attention_mask.to(self.device, non_blocking=True)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        dtype = self.projs[0].weight.dtype
-        buffer = torch.empty((ids.shape[0], self.n_layers, self.intermediate_size), dtype=dtype, device=self.device)
+        shape = (batch.input_ids.shape[0], self.n_layers, self.intermediate_size)
+        buffer = torch.empty(shape, dtype=self.stage.dtype, device=self.device)
         with self._rows.into(buffer):
-            self.decoder(
-                input_ids=ids, attention_mask=self._attention_mask(mask), position_ids=positions, use_cache=False
-            )
+            self.stage(batch.input_ids, batch.attention_mask)
         return buffer
 
     @torch.inference_mode()
@@ -158,15 +130,6 @@ class Capturer:
         return self._run(batch).to("cpu")
 
 
-def to_store(values: torch.Tensor, dtype: str, overflow: torch.Tensor) -> torch.Tensor:
-    """The store dtype on the values' device; beyond float16's range saturates and is added to `overflow`."""
-    values = values.float()
-    if dtype == "float16":
-        overflow += (values.abs() > FLOAT16_MAX).sum()
-        values = values.clamp(-FLOAT16_MAX, FLOAT16_MAX)
-    return values.to(_TORCH_STORE_DTYPES[dtype])
-
-
 def to_store_dtype(acts: torch.Tensor, dtype: str) -> tuple[np.ndarray, int]:
     """Convert to the stored dtype; values beyond float16's range saturate and are counted, never inf."""
     values = acts.float().numpy()
@@ -195,8 +158,7 @@ def capture_with(
     GPU's next forward; the overflow count is read once, at the end. On CUDA the only waits are those events:
     the loop runs clean under `torch.cuda.set_sync_debug_mode("error")`.
     """
-    if dtype not in STORE_DTYPES:
-        raise ValueError(f"capture dtype must be one of {sorted(STORE_DTYPES)}, got {dtype!r}")
+    check_store_dtype(dtype)
     out = np.empty((len(token_ids), capturer.n_layers, capturer.intermediate_size), dtype=STORE_DTYPES[dtype])
     overflow = torch.zeros((), dtype=torch.int64, device=capturer.device)
     pending: Pending | None = None

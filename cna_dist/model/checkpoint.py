@@ -12,14 +12,15 @@ import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from cna_dist.errors import BadInput, RunFailure
 from cna_dist.io import download, hub
 from cna_dist.io import uri as urimod
-from cna_dist.model import cache
+from cna_dist.model import arch, cache
 
-SUPPORTED = {"llama", "qwen2", "mistral"}
+SUPPORTED = set(arch.FAMILIES)  # model_types cna-dist captures: cna_dist.model.arch knows each one
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
@@ -31,7 +32,7 @@ class ModelInfo:
     architecture: str
     model_type: str
     n_layers: int
-    intermediate_size: int
+    intermediate_size: int  # neurons per layer (`arch.Family.width`): the MLP's intermediate_size in dense families
     hidden_size: int
 
 
@@ -61,13 +62,7 @@ def read_config(uri: str, storage_options: dict[str, Any] | None = None, field: 
 
 def info_from_config(config: dict, uri: str) -> ModelInfo:
     model_type = config.get("model_type")
-    if model_type not in SUPPORTED:
-        raise BadInput(
-            f"unsupported model_type {model_type!r}; cna-dist knows {sorted(SUPPORTED)} "
-            "(decoder layers at model.layers[i].mlp.down_proj)",
-            source=uri,
-            field="model_type",
-        )
+    family = arch.check_config(config, uri)  # a known family (else BadInput naming model_type and the known ones)
     sizes = {}
     for key in ("num_hidden_layers", "intermediate_size", "hidden_size"):
         if key not in config:
@@ -80,7 +75,7 @@ def info_from_config(config: dict, uri: str) -> ModelInfo:
         architecture=(config.get("architectures") or [model_type])[0],
         model_type=model_type,
         n_layers=sizes["num_hidden_layers"],
-        intermediate_size=sizes["intermediate_size"],
+        intermediate_size=family.width(SimpleNamespace(**config)),  # neurons per layer: intermediate_size if dense
         hidden_size=sizes["hidden_size"],
     )
 

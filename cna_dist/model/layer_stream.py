@@ -28,22 +28,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from cna_dist.model import arch
 from cna_dist.model.backend import CAAVectors, Part, Prompts
 from cna_dist.model.batching import Batch, Limits, batches
-from cna_dist.model.capture import STORE_DTYPES, LastTokenRows, to_store
 from cna_dist.model.checkpoint import inspect, load_tokenizer, torch_dtype
 from cna_dist.model.engines import compute_bound_tokens
-from cna_dist.model.pipeline import stage_devices
+from cna_dist.model.plumbing import STORE_DTYPES, check_store_dtype, devices, made_by, to_store
+from cna_dist.model.plumbing import event as _event
 from cna_dist.model.stage import Stage, load_stage, stage_config
-
-
-def _event(stream: Any) -> Any:
-    """A CUDA event recorded on `stream` now (None on the CPU, where everything has already happened)."""
-    if stream is None:
-        return None
-    event = torch.cuda.Event()
-    event.record(stream)
-    return event
 
 
 class _Hidden:
@@ -116,7 +108,7 @@ class StreamBackend:
         self.config = stage_config(Path(path))  # parsed once, not once per layer and shard
         self.path, self.pad_id, self.dtype = Path(path), pad_id, dtype
         self.device = torch.device(device)
-        self.n_layers, self.intermediate_size = info.n_layers, info.intermediate_size
+        self.n_layers, self.intermediate_size = info.n_layers, arch.of(self.config).width(self.config)
         self.hidden_size = info.hidden_size
         self.hidden_budget_bytes = hidden_budget_bytes
         cuda = self.device.type == "cuda"
@@ -130,20 +122,17 @@ class StreamBackend:
     @classmethod
     def load(cls, path: Path, *, dtype: str, gpus: int, hidden_budget_bytes: int | None = None) -> StreamBackend:
         """Reads only the config and tokenizer now; the weights are read layer by layer, once per shard."""
-        device = stage_devices(1, gpus)[0]
+        device = devices(1, gpus)[0]
         return cls(
             path, load_tokenizer(path).pad_token_id, device=device, dtype=dtype, hidden_budget_bytes=hidden_budget_bytes
         )
 
     def made_by(self) -> dict[str, str]:
-        import transformers
-
-        return {"backend": self.name, "library": f"transformers {transformers.__version__}", "engine": "stream"}
+        return made_by(self.name, "stream")
 
     def capture_parts(self, token_ids: Prompts, dtype: str, limits: Limits) -> tuple[list[Part], int]:
         """Every prompt's rows as one part [prompt, layer, neuron] covering all layers, and the float16 overflow."""
-        if dtype not in STORE_DTYPES:
-            raise ValueError(f"capture dtype must be one of {sorted(STORE_DTYPES)}, got {dtype!r}")
+        check_store_dtype(dtype)
         out = np.empty((len(token_ids), self.n_layers, self.intermediate_size), dtype=STORE_DTYPES[dtype])
         cuda = self._side is not None
         plan = list(batches(token_ids, self.pad_id, limits.token_budget, limits.max_batch_size, pin=cuda))
@@ -236,7 +225,7 @@ class StreamBackend:
         """One layer over every micro-batch: its rows [prompts in plan order, neurons], in the store dtype."""
         n_rows = sum(len(b.indices) for b in plan)
         rows = torch.empty((n_rows, self.intermediate_size), dtype=stage.dtype, device=self.device)
-        recorder = LastTokenRows(stage.down_projs())
+        recorder = stage.recorder()
         start = 0
         try:
             for i, batch in enumerate(plan):

@@ -30,22 +30,13 @@ import torch
 
 from cna_dist.model.backend import CAAVectors, Part, Prompts
 from cna_dist.model.batching import Batch, Limits, batches
-from cna_dist.model.capture import STORE_DTYPES, LastTokenRows, to_store
 from cna_dist.model.checkpoint import load_tokenizer
 from cna_dist.model.pinned import PinnedRing
+from cna_dist.model.plumbing import STORE_DTYPES, devices, event, made_by, to_store
 from cna_dist.model.stage import Stage, load_stage
 
 QUEUE_DEPTH = 2  # micro-batches waiting in front of each stage: enough to keep it busy, bounded for memory
 _STOP = object()
-
-
-def stage_devices(n_stages: int, gpus: int) -> list[torch.device]:
-    """One GPU per stage on a multi-GPU replica; every stage on the one GPU, or on the CPU, otherwise."""
-    if gpus <= 0 or not torch.cuda.is_available():
-        return [torch.device("cpu")] * n_stages
-    if gpus == 1:
-        return [torch.device("cuda", 0)] * n_stages
-    return [torch.device("cuda", i) for i in range(n_stages)]
 
 
 @dataclass
@@ -91,9 +82,8 @@ class _Worker(threading.Thread):
         self.next_device = next_device
         self.cuda = stage.device.type == "cuda"
         self.stream = torch.cuda.Stream(stage.device) if self.cuda else None
-        projs = stage.down_projs()
-        self.width = projs[0].in_features
-        self.rows = LastTokenRows(projs)
+        self.width = stage.width
+        self.rows = stage.recorder()
         # a fixed set of pinned buffers for this stage's rows, not a new one per micro-batch (kept by PyTorch forever)
         self.ring = PinnedRing() if self.cuda else None
 
@@ -137,11 +127,7 @@ class _Worker(threading.Thread):
         self.ring.put(values, item.call.rows[self.index], item.batch.indices)
 
     def _event(self) -> Any:
-        if not self.cuda:
-            return None
-        event = torch.cuda.Event()
-        event.record(torch.cuda.current_stream(self.stage.device))
-        return event
+        return event(torch.cuda.current_stream(self.stage.device)) if self.cuda else None
 
 
 class PipelineBackend:
@@ -154,7 +140,7 @@ class PipelineBackend:
     def __init__(self, stages: list[Stage], pad_id: int, queue_depth: int = QUEUE_DEPTH):
         self.stages, self.pad_id = stages, pad_id
         self.n_layers = stages[-1].hi
-        self.intermediate_size = stages[0].down_projs()[0].in_features
+        self.intermediate_size = stages[0].width
         boxes: list[queue.Queue] = [queue.Queue(maxsize=queue_depth) for _ in stages]
         nexts = [(boxes[i + 1], stages[i + 1].device) for i in range(len(stages) - 1)] + [(None, None)]
         self.workers = [_Worker(i, stage, boxes[i], *nexts[i]) for i, stage in enumerate(stages)]
@@ -165,20 +151,12 @@ class PipelineBackend:
     @classmethod
     def load(cls, path: Path, ranges: Sequence[tuple[int, int]], *, dtype: str, gpus: int) -> PipelineBackend:
         """Each stage loads only its own layers from the checkpoint's safetensors (never the whole model)."""
-        devices = stage_devices(len(ranges), gpus)
-        stages = [load_stage(path, lo, hi, device=d, dtype=dtype) for (lo, hi), d in zip(ranges, devices, strict=True)]
+        on = devices(len(ranges), gpus)
+        stages = [load_stage(path, lo, hi, device=d, dtype=dtype) for (lo, hi), d in zip(ranges, on, strict=True)]
         return cls(stages, load_tokenizer(path).pad_token_id)
 
     def made_by(self) -> dict[str, str]:
-        import transformers
-
-        spans = ",".join(f"{s.lo}-{s.hi}@{s.device}" for s in self.stages)
-        return {
-            "backend": self.name,
-            "library": f"transformers {transformers.__version__}",
-            "engine": "pipeline",
-            "stages": spans,
-        }
+        return made_by(self.name, "pipeline", stages=",".join(f"{s.lo}-{s.hi}@{s.device}" for s in self.stages))
 
     def capture_parts(self, token_ids: Prompts, dtype: str, limits: Limits) -> tuple[list[Part], int]:
         """Every prompt's rows, one part per stage ([prompt, stage's layers, neuron]), and the float16 overflow."""

@@ -1,15 +1,16 @@
-"""One pipeline stage: decoder layers [lo, hi) of a checkpoint, loaded straight from its safetensors.
+"""The one decoder forward every engine runs: decoder layers [lo, hi) of a model, from input ids or hidden states.
 
-A pipeline replica splits the decoder into stages, one per device, so no process ever holds the whole model: a
-stage is built on the meta device, materialised on its own device, and filled with exactly its own tensors
-(`model.layers.{i}.*`, plus `model.embed_tokens.weight` on the first stage). Its forward repeats what the full
-decoder (`model.model`, as `Capturer._run` calls it) does for those layers, op for op, so chained stages give
-bit-identical hidden states and neuron activations to single-device capture.
+A `Stage` either wraps a loaded model's own modules (`Stage.of_model`: single-device and device_map capture are a
+one-stage run of it) or is built for layers [lo, hi) alone and filled straight from the checkpoint's safetensors
+(`load_stage`: pipeline stages and the stream engine's layers), so no process of those engines ever holds the
+whole model: built on the meta device, materialised on its own device, filled with exactly its own tensors
+(`model.layers.{i}.*`, plus `model.embed_tokens.weight` on the first stage). Its forward repeats what the family's
+own `*Model.forward` does for those layers, op for op, with the family's facts from `cna_dist.model.arch` and HF's
+own classes doing the math, so chained stages give bit-identical hidden states and neuron rows to one stage.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 from pathlib import Path
 from typing import Any
@@ -18,75 +19,104 @@ import safetensors
 import torch
 
 from cna_dist.errors import BadInput, RunFailure
+from cna_dist.model import arch
 from cna_dist.model.checkpoint import torch_dtype
-from cna_dist.model.hf import mask_maker
+from cna_dist.model.plumbing import mask_maker, positions
 
-# model_type -> (module, decoder-layer class, rotary-embedding class) of the installed transformers
-_ARCHS = {
-    "llama": ("transformers.models.llama.modeling_llama", "LlamaDecoderLayer", "LlamaRotaryEmbedding"),
-    "qwen2": ("transformers.models.qwen2.modeling_qwen2", "Qwen2DecoderLayer", "Qwen2RotaryEmbedding"),
-    "mistral": ("transformers.models.mistral.modeling_mistral", "MistralDecoderLayer", "MistralRotaryEmbedding"),
-}
 _INDEX = "model.safetensors.index.json"
 _SINGLE = "model.safetensors"
-
-
-def _classes(model_type: str) -> tuple[type, type]:
-    module, layer, rotary = _ARCHS[model_type]
-    mod = importlib.import_module(module)
-    return getattr(mod, layer), getattr(mod, rotary)
-
-
-def _layer_kind(config: Any, idx: int) -> str:
-    """The mask kind the architecture's own decoder forward gives layer `idx` when it builds masks itself."""
-    if config.model_type == "qwen2":
-        return config.layer_types[idx]
-    if config.model_type == "mistral" and config.sliding_window is not None:
-        return "sliding_attention"
-    return "full_attention"
 
 
 def _mask_functions() -> dict[str, Any]:
     from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
-    return {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
+    return {arch.FULL: create_causal_mask, arch.SLIDING: create_sliding_window_causal_mask}
 
 
 class Stage(torch.nn.Module):
     """Decoder layers [lo, hi) (and the embedding when lo == 0) on one device; inference only.
 
-    Built with weights uninitialised: `load_stage` fills them. The rotary embedding is computed for real on the
-    host, as `from_pretrained` computes it, and moved to the device: `inv_freq` is not in the checkpoint, and a
-    meta-built module holds garbage after `to_empty`. It stays float32 whatever `dtype` is, as in the full model.
+    Built (no `modules`): weights uninitialised, `load_stage` fills them. The rotary embedding is computed for real
+    on the host, as `from_pretrained` computes it, and moved to the device: `inv_freq` is not in the checkpoint, and
+    a meta-built module holds garbage after `to_empty`. It stays float32 whatever `dtype` is, as in the full model.
+    A family's scaled embedding gets its scale (a non-persistent buffer) set as HF's own initialisation sets it.
+    With `modules` (embedding or None, layers, rotary embedding) the stage runs a loaded model's own modules.
     """
 
-    def __init__(self, config: Any, lo: int, hi: int, *, device: str | torch.device, dtype: torch.dtype):
+    def __init__(
+        self,
+        config: Any,
+        lo: int,
+        hi: int,
+        *,
+        device: str | torch.device,
+        dtype: torch.dtype,
+        modules: tuple[Any, Any, Any] | None = None,
+    ):
         super().__init__()
         self.config, self.lo, self.hi = config, lo, hi
         self.device, self.dtype = torch.device(device), dtype
         self.first = lo == 0
-        layer_cls, rotary_cls = _classes(config.model_type)
+        self.family = arch.of(config)
+        built = modules is None
+        self.embed_tokens, self.layers, self.rotary_emb = self._build() if built else modules
+        self._kinds = self.family.kinds(config, lo, hi)
+        self._multiplier = self.family.multiplier(config) if self.first else None
+        self._mask = mask_maker(config)
+        if built:
+            self.requires_grad_(False)
+            self.eval()
+
+    @classmethod
+    def of_model(cls, model: Any) -> Stage:
+        """All layers of a loaded causal LM (its own modules, shared, on whatever devices they sit)."""
+        inner = arch.decoder(model)
+        device = inner.embed_tokens.weight.device
+        dtype = arch.neurons(model)[0].weight.dtype
+        modules = (inner.embed_tokens, inner.layers, inner.rotary_emb)
+        return cls(model.config, 0, len(inner.layers), device=device, dtype=dtype, modules=modules)
+
+    def _build(self) -> tuple[Any, Any, Any]:
+        config, fam = self.config, self.family
         with torch.device("meta"):
             embed = None
             if self.first:
-                embed = torch.nn.Embedding(config.vocab_size, config.hidden_size, getattr(config, "pad_token_id", None))
-            layers = torch.nn.ModuleList(layer_cls(config, i) for i in range(lo, hi))
-        self.embed_tokens = None if embed is None else embed.to(dtype).to_empty(device=self.device)
-        self.layers = layers.to(dtype).to_empty(device=self.device)
+                embed = self._embedding()
+            layers = torch.nn.ModuleList(fam.layer_class()(config, i) for i in range(self.lo, self.hi))
+        if embed is not None:
+            embed = embed.to(self.dtype).to_empty(device=self.device)
+            if hasattr(embed, "embed_scale"):
+                with torch.no_grad():
+                    embed.embed_scale.fill_(fam.embed_scale(config))
+        layers = layers.to(self.dtype).to_empty(device=self.device)
         with torch.device("cpu"):
-            rotary = rotary_cls(config)
-        self.rotary_emb = rotary.to(self.device)
-        self._kinds = [_layer_kind(config, i) for i in range(lo, hi)]
-        self._mask = mask_maker(config)
-        self.requires_grad_(False)
-        self.eval()
+            rotary = fam.rotary_class()(config)
+        return embed, layers, rotary.to(self.device)
+
+    def _embedding(self) -> torch.nn.Module:
+        config, cls = self.config, self.family.embedding_class()
+        pad = getattr(config, "pad_token_id", None)
+        if cls is None:
+            return torch.nn.Embedding(config.vocab_size, config.hidden_size, pad)
+        return cls(config.vocab_size, config.hidden_size, pad, embed_scale=self.family.embed_scale(config))
 
     def extra_repr(self) -> str:
-        return f"layers [{self.lo}, {self.hi}), device={self.device}, dtype={self.dtype}"
+        return f"{self.family.model_type} layers [{self.lo}, {self.hi}), device={self.device}, dtype={self.dtype}"
 
-    def down_projs(self) -> list[torch.nn.Module]:
-        """This stage's layers' mlp.down_proj, in layer order; their input is the neuron activation."""
-        return [layer.mlp.down_proj for layer in self.layers]
+    def neurons(self) -> list[torch.nn.Module]:
+        """This stage's layers' neuron modules, in layer order; their input is the neuron activation."""
+        return [self.family.neuron(layer) for layer in self.layers]
+
+    down_projs = neurons  # every dense family's neuron module is mlp.down_proj
+
+    @property
+    def width(self) -> int:
+        """Neurons per layer."""
+        return self.family.width(self.config)
+
+    def recorder(self) -> arch.RowsRecorder:
+        """The family's rows recorder over this stage's layers: buffer[:, k] gets layer lo + k's last-token row."""
+        return self.family.rows(list(self.layers))
 
     @torch.inference_mode()
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -98,25 +128,33 @@ class Stage(torch.nn.Module):
         """
         mask = mask.to(self.device, non_blocking=True)
         x = x.to(self.device, non_blocking=True)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        pos = positions(mask)
         hidden = self.embed_tokens(x) if self.first else x
-        position_embeddings = self.rotary_emb(hidden, positions)
-        masks = self._attention_masks(hidden, mask, positions)
+        if self._multiplier is not None:
+            hidden = hidden * self._multiplier
+        rotary = self._position_embeddings(hidden, pos)
+        masks = self._attention_masks(hidden, mask, pos)
         for layer, kind in zip(self.layers, self._kinds, strict=True):
             hidden = layer(
                 hidden,
                 attention_mask=masks[kind],
-                position_embeddings=position_embeddings,
-                position_ids=positions,
+                position_embeddings=rotary[kind],
+                position_ids=pos,
                 past_key_values=None,
-                use_cache=False,
             )
         return hidden
 
-    def _attention_masks(self, hidden: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> dict[str, Any]:
+    def _position_embeddings(self, hidden: torch.Tensor, pos: torch.Tensor) -> dict[str, Any]:
+        """Rotary (cos, sin) per layer kind: one for all layers, or one per kind where the family has two bases."""
+        if self.family.rotary_per_kind:
+            return {kind: self.rotary_emb(hidden, pos, kind) for kind in set(self._kinds)}
+        return dict.fromkeys(self._kinds, self.rotary_emb(hidden, pos))
+
+    def _attention_masks(self, hidden: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor) -> dict[str, Any]:
         """The mask per layer kind, as the full model gets it: `mask_maker`'s 4D device mask for every layer, or,
-        where that passes the 2D mask through (a batch wider than a sliding window), transformers' own masks built
-        the way the architecture's decoder forward builds them (same function, same arguments)."""
+        where that passes the 2D mask through (a batch wider than a sliding window, or eager attention),
+        transformers' own masks built the way the family's decoder forward builds them (same function, same
+        arguments)."""
         prepared = self._mask(mask)
         if prepared.dim() == 4:
             return dict.fromkeys(self._kinds, prepared)
@@ -127,7 +165,7 @@ class Stage(torch.nn.Module):
                 inputs_embeds=hidden,
                 attention_mask=prepared,
                 past_key_values=None,
-                position_ids=positions,
+                position_ids=pos,
             )
             for kind in set(self._kinds)
         }
@@ -166,20 +204,14 @@ def load_stage(
 
 
 def stage_config(path: Path) -> Any:
-    """The checkpoint's config with SDPA attention, as `hf.load` loads the full model."""
+    """The checkpoint's config with the family's attention implementation, as `hf.load` loads the full model."""
     from transformers import AutoConfig
 
     config_file = path / "config.json"
     if not config_file.is_file():
         raise BadInput("not a checkpoint folder: no config.json", source=str(path))
     config = AutoConfig.from_pretrained(path)
-    if config.model_type not in _ARCHS:
-        raise BadInput(
-            f"unsupported model_type {config.model_type!r}; pipeline stages know {sorted(_ARCHS)}",
-            source=str(config_file),
-            field="model_type",
-        )
-    config._attn_implementation = "sdpa"
+    config._attn_implementation = arch.of(config, source=str(config_file)).attention(config)
     return config
 
 
@@ -190,7 +222,8 @@ def _targets(stage: Stage) -> dict[str, torch.Tensor]:
     checkpoint cannot fill it: refuse rather than compute with it.
     """
     state = stage.state_dict(keep_vars=True)
-    unfilled = [n for n, _ in stage.named_buffers() if n not in state and not n.startswith("rotary_emb.")]
+    computed = ("rotary_emb.", "embed_tokens.embed_scale")  # computed in Stage._build, as HF computes them
+    unfilled = [n for n, _ in stage.named_buffers() if n not in state and not n.startswith(computed)]
     if unfilled:
         raise RunFailure(f"{stage.config.model_type} stage has buffers no checkpoint holds: {unfilled}")
     targets = {}

@@ -10,8 +10,10 @@ from typing import Any
 
 import torch
 
-from cna_dist.model.capture import batches
-from cna_dist.model.hf import decoder, down_projs, mlps
+from cna_dist.model import arch
+from cna_dist.model.arch import decoder, mlps
+from cna_dist.model.arch import neurons as down_projs
+from cna_dist.model.batching import batches
 
 
 def scales(
@@ -31,8 +33,14 @@ def scales(
 def steered(model: torch.nn.Module, pairs: Iterable[tuple[int, int]], multiplier: float) -> Iterator[None]:
     """Multiply the given neurons by `multiplier` while the context is open.
 
-    x * 1.0 is exact in IEEE arithmetic, so m = 1 gives bit-identical logits to no hook at all.
+    x * 1.0 is exact in IEEE arithmetic, so m = 1 gives bit-identical logits to no hook at all. A family with its
+    own steering (`cna_dist.model.arch.Family.steering`, e.g. mixture-of-experts layers) steers its way.
     """
+    family = arch.of(model.config, source=type(model).__name__) if hasattr(model, "config") else None
+    if family is not None and family.steering is not None:
+        with family.steering(model, list(pairs), multiplier):
+            yield
+        return
     projs = down_projs(model)
     weight = projs[0].weight
     vectors = scales(pairs, multiplier, len(projs), projs[0].in_features, weight.dtype)

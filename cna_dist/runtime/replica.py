@@ -19,8 +19,9 @@ from typing import Any
 from cna_dist.io.store import Run, ShardPlan, chunk_aligned
 from cna_dist.manifest import Manifest
 from cna_dist.model import checkpoint
-from cna_dist.model.backend import CaptureBackend, load_backend
+from cna_dist.model.backend import CaptureBackend
 from cna_dist.model.batching import Limits
+from cna_dist.model.engine_registry import load_backend
 
 CONCURRENCY = 2  # calls a replica runs at once: one computes while the other writes its shard
 
