@@ -9,6 +9,7 @@ down-projection columns of HF's unmodified modules.
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
@@ -32,6 +33,7 @@ def tiny(family: str) -> nn.Module:
         num_experts_per_tok=2,
         tie_word_embeddings=False,
         pad_token_id=0,
+        eos_token_id=1,
     )
     if family == "mixtral":
         config = transformers.MixtralConfig(num_hidden_layers=2, intermediate_size=8, num_local_experts=4, **common)
@@ -331,3 +333,41 @@ def test_steering_refuses_what_it_cannot_attribute() -> None:
         with moe.steered(layers_of(model), [(0, 96)], 0.0):
             pass
     assert "_apply_gate" not in layers_of(model)[0].mlp.experts.__dict__
+
+
+def test_the_moe_scale_builder_loads_through_the_checkpoint_path(tmp_path: Path) -> None:
+    """The builder of the Qwen3-235B-A22B row shape, at a small size: a complete checkpoint that hf.load accepts
+    (every tensor present, float16 on disk), whose rows have the builder's E x I width per layer."""
+    from safetensors import safe_open
+
+    from cna_dist.demo.scale import MOE_SHAPES, save_moe_scale_model
+    from cna_dist.model import hf
+
+    assert MOE_SHAPES["qwen3_moe"] == (94, 128, 1536, 8)
+    path = save_moe_scale_model(tmp_path / "moe", n_layers=3, n_experts=16, expert_width=12, top_k=4)
+    with safe_open(str(path / "model.safetensors"), "pt") as f:
+        assert {f.get_slice(name).get_dtype() for name in f.keys()} == {"F16"}
+    loaded, tokenizer = hf.load(path, dtype="float32")
+    recorder = moe.MoeLastTokenRows(layers_of(loaded))
+    assert recorder.widths == [16 * 12] * 3
+    ids = tokenizer("how do i bake a cake")["input_ids"]
+    rows = recorded(loaded, [ids, ids[:3]])
+    recorder.close()
+    per_layer_close(rows[0], oracle(loaded, ids)[0], recorder.widths)
+    live = rows.view(2, 3, 16, 12).abs().sum(-1) > 0
+    assert (live.sum(-1) == 4).all()  # top-4 of 16 experts in every layer of both prompts
+
+
+def test_grouped_and_looped_expert_inputs_agree() -> None:
+    """The CUDA path (one grouped matmul) and the CPU path (a loop over the experts present) of expert_inputs."""
+    experts = layers_of(tiny("olmoe"))[0].mlp.experts
+    gen = torch.Generator().manual_seed(3)
+    rows = torch.randn(40, 16, generator=gen)
+    ids, _ = torch.sort(torch.randint(0, 8, (40,), generator=gen))
+    ids[ids == 5] = 6  # an expert without rows
+    with torch.no_grad():
+        looped = moe._looped_gate_up(experts, rows, ids)
+        grouped = moe._grouped_gate_up(experts, rows, ids)
+        direct = torch.stack([experts.gate_up_proj[e] @ r for r, e in zip(rows, ids.tolist(), strict=True)])
+    torch.testing.assert_close(looped, direct, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grouped, direct, rtol=1e-6, atol=1e-6)

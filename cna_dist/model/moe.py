@@ -91,24 +91,48 @@ def routing_args(args: tuple, kwargs: dict[str, Any]) -> tuple[torch.Tensor, tor
 def expert_inputs(experts: nn.Module, hidden: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
     """Down-projection inputs [P, I] of expert `expert_ids[p]` on token `hidden[p]` ([P, H]).
 
-    The same steps as HF's grouped_mm experts forward up to the down projection (rows sorted by expert, one grouped
-    matmul, the class's own gate), so the values are what the model computes, without a host sync on CUDA. The
-    class's `_apply_gate` is called, not the instance's, so a steering interception never touches recorded rows.
+    The steps of HF's experts forwards up to the down projection, on these rows only: the rows sorted by expert,
+    each expert's gate_up projection, then the class's own gate (`_apply_gate`; the class's, not the instance's,
+    so a steering interception never reaches recorded rows). On CUDA one grouped matmul (HF's, as its grouped_mm
+    forward uses) does every expert without a host sync; elsewhere a loop over the experts present, since a CPU
+    grouped matmul visits all E experts however few rows there are.
     """
-    from transformers.integrations.moe import _grouped_linear  # HF's grouped matmul with its CPU/GPU fallbacks
-
-    n_experts = int(experts.num_experts)
     ids, perm = torch.sort(expert_ids)
-    counts_input = ids.float() if ids.device.type in ("cpu", "mps") else ids.int()
-    counts = torch.histc(counts_input, bins=n_experts, min=0, max=n_experts - 1)
-    offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
-    gate_up = _grouped_linear(
-        hidden[perm], experts.gate_up_proj, offsets, is_transposed=getattr(experts, "is_transposed", False)
-    )
+    rows = hidden[perm]
+    if hidden.device.type == "cuda":
+        gate_up = _grouped_gate_up(experts, rows, ids)
+    else:
+        gate_up = _looped_gate_up(experts, rows, ids)
     sorted_inputs = type(experts)._apply_gate(experts, gate_up)
     inverse = torch.empty_like(perm)
     inverse[perm] = torch.arange(perm.numel(), device=perm.device)
     return sorted_inputs[inverse]
+
+
+def _grouped_gate_up(experts: nn.Module, rows: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """gate_up projections of rows sorted by expert id, in one grouped matmul (no host sync)."""
+    from transformers.integrations.moe import _grouped_linear  # HF's grouped matmul with its fallbacks
+
+    n_experts = int(experts.num_experts)
+    counts_input = ids.int() if ids.device.type == "cuda" else ids.float()  # histc's supported dtypes per device
+    counts = torch.histc(counts_input, bins=n_experts, min=0, max=n_experts - 1)
+    offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
+    return _grouped_linear(rows, experts.gate_up_proj, offsets, is_transposed=getattr(experts, "is_transposed", False))
+
+
+def _looped_gate_up(experts: nn.Module, rows: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """gate_up projections of rows sorted by expert id, one matmul per expert present."""
+    weight = experts.gate_up_proj
+    transposed = getattr(experts, "is_transposed", False)
+    out = rows.new_empty(rows.shape[0], weight.shape[2] if transposed else weight.shape[1])
+    counts = torch.bincount(ids, minlength=int(experts.num_experts)).tolist()
+    start = 0
+    for expert, count in enumerate(counts):
+        if count:
+            chunk, w = rows[start : start + count], weight[expert]
+            out[start : start + count] = chunk @ w if transposed else nn.functional.linear(chunk, w)
+            start += count
+    return out
 
 
 def reconstruct(layer: nn.Module, row: torch.Tensor) -> torch.Tensor:
