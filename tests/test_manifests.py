@@ -35,7 +35,13 @@ PROMPT_COUNTS = {"harmful.jsonl": 128, "harmless.jsonl": 128, "diverse.jsonl": 1
 
 # (n_layers, intermediate_size) of the real checkpoints, by registry model slug: validate cannot check layer
 # bounds or k offline because it does not open the remote config.json, so this test does it.
-REAL_SHAPES = {"Qwen2.5-72B-Instruct": (80, 29568), "Llama-3.1-70B-Instruct": (80, 28672)}
+REAL_SHAPES = {
+    "Qwen2.5-72B-Instruct": (80, 29568),
+    "Llama-3.1-70B-Instruct": (80, 28672),
+    "Qwen3-235B-A22B-Instruct-2507": (94, 128 * 1536),  # MoE: 128 experts x 1536 neurons a layer
+}
+# GPUs per replica where 4 x 80 GB do not hold the bf16 weights (Qwen3-235B-A22B: ~470 GB)
+REAL_GPUS = {"Qwen3-235B-A22B-Instruct-2507": 8}
 
 
 @pytest.fixture
@@ -85,7 +91,8 @@ def test_real_model_settings(path: Path) -> None:
     assert m.model.uri.startswith("s3://") and m.output.store.startswith("s3://")
     assert m.output.registry.startswith("s3://")
     assert m.model.revision is None  # unknown commit: never a made-up one
-    assert m.model.dtype == "bfloat16" and m.model.gpus_per_replica == 4 and m.model.max_memory_per_gpu == "76GiB"
+    gpus = REAL_GPUS.get(registry.model_slug(m.model.uri), 4)
+    assert m.model.dtype == "bfloat16" and m.model.gpus_per_replica == gpus and m.model.max_memory_per_gpu == "76GiB"
     assert m.capture.dtype == "float16"
     assert m.select.top_fraction == 0.001 and m.select.top_k is None and m.select.exclude_layers == [0, 1]
     assert (m.universal.top_fraction, m.universal.threshold, m.universal.scope) == (0.001, 0.8, "global")
