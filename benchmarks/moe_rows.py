@@ -3,8 +3,9 @@
 Why: the MoE row recorder (cna_dist.model.moe.MoeLastTokenRows) recomputes the routed experts' down-projection
 inputs for the last token of every prompt, from the routing HF's experts forward receives. This script runs the
 same decoder stack on the same left-padded batch with and without the recorder, alternating, and prints the median
-seconds of each and their ratio. The model has the real expert count, expert width and top-k (128 x 1536, top 8)
-with fewer layers and hidden size 8, built in memory.
+wall and process CPU seconds of each and their ratios; then how well the rows' zeros compress in store-sized
+chunks. The model has the real expert count, expert width and top-k (128 x 1536, top 8) with fewer layers and
+hidden size 8, built in memory.
 
 Run from the repository root:
 
@@ -17,6 +18,7 @@ import argparse
 import statistics
 import time
 
+import numpy as np
 import torch
 import transformers
 
@@ -70,15 +72,15 @@ def main() -> None:
     recorder = moe.MoeLastTokenRows(list(model.model.layers))
     buffer = torch.empty(args.batch, len(recorder.widths), recorder.widths[0])
 
-    def forward(record: bool) -> float:
-        start = time.perf_counter()
+    def forward(record: bool) -> tuple[float, float]:
+        start, cpu = time.perf_counter(), time.process_time()
         with torch.inference_mode():
             if record:
                 with recorder.into(buffer):
                     model.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
             else:
                 model.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
-        return time.perf_counter() - start
+        return time.perf_counter() - start, time.process_time() - cpu
 
     forward(False), forward(True)  # warm-up
     plain, recorded = [], []
@@ -86,13 +88,33 @@ def main() -> None:
         plain.append(forward(False))
         recorded.append(forward(True))
     recorder.close()
-    p, r = statistics.median(plain), statistics.median(recorded)
+    p, r = statistics.median(t for t, _ in plain), statistics.median(t for t, _ in recorded)
+    pc, rc = statistics.median(c for _, c in plain), statistics.median(c for _, c in recorded)
     print(f"model: {args.layers} layers x {recorder.widths[0]} neurons (128 experts x 1536, top 8), hidden 8")
     print(f"batch: {args.batch} prompts, {sum(lengths)} tokens; torch threads {torch.get_num_threads()}")
-    print(f"forward, no recorder:   median {p:.3f} s over {args.repeats}")
-    print(f"forward, MoE recorder:  median {r:.3f} s over {args.repeats}")
-    print(f"ratio recorded / plain: {r / p:.3f}")
+    print(f"forward, no recorder:   median wall {p:.3f} s, cpu {pc:.3f} s over {args.repeats}")
+    print(f"forward, MoE recorder:  median wall {r:.3f} s, cpu {rc:.3f} s over {args.repeats}")
+    print(f"ratio recorded / plain: wall {r / p:.3f}, cpu {rc / pc:.3f}")
     print(f"row: {sum(recorder.widths)} neurons, {sum(recorder.widths) * 2} bytes in float16 per prompt")
+    zeros = (buffer == 0).float().mean().item()
+    raw, packed = compressed(buffer.to(torch.float16).numpy())
+    print(f"zeros: {zeros:.4f} of the row (top {MOE_SHAPES['qwen3_moe'][3]} of 128 experts routed)")
+    print(f"store chunks (16 rows x 1 layer), zstd level 3: {packed} of {raw} bytes, ratio {raw / packed:.1f}x")
+
+
+def compressed(rows: np.ndarray) -> tuple[int, int]:
+    """(raw, zstd-compressed) bytes of the rows cut into the store's chunks for this row shape (16 rows x 1 layer:
+    cna_dist.io.store.chunking), each compressed on its own as a Zarr codec would."""
+    from numcodecs import Zstd
+
+    codec = Zstd(level=3)
+    raw = packed = 0
+    for start in range(0, rows.shape[0], 16):
+        for layer in range(rows.shape[1]):
+            chunk = np.ascontiguousarray(rows[start : start + 16, layer])
+            raw += chunk.nbytes
+            packed += len(codec.encode(chunk))
+    return raw, packed
 
 
 if __name__ == "__main__":
