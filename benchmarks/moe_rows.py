@@ -9,7 +9,7 @@ hidden size 8, built in memory.
 
 Run from the repository root:
 
-    PYTHONPATH=. .venv/bin/python benchmarks/moe_rows.py [--layers 8] [--batch 16] [--repeats 5]
+    PYTHONPATH=. .venv/bin/python benchmarks/moe_rows.py [--layers 8] [--batch 16] [--repeats 5] [--threads 1]
 """
 
 from __future__ import annotations
@@ -58,7 +58,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--tokens", type=int, default=24, help="longest prompt; the others are shorter")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (1 on a shared machine)")
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
 
     model = build(args.layers)
     gen = torch.Generator().manual_seed(1)

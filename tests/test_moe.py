@@ -371,3 +371,18 @@ def test_grouped_and_looped_expert_inputs_agree() -> None:
         direct = torch.stack([experts.gate_up_proj[e] @ r for r, e in zip(rows, ids.tolist(), strict=True)])
     torch.testing.assert_close(looped, direct, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(grouped, direct, rtol=1e-6, atol=1e-6)
+
+
+def test_config_widths_match_the_built_layers() -> None:
+    """The driver's widths (config.json only) equal what the recorder finds in the built model, dense layers too."""
+    for family in FAMILIES:
+        model = tiny(family)
+        config = model.config.to_dict()
+        assert moe.config_widths(config) == moe.MoeLastTokenRows(layers_of(model)).widths, family
+    sparse_step = tiny("qwen2_moe").config.to_dict() | {"decoder_sparse_step": 2, "num_hidden_layers": 4}
+    sparse_step.pop("layer_types", None)
+    assert moe.config_widths(sparse_step) == [24, 4 * 8 + 12, 24, 4 * 8 + 12]
+    released = {"model_type": "qwen3_moe", "num_hidden_layers": 94, "num_experts": 128, "moe_intermediate_size": 1536}
+    assert moe.config_widths(released) == [128 * 1536] * 94
+    with pytest.raises(ValueError, match="'llama' is not a mixture-of-experts family"):
+        moe.config_widths({"model_type": "llama"})

@@ -23,6 +23,9 @@ from typing import Any
 import torch
 from torch import nn
 
+# model_type of the families whose layers this module knows (fused experts in transformers 5)
+FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+
 # The experts implementations (config._experts_implementation) whose rows reach `_apply_gate` in a known order:
 # batched_mm keeps the (token, k) order of top_k_index; grouped_mm sorts the rows by expert id first.
 STEERABLE_IMPLEMENTATIONS = ("grouped_mm", "batched_mm")
@@ -76,6 +79,26 @@ def layer_width(layer: nn.Module) -> int:
     shared, _ = shared_expert(layer)
     extra = int(shared.down_proj.in_features) if shared is not None else 0
     return int(experts.num_experts) * expert_width(experts) + extra
+
+
+def config_widths(config: dict[str, Any]) -> list[int]:
+    """Each layer's neuron width from config.json alone (the driver reads no weights), as the model will build it:
+    E x I (+ the shared expert) for a MoE layer, intermediate_size for a dense layer of Qwen2/3-MoE."""
+    from transformers import AutoConfig
+
+    model_type = config.get("model_type")
+    if model_type not in FAMILIES:
+        raise ValueError(f"model_type {model_type!r} is not a mixture-of-experts family this module knows {FAMILIES}")
+    cfg = AutoConfig.for_model(**config)
+    layers = range(cfg.num_hidden_layers)
+    if model_type in ("mixtral", "olmoe"):
+        return [cfg.num_local_experts * cfg.intermediate_size for _ in layers]
+    shared = cfg.shared_expert_intermediate_size if model_type == "qwen2_moe" else 0
+    sparse = [
+        k not in cfg.mlp_only_layers and cfg.num_experts > 0 and (k + 1) % cfg.decoder_sparse_step == 0 for k in layers
+    ]
+    routed = cfg.num_experts * cfg.moe_intermediate_size + shared
+    return [routed if is_sparse else cfg.intermediate_size for is_sparse in sparse]
 
 
 def routing_args(args: tuple, kwargs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
