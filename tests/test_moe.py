@@ -386,3 +386,14 @@ def test_config_widths_match_the_built_layers() -> None:
     assert moe.config_widths(released) == [128 * 1536] * 94
     with pytest.raises(ValueError, match="'llama' is not a mixture-of-experts family"):
         moe.config_widths({"model_type": "llama"})
+
+
+def test_a_mixed_model_splits_into_one_array_per_width() -> None:
+    model = tiny("qwen3_moe")  # layer 0 dense (24), layers 1-2 MoE (8 x 16)
+    rows = recorded(model, PROMPTS[:3])
+    widths = moe.MoeLastTokenRows(layers_of(model)).widths
+    assert moe.width_groups(widths) == {24: [0], 128: [1, 2]}
+    arrays = moe.split_rows(rows, widths)
+    assert {w: tuple(a.shape) for w, a in arrays.items()} == {24: (3, 1, 24), 128: (3, 2, 128)}
+    assert torch.equal(arrays[24][:, 0], rows[:, :24])
+    assert torch.equal(arrays[128][:, 1], rows[:, 24 + 128 :])

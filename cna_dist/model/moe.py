@@ -304,6 +304,23 @@ class MoeLastTokenRows:
         self._handles = []
 
 
+def width_groups(widths: Sequence[int]) -> dict[int, list[int]]:
+    """The layers of each width, in layer order: the arrays of the one-array-per-width store layout (docs/moe.md)."""
+    groups: dict[int, list[int]] = {}
+    for layer, width in enumerate(widths):
+        groups.setdefault(width, []).append(layer)
+    return groups
+
+
+def split_rows(flat: torch.Tensor, widths: Sequence[int]) -> dict[int, torch.Tensor]:
+    """A flat recorder buffer [batch, sum(widths)] as one [batch, layers of that width, width] tensor per width."""
+    offsets = [sum(widths[:k]) for k in range(len(widths))]
+    return {
+        width: torch.stack([flat[:, offsets[k] : offsets[k] + width] for k in layers], dim=1)
+        for width, layers in width_groups(widths).items()
+    }
+
+
 # -------------------------------------------------------------------------------------------------- steering
 
 
