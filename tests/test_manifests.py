@@ -40,8 +40,16 @@ REAL_SHAPES = {
     "Llama-3.1-70B-Instruct": (80, 28672),
     "Qwen3-32B": (64, 25600),
     "gemma-3-27b-it-text": (62, 21504),
+    "Qwen3-235B-A22B-Instruct-2507": (94, 128 * 1536),  # MoE: 128 experts x 1536 neurons a layer
 }
-REAL_GPUS = {"Qwen2.5-72B-Instruct": 4, "Llama-3.1-70B-Instruct": 4, "Qwen3-32B": 2, "gemma-3-27b-it-text": 2}
+# GPUs per replica: 4 x 80 GB for the 70B class, 2 for the 27-32B models, 8 for Qwen3-235B-A22B (~470 GB of bf16)
+REAL_GPUS = {
+    "Qwen2.5-72B-Instruct": 4,
+    "Llama-3.1-70B-Instruct": 4,
+    "Qwen3-32B": 2,
+    "gemma-3-27b-it-text": 2,
+    "Qwen3-235B-A22B-Instruct-2507": 8,
+}
 
 
 @pytest.fixture
