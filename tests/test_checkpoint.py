@@ -100,7 +100,8 @@ def test_info_from_config_unsupported_model_type(model_type: str | None) -> None
     with pytest.raises(BadInput) as info:
         modelmod.info_from_config({"model_type": model_type}, "s3://b/m")
     assert info.value.source == "s3://b/m" and info.value.field == "model_type"
-    known = "['gemma2', 'gemma3_text', 'granite', 'llama', 'mistral', 'olmo2', 'phi3', 'qwen2', 'qwen3', 'smollm3']"
+    known = "['gemma2', 'gemma3_text', 'granite', 'llama', 'mistral', 'mixtral', 'olmo2', 'olmoe', 'phi3', 'qwen2', "
+    known += "'qwen2_moe', 'qwen3', 'qwen3_moe', 'smollm3']"
     assert f"unsupported model_type {model_type!r}; cna-dist knows {known}" in str(info.value)
 
 

@@ -135,6 +135,65 @@ class Family:
         return None
 
 
+def _config_dict(config: Any) -> dict[str, Any]:
+    return config.to_dict() if hasattr(config, "to_dict") else dict(vars(config))
+
+
+def _moe_widths(config: Any) -> list[int]:
+    from cna_dist.model import moe
+
+    return moe.config_widths(_config_dict(config))
+
+
+def _moe_width(config: Any) -> int:
+    """E x I (+ the shared expert's width): every layer's, once `_one_width` has passed."""
+    return _moe_widths(config)[0]
+
+
+def _one_width(config: Any) -> str | None:
+    """The store holds one row width per run: a model mixing dense and MoE layers is refused, naming why."""
+    widths = sorted(set(_moe_widths(config)))
+    if len(widths) > 1:
+        return (
+            f"layers of different widths {widths} (dense layers among the MoE ones: mlp_only_layers or "
+            "decoder_sparse_step); cna-dist stores one row width per run"
+        )
+    return None
+
+
+def _experts(layer: Any) -> Any:
+    """A MoE layer's neuron module: its fused routed experts (their down_proj input, times the router weight)."""
+    return layer.mlp.experts
+
+
+def _moe_rows(layers: Sequence[Any]) -> RowsRecorder:
+    from cna_dist.model.moe import MoeLastTokenRows
+
+    return MoeLastTokenRows(layers)
+
+
+def _moe_steering(model: Any, pairs: Sequence[tuple[int, int]], multiplier: float) -> AbstractContextManager[None]:
+    from cna_dist.model import moe
+
+    return moe.steered(decoder(model).layers, pairs, multiplier)
+
+
+def _moe(model_type: str, prefix: str, example: str, layer_kind: Callable[[Any, int], str] = _all_full) -> Family:
+    """A mixture-of-experts family: HF's own decoder layers and routing, rows and steering from `model/moe.py`."""
+    return Family(
+        model_type,
+        model_type,
+        prefix,
+        example,
+        layer_kind=layer_kind,
+        neuron=_experts,
+        rows=_moe_rows,
+        width=_moe_width,
+        steering=_moe_steering,
+        checks=(_layer_types, _one_width),
+    )
+
+
 def _causal_only(config: Any) -> str | None:
     if getattr(config, "use_bidirectional_attention", False):
         return "use_bidirectional_attention is set: an embedding model, not a causal decoder"
@@ -178,8 +237,13 @@ FAMILIES: dict[str, Family] = {
             embedding_multiplier="embedding_multiplier",
         ),
         Family("smollm3", "smollm3", "SmolLM3", "HuggingFaceTB/SmolLM3-3B", layer_kind=_from_layer_types),
+        _moe("mixtral", "Mixtral", "mistralai/Mixtral-8x7B-Instruct-v0.1", _from_sliding_window),
+        _moe("qwen3_moe", "Qwen3Moe", "Qwen/Qwen3-235B-A22B-Instruct-2507", _from_sliding_window),
+        _moe("olmoe", "Olmoe", "allenai/OLMoE-1B-7B-0125-Instruct"),
+        _moe("qwen2_moe", "Qwen2Moe", "Qwen/Qwen1.5-MoE-A2.7B-Chat", _from_layer_types),
     )
 }
+MOE = frozenset(f.model_type for f in FAMILIES.values() if f.rows is _moe_rows)
 
 
 def known() -> list[str]:

@@ -101,6 +101,37 @@ def config_widths(config: dict[str, Any]) -> list[int]:
     return [routed if is_sparse else cfg.intermediate_size for is_sparse in sparse]
 
 
+def as_saved(model_type: str, want: dict[str, tuple[int, ...]], found: set[str]) -> dict[str, tuple[int, ...]]:
+    """The tensors (name -> shape) a checkpoint of this family holds, given those the model builds (`want`).
+
+    transformers 5 builds fused experts (`mlp.experts.gate_up_proj [E, 2I, H]`, `down_proj [E, H, I]`) and fuses a
+    checkpoint's per-expert tensors while loading (its conversion mapping); released checkpoints, and its own
+    `save_pretrained`, keep one tensor per expert (`mlp.experts.{e}.gate_proj/up_proj/down_proj.weight`; Mixtral:
+    `block_sparse_moe.experts.{e}.w1/w3/w2.weight` and `block_sparse_moe.gate.weight`). A fused name the checkpoint
+    holds stays as it is; any other is replaced by its per-expert names and shapes.
+    """
+    if model_type not in FAMILIES:
+        return want
+    out: dict[str, tuple[int, ...]] = {}
+    for name, shape in want.items():
+        saved = None if name in found else _per_expert(model_type == "mixtral", name, shape)
+        out.update(saved if saved is not None else {name: shape})
+    return out
+
+
+def _per_expert(mixtral: bool, name: str, shape: tuple[int, ...]) -> dict[str, tuple[int, ...]] | None:
+    saved = name.replace(".mlp.", ".block_sparse_moe.") if mixtral else name
+    if name.endswith(".mlp.experts.gate_up_proj"):
+        n_experts, two_i, hidden = shape
+        base, parts = saved.removesuffix("gate_up_proj"), ("w1", "w3") if mixtral else ("gate_proj", "up_proj")
+        return {f"{base}{e}.{p}.weight": (two_i // 2, hidden) for e in range(n_experts) for p in parts}
+    if name.endswith(".mlp.experts.down_proj"):
+        n_experts, hidden, width = shape
+        base, part = saved.removesuffix("down_proj"), "w2" if mixtral else "down_proj"
+        return {f"{base}{e}.{part}.weight": (hidden, width) for e in range(n_experts)}
+    return {saved: shape} if mixtral and ".mlp." in name else None
+
+
 def routing_args(args: tuple, kwargs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(hidden [N, H], top_k_index [N, K], top_k_weights [N, K]) as the experts forward receives them."""
     names = ("hidden_states", "top_k_index", "top_k_weights")

@@ -72,7 +72,7 @@ class Stage(torch.nn.Module):
         """All layers of a loaded causal LM (its own modules, shared, on whatever devices they sit)."""
         inner = arch.decoder(model)
         device = inner.embed_tokens.weight.device
-        dtype = arch.neurons(model)[0].weight.dtype
+        dtype = inner.embed_tokens.weight.dtype
         modules = (inner.embed_tokens, inner.layers, inner.rotary_emb)
         return cls(model.config, 0, len(inner.layers), device=device, dtype=dtype, modules=modules)
 

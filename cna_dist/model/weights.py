@@ -185,6 +185,9 @@ def check(
             source=uri,
             field=field,
         ) from None
+    from cna_dist.model import moe  # torch, as `expected` needs it: only once a checkpoint has weight files
+
+    want = moe.as_saved(str(config.get("model_type")), want, set(found))  # experts are saved one by one
     missing = [name for name in want if name not in found and name not in tied]
     if missing:
         raise BadInput(
