@@ -372,3 +372,27 @@ def pin_model(manifest: Manifest) -> Manifest:
     m = manifest.model_copy(deep=True)
     m.model.uri, m.model.revision = uri, sha
     return m
+
+
+def load_list(path: Path) -> list[Path]:
+    """The manifests named by a nightly list (`manifests: [paths relative to the list]`)."""
+    data = read_yaml(path, "nightly list")  # size-capped, UTF-8, no alias bombs
+    if not isinstance(data, dict) or set(data) != {"manifests"}:
+        raise BadInput(
+            "expected exactly one key, `manifests`",
+            source=str(path),
+            field=",".join(sorted(data)) if isinstance(data, dict) else "<root>",
+        )
+    entries = data["manifests"]
+    if not isinstance(entries, list) or not entries or not all(isinstance(e, str) for e in entries):
+        raise BadInput(f"expected a non-empty list of paths, got {shown(entries)}", source=str(path), field="manifests")
+    return [(path.parent / e).resolve() for e in entries]
+
+
+def manifest_tasks(m: Manifest) -> list[str]:
+    """`eval.capability`, a relative task YAML path resolved against the manifest's folder like every other path."""
+    base = Path(m.source).parent.resolve()
+    return [
+        str(base / t) if t.lower().endswith((".yaml", ".yml")) and not Path(t).is_absolute() else t
+        for t in m.eval.capability
+    ]

@@ -115,9 +115,7 @@ def check_judge(m: Manifest, check_remote: bool, checked: Checked) -> None:
     config = modelmod.read_config(j.uri, j.storage_options, field="eval.judge.uri")
     weights.check(j.uri, config, j.storage_options, field="eval.judge.uri")
     if urimod.is_local(j.uri):  # a remote tokenizer is copied into the node cache: eval does that, validate not
-        from cna_dist.commands import eval_judge
-
-        eval_judge.prepare(j)
+        modelmod.judge_tokenizer(j.uri, j.storage_options, j.trust_remote_code, field="eval.judge.uri")
 
 
 def check_capability(m: Manifest, check_remote: bool, checked: Checked) -> None:
@@ -127,7 +125,7 @@ def check_capability(m: Manifest, check_remote: bool, checked: Checked) -> None:
     """
     if not m.eval.capability:
         return
-    from cna_dist.commands.eval import manifest_tasks
+    from cna_dist.manifest import manifest_tasks
     from cna_dist.model import capability
 
     field = f"{m.source}: eval.capability"
@@ -184,8 +182,7 @@ def is_nightly_list(path: Path) -> bool:
 
 def validate_list(path: Path, *, check_remote: bool = False) -> list[tuple[Path, Checked | BadInput]]:
     """Every manifest a nightly list names, each validated on its own: (path, what it checked or why it is bad)."""
-    from cna_dist.commands.nightly import load_list
-    from cna_dist.manifest import load, pin_model
+    from cna_dist.manifest import load, load_list, pin_model
 
     out: list[tuple[Path, Checked | BadInput]] = []
     for manifest in load_list(path):

@@ -242,7 +242,7 @@ def test_demo_task_from_the_manifest_runs_without_replicas(tmp_path: Path) -> No
     """The demo's planted-answer task, named in its manifest relative to it, scored by the harness in process."""
     from cna_dist import manifest as manifestmod
     from cna_dist.commands.demo import capability_line, write_inputs
-    from cna_dist.commands.eval import manifest_tasks
+    from cna_dist.manifest import manifest_tasks
     from cna_dist.model import capability
 
     path, _ = write_inputs(tmp_path, capability=True)

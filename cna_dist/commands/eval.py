@@ -27,7 +27,7 @@ from cna_dist.errors import BadInput
 from cna_dist.io import uri as urimod
 from cna_dist.io.objects import open_objects, split_uri
 from cna_dist.io.registry import model_slug
-from cna_dist.manifest import Manifest
+from cna_dist.manifest import Manifest, manifest_tasks
 from cna_dist.model import capability, checkpoint, steer
 from cna_dist.model import prompts as promptsmod
 from cna_dist.report.plots import eval_curves, layer_histogram
@@ -254,15 +254,6 @@ def run_eval(
         executor.release_replicas()
     results, samples = score_all(m, conds, texts, spec_of, prompts.prompts.texts, extras)
     return write_outputs(m, circuit, out, settings, inputs, control, results, samples, run)
-
-
-def manifest_tasks(m: Manifest) -> list[str]:
-    """`eval.capability`, a relative task YAML path resolved against the manifest's folder like every other path."""
-    base = Path(m.source).parent.resolve()
-    return [
-        str(base / t) if t.lower().endswith((".yaml", ".yml")) and not Path(t).is_absolute() else t
-        for t in m.eval.capability
-    ]
 
 
 def measure(

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from cna_dist.core import judge as judgemod
-from cna_dist.errors import BadInput
 from cna_dist.manifest import Judge
 from cna_dist.model import checkpoint
 from cna_dist.model import prompts as promptsmod
@@ -33,13 +32,7 @@ class JudgeInputs:
 
 def prepare(j: Judge) -> JudgeInputs:
     """The judge checkpoint is checked (config, weights, tokenizer) and its tokenizer loaded before any generation."""
-    checkpoint.read_config(j.uri, j.storage_options, field=FIELD)
-    try:
-        tokenizer = checkpoint.load_tokenizer(
-            checkpoint.localize_tokenizer(j.uri, j.storage_options), trust_remote_code=j.trust_remote_code
-        )
-    except (OSError, ValueError) as exc:
-        raise BadInput(f"cannot load the judge's tokenizer: {exc}", source=j.uri, field=FIELD) from None
+    tokenizer = checkpoint.judge_tokenizer(j.uri, j.storage_options, j.trust_remote_code, field=FIELD)
     spec = ReplicaSpec(
         model_uri=j.uri,
         storage_options=dict(j.storage_options),

@@ -18,26 +18,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from cna_dist.errors import BadInput, shown
 from cna_dist.io.objects import open_objects, split_uri
-from cna_dist.manifest import read_yaml
+from cna_dist.manifest import load_list
 
 STATUS_BY_EXIT = {0: None, 2: "bad_input"}
-
-
-def load_list(path: Path) -> list[Path]:
-    """The manifests named by a nightly list (`manifests: [paths relative to the list]`)."""
-    data = read_yaml(path, "nightly list")  # size-capped, UTF-8, no alias bombs
-    if not isinstance(data, dict) or set(data) != {"manifests"}:
-        raise BadInput(
-            "expected exactly one key, `manifests`",
-            source=str(path),
-            field=",".join(sorted(data)) if isinstance(data, dict) else "<root>",
-        )
-    entries = data["manifests"]
-    if not isinstance(entries, list) or not entries or not all(isinstance(e, str) for e in entries):
-        raise BadInput(f"expected a non-empty list of paths, got {shown(entries)}", source=str(path), field="manifests")
-    return [(path.parent / e).resolve() for e in entries]
 
 
 @dataclass

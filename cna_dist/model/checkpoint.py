@@ -245,3 +245,13 @@ def load_tokenizer(path: Path, *, trust_remote_code: bool = False) -> Any:
         tokenizer.pad_token = fallback
     tokenizer.padding_side = "left"
     return tokenizer
+
+
+def judge_tokenizer(uri: str, storage_options: dict[str, Any], trust_remote_code: bool, *, field: str) -> Any:
+    """A judge checkpoint's config checked and its tokenizer loaded (copied first when remote), or BadInput naming
+    `field`: what eval needs before any generation, and what validate checks of a local judge."""
+    read_config(uri, storage_options, field=field)
+    try:
+        return load_tokenizer(localize_tokenizer(uri, storage_options), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise BadInput(f"cannot load the judge's tokenizer: {exc}", source=uri, field=field) from None
