@@ -46,7 +46,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 from reduce import SubprocessMapper  # noqa: E402
 
-from cna_dist.demo.scale import save_scale_model, scale_prompts  # noqa: E402
+from cna_dist.demo.scale import save_moe_scale_model, save_scale_model, scale_prompts  # noqa: E402
 from cna_dist.io import uri as urimod  # noqa: E402
 from cna_dist.io.store import ActivationStore  # noqa: E402
 
@@ -120,6 +120,15 @@ class S3:
 
 
 # -- one N ------------------------------------------------------------------------------------------------------
+# a MoE row is 37 MB (Qwen3-235B-A22B's 18.5M neurons): small batches and shards keep a replica's buffers in bounds
+CAPTURE = {
+    "qwen2": {"dtype": "float16"},
+    "llama": {"dtype": "float16"},
+    "qwen3_moe": {"dtype": "float16", "max_batch_size": 4, "shard_rows": 16},
+}
+ARCH = "qwen2"
+
+
 def write_manifest(folder: Path, model: str, out: str, n: int, seed: int) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     sets = scale_prompts(n, seed)
@@ -131,7 +140,7 @@ def write_manifest(folder: Path, model: str, out: str, n: int, seed: int) -> Pat
         "prompts": {name: {"uri": f"./{name}.jsonl"} for name in sets},
         "select": {"top_fraction": 0.001, "exclude_layers": [0, 1]},
         "universal": {"top_fraction": 0.001, "threshold": 0.8, "scope": "global"},
-        "capture": {"dtype": "float16"},
+        "capture": CAPTURE[ARCH],
         "output": {"store": f"{out}/store", "registry": f"{out}/circuits"},
     }
     path = folder / "manifest.yaml"
@@ -270,7 +279,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", default="250,500,1000,2000", help="prompt counts on local disk (comma-separated)")
     p.add_argument("--s3-n", default="250,500", help="prompt counts on S3 (moto keeps objects in memory)")
-    p.add_argument("--arch", choices=["qwen2", "llama"], default="qwen2")
+    p.add_argument("--arch", choices=sorted(CAPTURE), default="qwen2", help="row shape: 72B dense or 235B MoE")
     p.add_argument("--png", type=Path, default=None, help="where to draw the figures (default: no PNG)")
     p.add_argument("--json", type=Path, default=None, help="where to write the rows as JSON")
     p.add_argument("--work", type=Path, default=None, help="work folder (default: a temporary one, removed)")
@@ -294,7 +303,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def bench(args: argparse.Namespace, work: Path) -> int:
-    model = save_scale_model(work / "model", args.arch, seed=args.seed)
+    global ARCH
+    ARCH = args.arch
+    if args.arch == "qwen3_moe":
+        model = save_moe_scale_model(work / "model", seed=args.seed)
+    else:
+        model = save_scale_model(work / "model", args.arch, seed=args.seed)
     print(f"model: {args.arch} shape, {sum(f.stat().st_size for f in model.iterdir()) / MB:.0f} MB on disk")
     print(HEADER, flush=True)
     rows = [measure("local", n, str(model), str(work / f"out-{n}"), work, None, args.seed) for n in args.n]

@@ -58,7 +58,7 @@ def only_headers(fetched: list[list], model: Path) -> None:
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_72b_shaped_mine_on_s3_reads_no_weight_and_equals_the_in_memory_reduce(
+def test_72b_shaped_mine_on_s3_reads_only_weight_headers_and_equals_the_in_memory_reduce(
     tmp_path: Path, s3_server: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("CNA_DIST_CACHE", str(tmp_path / "cache"))
