@@ -23,6 +23,7 @@ import torch
 
 from cna_dist.model.batching import Batch, batches
 from cna_dist.model.hf import decoder, device_mask_maker, down_projs
+from cna_dist.model.trim import LastLayerTrim
 
 STORE_DTYPES = {"float16": np.float16, "float32": np.float32}
 _TORCH_STORE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
@@ -89,11 +90,13 @@ class Capturer:
         self.cuda = self.device.type == "cuda"
         self._attention_mask = device_mask_maker(model)
         self._rows = LastTokenRows(self.projs)  # registered once, for the capturer's life
+        self._trim = LastLayerTrim(self.decoder.layers[-1].mlp, self.projs[-1])  # after _rows: records, then stops
         self._slots: dict[tuple[int, torch.dtype], torch.Tensor] = {}
         self._submitted = 0
 
     def close(self) -> None:
         self._rows.close()
+        self._trim.close()
 
     def __enter__(self) -> Capturer:
         return self
@@ -118,7 +121,7 @@ class Capturer:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         dtype = self.projs[0].weight.dtype
         buffer = torch.empty((ids.shape[0], self.n_layers, self.intermediate_size), dtype=dtype, device=self.device)
-        with self._rows.into(buffer):
+        with self._rows.into(buffer), self._trim.active():
             self.decoder(
                 input_ids=ids, attention_mask=self._attention_mask(mask), position_ids=positions, use_cache=False
             )
