@@ -73,11 +73,12 @@ def shipped_checkpoint(cache: Path) -> Path:
     return cache
 
 
-def load_texts(n: int) -> tuple[list[str], str]:
-    if DATASET.exists():
-        return [item["instruction"] for item in json.loads(DATASET.read_text())[:n]], str(DATASET)
+def load_texts(n: int, dataset: Path) -> tuple[list[str], str]:
+    """The first `n` instructions of a JSON list of {"instruction": ...} (shared/datasets/harmless_train.json)."""
+    if dataset.exists():
+        return [item["instruction"] for item in json.loads(dataset.read_text())[:n]], str(dataset)
     demo = [text for values in demo_prompts().values() for text in values]
-    return [demo[i % len(demo)] for i in range(n)], f"FALLBACK: {DATASET} absent, demo prompts repeated to {n}"
+    return [demo[i % len(demo)] for i in range(n)], f"FALLBACK: {dataset} absent, demo prompts repeated to {n}"
 
 
 def chunks(token_ids: list[list[int]], size: int) -> list[list[int]]:
@@ -241,13 +242,14 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset (cna-dist always)")
     parser.add_argument("--model", type=Path, default=None, help="a transformers checkpoint folder")
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="where the shipped model is converted to")
+    parser.add_argument("--prompts", type=Path, default=DATASET, help="JSON list of {instruction}")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     args.model = args.model or shipped_checkpoint(args.cache)
 
-    texts, source = load_texts(args.n)
+    texts, source = load_texts(args.n, args.prompts)
     tokenizer = load_tokenizer(args.model)
     chat = prompts_mod.use_chat_template(tokenizer, None)
     token_ids = [prompts_mod.encode(tokenizer, prompts_mod.render(tokenizer, t, chat=chat), chat=chat) for t in texts]

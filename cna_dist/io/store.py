@@ -21,6 +21,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import hashlib
 import json
+import os
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -29,13 +30,15 @@ from typing import Any
 import numpy as np
 
 from cna_dist.errors import BadInput, RunFailure
-from cna_dist.io import integrity
+from cna_dist.io import chunks, integrity
 from cna_dist.io import uri as urimod
 from cna_dist.io.lease import Lease
 from cna_dist.io.objects import LocalObjects
 
 FORMAT = "cna-store/1"
 TARGET_CHUNK_BYTES = 8 << 20
+# chunks encoded and stored at once per write: enough to keep an object store's PUTs and a few cores busy
+WRITE_THREADS = int(os.environ.get("CNA_WRITE_THREADS", "0")) or min(8, 2 * (os.cpu_count() or 1))
 
 
 @dataclass(frozen=True)
@@ -134,7 +137,12 @@ class ShardPlan:
 
 
 class Run:
-    """One content-addressed run inside a store: its array, its commit markers, its row index."""
+    """One content-addressed run inside a store: its array, its commit markers, its row index.
+
+    `write_threads`: how many chunks `write_rows` encodes and stores at once (benchmarks/write.py measures it).
+    """
+
+    write_threads: int = WRITE_THREADS
 
     def __init__(self, store_uri: str, run: str, meta: RunMeta, storage_options: dict[str, Any] | None = None):
         self.store_uri = store_uri
@@ -196,6 +204,12 @@ class Run:
         return index
 
     # -- planning and writing --------------------------------------------------------------------------------
+    def _put(self) -> chunks.Put:
+        """Where `write_rows` stores encoded chunk objects: files under the array's folder, or the object store."""
+        if urimod.is_local(self.root):
+            return chunks.local_put(self._path("acts"))
+        return chunks.fs_put(self.fs, self._path("acts"))
+
     def plan(self, hashes: list[str]) -> list[ShardPlan]:
         """Shards for the prompts not yet committed, in free shard slots; grows the array to hold them."""
         committed = self.committed()
@@ -234,12 +248,15 @@ class Run:
         expected = (len(plan.hashes), hi - lo, self.meta.intermediate_size)
         if acts.shape != expected:
             raise RunFailure(f"shard {plan.shard}: activations of shape {acts.shape} do not match {expected}")
-        if has_nan(acts):  # NaN is the fill of a chunk never written: stored, it would read as missing data
-            row = int(np.flatnonzero(np.isnan(acts).any(axis=(1, 2)))[0])
-            raise RunFailure(f"shard {plan.shard}: the activations of row {plan.start + row} hold NaN; nothing written")
+        bad = chunks.has_nan_rows(acts, self.write_threads)
+        if bad is not None:  # NaN is the fill of a chunk never written: stored, it would read as missing data
+            raise RunFailure(f"shard {plan.shard}: the activations of row {plan.start + bad} hold NaN; nothing written")
         arr, rows = self.array(), slice(plan.start, plan.start + len(plan.hashes))
         try:
-            arr[rows, lo:hi] = acts
+            if chunks.direct_layout(arr) and acts.dtype == arr.dtype:
+                chunks.write_block(arr, acts, (plan.start, lo, 0), self._put(), self.write_threads)
+            else:
+                arr[rows, lo:hi] = acts
         except Exception as exc:  # noqa: BLE001 - storage errors do not name their object: this does
             raise RunFailure(
                 f"cannot write {self.root}/acts rows {rows.start}:{rows.stop} layers {lo}:{hi}: "

@@ -1,0 +1,135 @@
+"""Write a block of rows straight into a Zarr v3 array's chunk objects, encoded in parallel threads.
+
+Why: zarr's own write path encodes every chunk (the bytes codec, then crc32c) on its event-loop thread, one
+after another, and copies each chunk several times on the way. A replica of a 72B model produces about 1 GB/s
+of rows; on a few cores that path, not the GPUs, would cap it. Here each worker thread copies one chunk's
+values once into a buffer that already has room for the checksum, computes the crc32c there (the C extension
+and numpy's copy release the GIL) and stores the object, so chunks encode and upload side by side.
+
+Only the plain layout the activation store creates is written this way: C order, little-endian bytes,
+crc32c, no other codec; `direct_layout` says whether an array has it, and other arrays go through zarr. The
+objects are byte for byte what zarr writes (tests/test_chunks.py reads them back through zarr), under the key
+zarr's own metadata gives for each chunk. A region's edge chunk that the region covers only in part is padded
+with the array's fill value, as zarr stores it, and only a region that owns whole chunks may be written: the
+store's shards own whole row chunks, and writers own whole layer chunks.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import os
+from collections.abc import Callable
+from typing import Any
+
+import google_crc32c
+import numpy as np
+
+Put = Callable[[str, memoryview], None]
+
+
+def direct_layout(arr: Any) -> bool:
+    """True when the array's chunks are exactly [C-order little-endian bytes][crc32c]: what `encode` makes."""
+    meta = arr.metadata
+    codecs = [codec.to_dict() for codec in getattr(meta, "codecs", ())]
+    names = [c.get("name") for c in codecs]
+    if names != ["bytes", "crc32c"] or getattr(meta, "zarr_format", 3) != 3:
+        return False
+    endian = (codecs[0].get("configuration") or {}).get("endian", "little")
+    return endian == "little" and getattr(arr, "order", "C") == "C"
+
+
+def encode(block: np.ndarray, chunk_shape: tuple[int, ...], fill: Any) -> memoryview:
+    """One chunk object: the values (padded to the chunk shape with `fill`) then their crc32c, one copy."""
+    itemsize = block.dtype.itemsize
+    nbytes = int(np.prod(chunk_shape)) * itemsize
+    out = bytearray(nbytes + 4)
+    values = np.frombuffer(out, dtype=block.dtype.newbyteorder("<"), count=nbytes // itemsize).reshape(chunk_shape)
+    if block.shape != chunk_shape:
+        values[...] = fill
+    values[tuple(slice(0, n) for n in block.shape)] = block
+    crc = google_crc32c.value(np.frombuffer(out, dtype=np.uint8, count=nbytes))
+    out[nbytes:] = np.uint32(crc).astype("<u4").tobytes()
+    return memoryview(out)
+
+
+def regions(
+    shape: tuple[int, ...], chunk_shape: tuple[int, ...], start: tuple[int, ...]
+) -> list[tuple[tuple[int, ...], tuple[slice, ...]]]:
+    """(chunk coordinates, the slice of `block` it holds) for a block of `shape` placed at `start` in the array."""
+    if any(s % c for s, c in zip(start, chunk_shape, strict=True)):
+        raise ValueError(f"a block at {start} does not start on a chunk edge {chunk_shape}")
+    grids = [range(0, n, c) for n, c in zip(shape, chunk_shape, strict=True)]
+    out = []
+    for offsets in np.ndindex(*[len(g) for g in grids]):
+        lows = [grids[d][k] for d, k in enumerate(offsets)]
+        coords = tuple((s + lo) // c for s, lo, c in zip(start, lows, chunk_shape, strict=True))
+        where = tuple(slice(lo, min(lo + c, n)) for lo, c, n in zip(lows, chunk_shape, shape, strict=True))
+        out.append((coords, where))
+    return out
+
+
+def write_block(arr: Any, block: np.ndarray, start: tuple[int, ...], put: Put, threads: int) -> int:
+    """Encode and store every chunk `block` covers (placed at `start`), `threads` at a time; returns the bytes put."""
+    chunk_shape = tuple(arr.metadata.chunk_grid.chunk_shape)
+    fill = arr.metadata.fill_value
+    work = regions(block.shape, chunk_shape, start)
+
+    def one(item: tuple[tuple[int, ...], tuple[slice, ...]]) -> int:
+        coords, where = item
+        data = encode(block[where], chunk_shape, fill)
+        put(arr.metadata.encode_chunk_key(coords), data)
+        return len(data)
+
+    if threads <= 1 or len(work) == 1:
+        return sum(map(one, work))
+    with cf.ThreadPoolExecutor(min(threads, len(work)), thread_name_prefix="cna-write") as pool:
+        return sum(pool.map(one, work))
+
+
+def local_put(folder: str) -> Put:
+    """Store a chunk object as a file under `folder` (the array's folder), creating its parent folders."""
+
+    def put(key: str, data: memoryview) -> None:
+        path = os.path.join(folder, *key.split("/"))
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as f:
+            f.write(data)
+
+    return put
+
+
+def fs_put(fs: Any, folder: str) -> Put:
+    """Store a chunk object through an fsspec filesystem (one PUT per object on an object store)."""
+
+    def put(key: str, data: memoryview) -> None:
+        fs.pipe_file(f"{folder.rstrip('/')}/{key}", bytes(data) if not isinstance(data, bytes) else data)
+
+    return put
+
+
+def has_nan_rows(acts: np.ndarray, threads: int) -> int | None:
+    """The first row (axis 0) holding a NaN, or None; float16/32 by bit pattern, a few rows at a time, in threads.
+
+    A pass over the block in slices keeps temporaries small (a whole 72B shard is over a GB) and lets numpy run
+    on several cores.
+    """
+    bits = {2: (np.uint16, 0x7FFF, 0x7C00), 4: (np.uint32, 0x7FFFFFFF, 0x7F800000)}.get(acts.dtype.itemsize)
+    step = max(1, (8 << 20) // max(1, acts[:1].nbytes))
+
+    def first(lo: int) -> int | None:
+        part = acts[lo : lo + step]
+        if bits is None or acts.dtype.kind != "f":
+            bad = np.isnan(part).reshape(len(part), -1).any(axis=1)
+        else:
+            view, magnitude, inf = bits
+            bad = ((part.view(view) & magnitude) > inf).reshape(len(part), -1).any(axis=1)
+        hits = np.flatnonzero(bad)
+        return lo + int(hits[0]) if hits.size else None
+
+    starts = range(0, acts.shape[0], step)
+    if threads <= 1 or len(starts) == 1:
+        found = [first(lo) for lo in starts]
+    else:
+        with cf.ThreadPoolExecutor(min(threads, len(starts)), thread_name_prefix="cna-nan") as pool:
+            found = list(pool.map(first, starts))
+    return next((row for row in found if row is not None), None)
