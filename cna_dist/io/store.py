@@ -151,6 +151,11 @@ class Run:
         self.storage_options = storage_options or {}
         self.root = urimod.join(store_uri, "runs", run)
         self.fs, self.root_path = urimod.filesystem(self.root, self.storage_options)
+        self._seen: dict[tuple, dict[str, Any]] = {}  # (marker name, size, version) -> the marker read
+
+    def __getstate__(self) -> dict[str, Any]:
+        """A Run travels to every replica call: without the driver's cache of markers read."""
+        return {**self.__dict__, "_seen": {}}
 
     # -- objects -------------------------------------------------------------------------------------------
     def _path(self, *parts: str) -> str:
@@ -173,17 +178,25 @@ class Run:
 
     # -- reading the state ---------------------------------------------------------------------------------
     def markers(self) -> dict[int, dict[str, Any]]:
-        """Shard -> its commit marker, for every committed shard. A corrupt marker is an error, not absent."""
+        """Shard -> its commit marker, for every committed shard. A corrupt marker is an error, not absent.
+
+        One listing per call; a marker already read (same name, size and version) is not read again, so a driver
+        that plans, counts and indexes a run of thousands of shards reads each marker once, not once per call.
+        """
         out: dict[int, dict[str, Any]] = {}
         folder = self._path("commits")
         try:
-            names = self.fs.ls(folder, detail=False)
+            entries = self.fs.ls(folder, detail=True)
         except FileNotFoundError:
             return out
-        for name in names:
+        for entry in entries:
+            name = entry["name"]
             base = name.rstrip("/").rsplit("/", 1)[-1]
             if base.endswith(".json"):
-                marker = self._marker(name, base)
+                version = (name, entry.get("size"), entry.get("ETag") or entry.get("mtime"))
+                marker = self._seen.get(version)
+                if marker is None:
+                    marker = self._seen[version] = self._marker(name, base)
                 out[int(marker["shard"])] = marker
         return out
 
