@@ -23,6 +23,7 @@ import torch
 
 from cna_dist.model.batching import Batch, batches
 from cna_dist.model.hf import decoder, device_mask_maker, down_projs
+from cna_dist.model.prefix import SharedPrefix, shared_length, supported
 from cna_dist.model.trim import LastLayerTrim
 
 STORE_DTYPES = {"float16": np.float16, "float32": np.float32}
@@ -91,6 +92,7 @@ class Capturer:
         self._attention_mask = device_mask_maker(model)
         self._rows = LastTokenRows(self.projs)  # registered once, for the capturer's life
         self._trim = LastLayerTrim(self.decoder.layers[-1].mlp, self.projs[-1])  # after _rows: records, then stops
+        self._prefix: SharedPrefix | None = None  # set by capture_with while its prompts share one
         self._slots: dict[tuple[int, torch.dtype], torch.Tensor] = {}
         self._submitted = 0
 
@@ -118,13 +120,15 @@ class Capturer:
         """The decoder stack only (no lm_head) on one batch; returns the filled device buffer, model dtype."""
         ids = batch.input_ids.to(self.device, non_blocking=True)
         mask = batch.attention_mask.to(self.device, non_blocking=True)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        if self._prefix is not None:
+            inputs = self._prefix.inputs(mask)
+        else:
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            inputs = {"attention_mask": self._attention_mask(mask), "position_ids": positions, "use_cache": False}
         dtype = self.projs[0].weight.dtype
         buffer = torch.empty((ids.shape[0], self.n_layers, self.intermediate_size), dtype=dtype, device=self.device)
         with self._rows.into(buffer), self._trim.active():
-            self.decoder(
-                input_ids=ids, attention_mask=self._attention_mask(mask), position_ids=positions, use_cache=False
-            )
+            self.decoder(input_ids=ids, **inputs)
         return buffer
 
     @torch.inference_mode()
@@ -209,13 +213,20 @@ def capture_with(
         if on_batch is not None:
             on_batch(done.batch)
 
-    for batch in batches(token_ids, pad_id, token_budget, max_batch_size, pin=capturer.cuda):
-        submitted = capturer.submit(batch, dtype, overflow)
+    shared = shared_length(token_ids) if supported(getattr(capturer.model, "config", None)) else 0
+    if shared:  # computed once; every batch runs only the rest (cna_dist.model.prefix)
+        capturer._prefix = SharedPrefix(capturer.decoder, token_ids[0][:shared], capturer.device)
+        token_ids = [ids[shared:] for ids in token_ids]
+    try:
+        for batch in batches(token_ids, pad_id, token_budget, max_batch_size, pin=capturer.cuda):
+            submitted = capturer.submit(batch, dtype, overflow)
+            if pending is not None:
+                file(pending)
+            pending = submitted
         if pending is not None:
             file(pending)
-        pending = submitted
-    if pending is not None:
-        file(pending)
+    finally:
+        capturer._prefix = None
     return out, capturer.read_count(overflow)
 
 
