@@ -25,8 +25,8 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Hashable
@@ -146,7 +146,7 @@ def reset_peak() -> None:
 
 def measure(where: str, uri: str, n: int, replicas: int, args: argparse.Namespace) -> dict[str, Any]:
     reset_peak()
-    base = status_bytes("VmRSS")
+    base = status_bytes("VmRSS")  # after imports
     meta = RunMeta(
         fingerprint=hashlib.sha256(f"{uri}{n}{replicas}".encode()).hexdigest(),
         model_uri="/sim",
@@ -155,6 +155,7 @@ def measure(where: str, uri: str, n: int, replicas: int, args: argparse.Namespac
         dtype="float16",
         model_dtype="bfloat16",
         chat_template=True,
+        shard_rows=args.shard_rows,
     )
     run = ActivationStore(uri).open_run(meta)
     counts = Counting(run)
@@ -239,7 +240,7 @@ def flatness(rows: list[dict[str, Any]]) -> list[str]:
     return out
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", default="10000,100000,1000000", help="prompt counts on local disk")
     parser.add_argument("--s3-n", default="10000,100000", help="prompt counts on S3 (moto); empty: none")
@@ -247,10 +248,26 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=2000.0, help="rows/s each simulated replica emits")
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--width", type=int, default=8)
+    parser.add_argument("--shard-rows", type=int, default=256, help="rows per shard (the store's default at 72B)")
     parser.add_argument("--dir", default=None)
     parser.add_argument("--json", type=Path, default=None)
-    args = parser.parse_args()
+    parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # WHERE,N,R,URI: one case, in this process
+    return parser.parse_args()
+
+
+def one_case(args: argparse.Namespace) -> None:
+    """Each case runs in a fresh process, so its peak memory is its own."""
+    where, n, replicas, uri = args.one.split(",", 3)
+    print(json.dumps(measure(where, uri, int(n), int(replicas), args)))
+
+
+def main() -> None:
+    args = parse_args()
+    if args.one:
+        return one_case(args)
     targets = [("local", int(n)) for n in args.n.split(",") if n] + [("s3", int(n)) for n in args.s3_n.split(",") if n]
+    passed = ["--rate", str(args.rate), "--layers", str(args.layers), "--width", str(args.width)]
+    passed += ["--shard-rows", str(args.shard_rows)]
     rows: list[dict[str, Any]] = []
     moto: subprocess.Popen | None = None
     print(HEADER)
@@ -259,13 +276,14 @@ def main() -> None:
             for where, n in targets:
                 for replicas in (int(r) for r in args.replicas.split(",")):
                     if where == "s3" and moto is None:
-                        moto, _ = start_moto()
-                    uri = f"{tmp}/{n}-{replicas}" if where == "local" else f"s3://cna/million-{n}-{replicas}"
-                    if where == "s3":
+                        moto, endpoint = start_moto()
                         import s3fs
 
-                        s3fs.S3FileSystem(endpoint_url=os.environ["AWS_ENDPOINT_URL_S3"]).mkdir("cna")
-                    rows.append(measure(where, uri, n, replicas, args))
+                        s3fs.S3FileSystem(endpoint_url=endpoint).mkdir("cna")
+                    uri = f"{tmp}/{n}-{replicas}" if where == "local" else f"s3://cna/million-{n}-{replicas}"
+                    case = [sys.executable, __file__, "--one", f"{where},{n},{replicas},{uri}", *passed]
+                    out = subprocess.run(case, check=True, capture_output=True, text=True).stdout
+                    rows.append(json.loads(out.strip().splitlines()[-1]))
                     print(line(rows[-1]), flush=True)
     finally:
         if moto is not None:
