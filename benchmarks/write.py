@@ -267,7 +267,7 @@ def main() -> None:
     results: list[dict[str, Any]] = []
     moto: subprocess.Popen | None = None
     try:
-        for kind in args.targets.split(","):
+        for kind in [t for t in args.targets.split(",") if t]:
             fs = None
             if kind == "s3":
                 import s3fs
