@@ -108,26 +108,40 @@ def plain_write(put_for: Callable[[], chunks.Put], acts: np.ndarray, chunk: tupl
     return go
 
 
-def target(kind: str, folder: Path, fs: Any) -> tuple[str, Callable[[], chunks.Put], Callable[[], None]]:
-    """(store URI, a fresh plain-write destination per call, cleanup) for local disk or S3."""
+def target(kind: str, folder: Path, fs: Any) -> tuple[str, Callable[[], chunks.Put], Callable[[], None], str]:
+    """(store URI, a fresh plain-write destination per call, cleanup, the plain writes' folder): local disk or S3."""
     if kind == "local":
         uri = str(folder / "store")
 
         def local() -> chunks.Put:
             return chunks.local_put(str(folder / "plain" / uuid.uuid4().hex))
 
-        return uri, local, lambda: shutil.rmtree(folder, ignore_errors=True)
+        return uri, local, lambda: shutil.rmtree(folder, ignore_errors=True), str(folder / "plain")
     prefix = f"cna/{uuid.uuid4().hex}"
 
     def remote() -> chunks.Put:
         return chunks.fs_put(fs, f"{prefix}/plain/{uuid.uuid4().hex}")
 
-    return f"s3://{prefix}/store", remote, lambda: fs.rm(prefix, recursive=True)
+    return f"s3://{prefix}/store", remote, lambda: fs.rm(prefix, recursive=True), f"{prefix}/plain"
+
+
+def clean(kind: str, run: Run, plain: str, fs: Any) -> None:
+    """Remove what the last write left (its chunks, markers, plain objects) and, on local disk, flush to disk."""
+    if kind == "local":
+        for path in (plain, run._path("acts", "c"), run._path("commits")):
+            shutil.rmtree(path, ignore_errors=True)
+        os.sync()
+        return
+    for path in (plain, run._path("acts", "c"), run._path("commits")):
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
+    fs.invalidate_cache()
+    run.fs.invalidate_cache()
 
 
 def measure_target(kind: str, acts: np.ndarray, args: argparse.Namespace, fs: Any) -> list[dict[str, Any]]:
     folder = Path(tempfile.mkdtemp(dir=args.dir))
-    uri, put_for, cleanup = target(kind, folder, fs)
+    uri, put_for, cleanup, plain = target(kind, folder, fs)
     run = ActivationStore(uri).open_run(meta(acts.shape[1], acts.shape[2], len(acts)))
     chunk = (run.meta.rows_per_chunk, run.meta.layers_per_chunk)
     gb = acts.nbytes / 1e9
@@ -139,12 +153,13 @@ def measure_target(kind: str, acts: np.ndarray, args: argparse.Namespace, fs: An
             methods[f"plain-{threads}"] = plain_write(put_for, acts, chunk, threads)
         for fn in methods.values():  # warm-up: connections, folders
             fn()
+            clean(kind, run, plain, fs)
+        names = list(methods)
         samples: dict[str, list[tuple[float, float]]] = {name: [] for name in methods}
-        for _ in range(args.repeats):
-            for name, fn in methods.items():
-                samples[name].append(timed(fn))
-            if kind == "local":
-                shutil.rmtree(folder / "plain", ignore_errors=True)
+        for repeat in range(args.repeats):
+            for name in names[repeat % len(names) :] + names[: repeat % len(names)]:  # the order rotated
+                samples[name].append(timed(methods[name]))
+                clean(kind, run, plain, fs)  # every write starts alike: nothing left over, nothing dirty
         for name, values in samples.items():
             wall = statistics.median(v[0] for v in values)
             cpu = statistics.median(v[1] for v in values)

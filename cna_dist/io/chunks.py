@@ -39,16 +39,19 @@ def direct_layout(arr: Any) -> bool:
 
 
 def encode(block: np.ndarray, chunk_shape: tuple[int, ...], fill: Any) -> memoryview:
-    """One chunk object: the values (padded to the chunk shape with `fill`) then their crc32c, one copy."""
+    """One chunk object: the values (padded to the chunk shape with `fill`) then their crc32c, one copy.
+
+    The buffer is numpy's (malloc'd, reused across chunks), not a zeroed bytearray: fresh zeroed pages cost a page
+    fault each, which made encoding ten times slower than the copy itself.
+    """
     itemsize = block.dtype.itemsize
     nbytes = int(np.prod(chunk_shape)) * itemsize
-    out = bytearray(nbytes + 4)
-    values = np.frombuffer(out, dtype=block.dtype.newbyteorder("<"), count=nbytes // itemsize).reshape(chunk_shape)
+    out = np.empty(nbytes + 4, dtype=np.uint8)
+    values = out[:nbytes].view(block.dtype.newbyteorder("<")).reshape(chunk_shape)
     if block.shape != chunk_shape:
         values[...] = fill
     values[tuple(slice(0, n) for n in block.shape)] = block
-    crc = google_crc32c.value(np.frombuffer(out, dtype=np.uint8, count=nbytes))
-    out[nbytes:] = np.uint32(crc).astype("<u4").tobytes()
+    out[nbytes:] = np.frombuffer(np.uint32(google_crc32c.value(out[:nbytes])).astype("<u4").tobytes(), np.uint8)
     return memoryview(out)
 
 
