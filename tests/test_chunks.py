@@ -58,15 +58,16 @@ def test_other_layouts_go_through_zarr(tmp_path: Path) -> None:
     assert not chunks.direct_layout(arr)  # zstd by default: not the store's plain layout
 
 
-@pytest.mark.parametrize("threads", [1, 3])
-def test_first_nan_row_is_found_in_any_slice(threads: int) -> None:
-    acts = np.zeros((40, 3, 70000), np.float16)  # 420 KB rows: 19 rows per slice
-    assert chunks.has_nan_rows(acts, threads) is None
-    acts[33, 2, 69999] = np.nan
-    acts[37, 0, 0] = np.nan
-    assert chunks.has_nan_rows(acts, threads) == 33
-    acts[33, 2, 69999] = np.inf  # not NaN
-    assert chunks.has_nan_rows(acts, threads) == 37
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_first_nan_row_by_bit_pattern(dtype: str) -> None:
+    values = np.zeros((6, 3, 50), dtype)
+    assert chunks.first_nan_row(values) is None
+    values[4, 2, 49] = np.inf  # not NaN
+    values[2, 0, 0] = -np.inf
+    assert chunks.first_nan_row(values) is None
+    values[5, 1, 7] = np.nan
+    values[3, 2, 49] = -np.nan
+    assert chunks.first_nan_row(values) == 3
 
 
 def test_store_writes_in_threads_and_reads_back(tmp_path: Path) -> None:
@@ -80,5 +81,5 @@ def test_store_writes_in_threads_and_reads_back(tmp_path: Path) -> None:
     got = np.concatenate([a for _, a in run.read_rows(np.arange(5), slice(0, m.n_layers))])
     np.testing.assert_array_equal(got, acts)
     acts[2, 1, 0] = np.nan
-    with pytest.raises(RunFailure, match=f"row {plan.start + 2} hold NaN"):
+    with pytest.raises(RunFailure, match=f"row {plan.start + 2} hold NaN; the shard is not committed"):
         run.write_rows(ShardPlan(plan.shard, plan.start, hashes), acts, slice(0, m.n_layers))

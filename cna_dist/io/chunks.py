@@ -72,14 +72,23 @@ def regions(
 
 
 def write_block(arr: Any, block: np.ndarray, start: tuple[int, ...], put: Put, threads: int) -> int:
-    """Encode and store every chunk `block` covers (placed at `start`), `threads` at a time; returns the bytes put."""
+    """Encode and store every chunk `block` covers (placed at `start`), `threads` at a time; returns the bytes put.
+
+    A chunk holding NaN (the array's fill: stored, it would read as missing data) is not stored and raises NaNRows
+    with its first such row; chunks of the block already stored stay, uncommitted, as after an interrupted write.
+    """
     chunk_shape = tuple(arr.metadata.chunk_grid.chunk_shape)
     fill = arr.metadata.fill_value
     work = regions(block.shape, chunk_shape, start)
 
     def one(item: tuple[tuple[int, ...], tuple[slice, ...]]) -> int:
         coords, where = item
-        data = encode(block[where], chunk_shape, fill)
+        part = block[where]
+        data = encode(part, chunk_shape, fill)
+        values = np.frombuffer(data, dtype=part.dtype, count=int(np.prod(chunk_shape)))
+        bad = first_nan_row(values.reshape(chunk_shape)[: part.shape[0]])  # the copy just made, still in cache
+        if bad is not None:
+            raise NaNRows(start[0] + where[0].start + bad)
         put(arr.metadata.encode_chunk_key(coords), data)
         return len(data)
 
@@ -110,29 +119,27 @@ def fs_put(fs: Any, folder: str) -> Put:
     return put
 
 
-def has_nan_rows(acts: np.ndarray, threads: int) -> int | None:
-    """The first row (axis 0) holding a NaN, or None; float16/32 by bit pattern, a few rows at a time, in threads.
+class NaNRows(ValueError):
+    """A chunk's values hold NaN (the fill of a chunk never written); `row` is the first such row in the array."""
 
-    A pass over the block in slices keeps temporaries small (a whole 72B shard is over a GB) and lets numpy run
-    on several cores.
-    """
-    bits = {2: (np.uint16, 0x7FFF, 0x7C00), 4: (np.uint32, 0x7FFFFFFF, 0x7F800000)}.get(acts.dtype.itemsize)
-    step = max(1, (8 << 20) // max(1, acts[:1].nbytes))
+    def __init__(self, row: int):
+        super().__init__(f"row {row} holds NaN")
+        self.row = row
 
-    def first(lo: int) -> int | None:
-        part = acts[lo : lo + step]
-        if bits is None or acts.dtype.kind != "f":
-            bad = np.isnan(part).reshape(len(part), -1).any(axis=1)
-        else:
-            view, magnitude, inf = bits
-            bad = ((part.view(view) & magnitude) > inf).reshape(len(part), -1).any(axis=1)
-        hits = np.flatnonzero(bad)
-        return lo + int(hits[0]) if hits.size else None
 
-    starts = range(0, acts.shape[0], step)
-    if threads <= 1 or len(starts) == 1:
-        found = [first(lo) for lo in starts]
+_BITS = {2: (np.uint16, 0x7FFF, 0x7C00), 4: (np.uint32, 0x7FFFFFFF, 0x7F800000)}
+
+
+def first_nan_row(values: np.ndarray) -> int | None:
+    """The first index along axis 0 whose values hold a NaN, or None; float16/32 by bit pattern (one masked max)."""
+    bits = _BITS.get(values.dtype.itemsize)
+    if bits is None or values.dtype.kind != "f":
+        bad = np.isnan(values).reshape(len(values), -1).any(axis=1)
     else:
-        with cf.ThreadPoolExecutor(min(threads, len(starts)), thread_name_prefix="cna-nan") as pool:
-            found = list(pool.map(first, starts))
-    return next((row for row in found if row is not None), None)
+        view, magnitude, inf = bits
+        masked = np.bitwise_and(values.view(view), magnitude)
+        if masked.max(initial=0) <= inf:
+            return None
+        bad = (masked > inf).reshape(len(values), -1).any(axis=1)
+    hits = np.flatnonzero(bad)
+    return int(hits[0]) if hits.size else None

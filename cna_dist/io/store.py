@@ -261,15 +261,20 @@ class Run:
         expected = (len(plan.hashes), hi - lo, self.meta.intermediate_size)
         if acts.shape != expected:
             raise RunFailure(f"shard {plan.shard}: activations of shape {acts.shape} do not match {expected}")
-        bad = chunks.has_nan_rows(acts, self.write_threads)
-        if bad is not None:  # NaN is the fill of a chunk never written: stored, it would read as missing data
-            raise RunFailure(f"shard {plan.shard}: the activations of row {plan.start + bad} hold NaN; nothing written")
         arr, rows = self.array(), slice(plan.start, plan.start + len(plan.hashes))
+        direct = chunks.direct_layout(arr) and acts.dtype == arr.dtype
+        if not direct and has_nan(acts):  # NaN is the fill of a chunk never written: stored, it would read as missing
+            row = int(np.flatnonzero(np.isnan(acts).any(axis=(1, 2)))[0])
+            raise RunFailure(f"shard {plan.shard}: the activations of row {plan.start + row} hold NaN; nothing written")
         try:
-            if chunks.direct_layout(arr) and acts.dtype == arr.dtype:
+            if direct:  # each chunk checked for NaN as it is encoded: one pass over the values, not two
                 chunks.write_block(arr, acts, (plan.start, lo, 0), self._put(), self.write_threads)
             else:
                 arr[rows, lo:hi] = acts
+        except chunks.NaNRows as exc:
+            raise RunFailure(
+                f"shard {plan.shard}: the activations of row {exc.row} hold NaN; the shard is not committed"
+            ) from None
         except Exception as exc:  # noqa: BLE001 - storage errors do not name their object: this does
             raise RunFailure(
                 f"cannot write {self.root}/acts rows {rows.start}:{rows.stop} layers {lo}:{hi}: "
