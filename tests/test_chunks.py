@@ -83,3 +83,11 @@ def test_store_writes_in_threads_and_reads_back(tmp_path: Path) -> None:
     acts[2, 1, 0] = np.nan
     with pytest.raises(RunFailure, match=f"row {plan.start + 2} hold NaN; the shard is not committed"):
         run.write_rows(ShardPlan(plan.shard, plan.start, hashes), acts, slice(0, m.n_layers))
+
+
+def test_first_nan_row_on_every_float16_bit_pattern() -> None:
+    patterns = np.arange(1 << 16, dtype=np.uint16).view(np.float16)
+    numbers = patterns[~np.isnan(patterns)]
+    assert chunks.first_nan_row(numbers.reshape(-1, 1)) is None
+    for nan in patterns[np.isnan(patterns)]:
+        assert chunks.first_nan_row(np.append(numbers, nan).reshape(-1, 1)) == len(numbers)

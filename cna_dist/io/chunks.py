@@ -127,19 +127,26 @@ class NaNRows(ValueError):
         self.row = row
 
 
-_BITS = {2: (np.uint16, 0x7FFF, 0x7C00), 4: (np.uint32, 0x7FFFFFFF, 0x7F800000)}
+# per float width: (unsigned view, signed view, magnitude mask, +inf's bits, -inf's bits)
+_BITS = {
+    2: (np.uint16, np.int16, 0x7FFF, 0x7C00, 0xFC00),
+    4: (np.uint32, np.int32, 0x7FFFFFFF, 0x7F800000, 0xFF800000),
+}
 
 
 def first_nan_row(values: np.ndarray) -> int | None:
-    """The first index along axis 0 whose values hold a NaN, or None; float16/32 by bit pattern (one masked max)."""
+    """The first index along axis 0 whose values hold a NaN, or None; float16/32 by bit pattern.
+
+    A NaN's bits lie above +inf's read as signed integers (positive NaN) or above -inf's read as unsigned (negative
+    NaN), so two max reductions, which read the values and write nothing, decide; only then is the row located.
+    """
     bits = _BITS.get(values.dtype.itemsize)
     if bits is None or values.dtype.kind != "f":
         bad = np.isnan(values).reshape(len(values), -1).any(axis=1)
     else:
-        view, magnitude, inf = bits
-        masked = np.bitwise_and(values.view(view), magnitude)
-        if masked.max(initial=0) <= inf:
+        unsigned, signed, magnitude, inf, negative_inf = bits
+        if values.size == 0 or (values.view(signed).max() <= inf and values.view(unsigned).max() <= negative_inf):
             return None
-        bad = (masked > inf).reshape(len(values), -1).any(axis=1)
+        bad = (np.bitwise_and(values.view(unsigned), magnitude) > inf).reshape(len(values), -1).any(axis=1)
     hits = np.flatnonzero(bad)
     return int(hits[0]) if hits.size else None
