@@ -37,10 +37,12 @@ def reference(path: Path, dtype: str) -> tuple[Batch, list[torch.Tensor], torch.
     batch = collate(prompts, list(range(len(prompts))), tokenizer.pad_token_id)
     hidden: list[torch.Tensor] = []
     hooks = [layer.register_forward_hook(lambda m, a, out: hidden.append(out)) for layer in hf.decoder(model).layers]
-    with Capturer(model) as capturer:
-        acts = capturer.forward(batch)
+    with torch.inference_mode():  # the whole stack (capture stops at the last down_proj input)
+        Stage.of_model(model)(batch.input_ids, batch.attention_mask)
     for hook in hooks:
         hook.remove()
+    with Capturer(model) as capturer:
+        acts = capturer.forward(batch)
     return batch, hidden, acts
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import hashlib
 import json
+import os
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -29,13 +30,15 @@ from typing import Any
 import numpy as np
 
 from cna_dist.errors import BadInput, RunFailure
-from cna_dist.io import integrity
+from cna_dist.io import chunks, integrity
 from cna_dist.io import uri as urimod
 from cna_dist.io.lease import Lease
 from cna_dist.io.objects import LocalObjects
 
 FORMAT = "cna-store/1"
 TARGET_CHUNK_BYTES = 8 << 20
+# chunks encoded and stored at once per write: enough to keep an object store's PUTs and a few cores busy
+WRITE_THREADS = int(os.environ.get("CNA_WRITE_THREADS", "0")) or min(8, 2 * (os.cpu_count() or 1))
 
 
 @dataclass(frozen=True)
@@ -134,7 +137,12 @@ class ShardPlan:
 
 
 class Run:
-    """One content-addressed run inside a store: its array, its commit markers, its row index."""
+    """One content-addressed run inside a store: its array, its commit markers, its row index.
+
+    `write_threads`: how many chunks `write_rows` encodes and stores at once (benchmarks/write.py measures it).
+    """
+
+    write_threads: int = WRITE_THREADS
 
     def __init__(self, store_uri: str, run: str, meta: RunMeta, storage_options: dict[str, Any] | None = None):
         self.store_uri = store_uri
@@ -143,6 +151,11 @@ class Run:
         self.storage_options = storage_options or {}
         self.root = urimod.join(store_uri, "runs", run)
         self.fs, self.root_path = urimod.filesystem(self.root, self.storage_options)
+        self._seen: dict[tuple, dict[str, Any]] = {}  # (marker name, size, version) -> the marker read
+
+    def __getstate__(self) -> dict[str, Any]:
+        """A Run travels to every replica call: without the driver's cache of markers read."""
+        return {**self.__dict__, "_seen": {}}
 
     # -- objects -------------------------------------------------------------------------------------------
     def _path(self, *parts: str) -> str:
@@ -165,17 +178,25 @@ class Run:
 
     # -- reading the state ---------------------------------------------------------------------------------
     def markers(self) -> dict[int, dict[str, Any]]:
-        """Shard -> its commit marker, for every committed shard. A corrupt marker is an error, not absent."""
+        """Shard -> its commit marker, for every committed shard. A corrupt marker is an error, not absent.
+
+        One listing per call; a marker already read (same name, size and version) is not read again, so a driver
+        that plans, counts and indexes a run of thousands of shards reads each marker once, not once per call.
+        """
         out: dict[int, dict[str, Any]] = {}
         folder = self._path("commits")
         try:
-            names = self.fs.ls(folder, detail=False)
+            entries = self.fs.ls(folder, detail=True)
         except FileNotFoundError:
             return out
-        for name in names:
+        for entry in entries:
+            name = entry["name"]
             base = name.rstrip("/").rsplit("/", 1)[-1]
             if base.endswith(".json"):
-                marker = self._marker(name, base)
+                version = (name, entry.get("size"), entry.get("ETag") or entry.get("mtime"))
+                marker = self._seen.get(version)
+                if marker is None:
+                    marker = self._seen[version] = self._marker(name, base)
                 out[int(marker["shard"])] = marker
         return out
 
@@ -196,6 +217,12 @@ class Run:
         return index
 
     # -- planning and writing --------------------------------------------------------------------------------
+    def _put(self) -> chunks.Put:
+        """Where `write_rows` stores encoded chunk objects: files under the array's folder, or the object store."""
+        if urimod.is_local(self.root):
+            return chunks.local_put(self._path("acts"))
+        return chunks.fs_put(self.fs, self._path("acts"))
+
     def plan(self, hashes: list[str]) -> list[ShardPlan]:
         """Shards for the prompts not yet committed, in free shard slots; grows the array to hold them."""
         committed = self.committed()
@@ -234,12 +261,20 @@ class Run:
         expected = (len(plan.hashes), hi - lo, self.meta.intermediate_size)
         if acts.shape != expected:
             raise RunFailure(f"shard {plan.shard}: activations of shape {acts.shape} do not match {expected}")
-        if has_nan(acts):  # NaN is the fill of a chunk never written: stored, it would read as missing data
+        arr, rows = self.array(), slice(plan.start, plan.start + len(plan.hashes))
+        direct = chunks.direct_layout(arr) and acts.dtype == arr.dtype
+        if not direct and has_nan(acts):  # NaN is the fill of a chunk never written: stored, it would read as missing
             row = int(np.flatnonzero(np.isnan(acts).any(axis=(1, 2)))[0])
             raise RunFailure(f"shard {plan.shard}: the activations of row {plan.start + row} hold NaN; nothing written")
-        arr, rows = self.array(), slice(plan.start, plan.start + len(plan.hashes))
         try:
-            arr[rows, lo:hi] = acts
+            if direct:  # each chunk checked for NaN as it is encoded: one pass over the values, not two
+                chunks.write_block(arr, acts, (plan.start, lo, 0), self._put(), self.write_threads)
+            else:
+                arr[rows, lo:hi] = acts
+        except chunks.NaNRows as exc:
+            raise RunFailure(
+                f"shard {plan.shard}: the activations of row {exc.row} hold NaN; the shard is not committed"
+            ) from None
         except Exception as exc:  # noqa: BLE001 - storage errors do not name their object: this does
             raise RunFailure(
                 f"cannot write {self.root}/acts rows {rows.start}:{rows.stop} layers {lo}:{hi}: "

@@ -17,15 +17,18 @@ it has queued the next batch, so the GPU computes batch k+1 while the host files
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
+from cna_dist.model import arch
 from cna_dist.model.batching import Batch, batches
 from cna_dist.model.plumbing import FLOAT16_MAX, STORE_DTYPES, LastTokenRows, check_store_dtype, to_store
 from cna_dist.model.stage import Stage
+from cna_dist.model.trim import LastLayerTrim
 
 __all__ = [
     "STORE_DTYPES",
@@ -66,11 +69,21 @@ class Capturer:
         self.device = self.stage.device
         self.cuda = self.device.type == "cuda"
         self._rows = self.stage.recorder()  # registered once, for the capturer's life
+        self._trim = self._last_layer_trim()  # after _rows: the last row is recorded, then the forward stops
         self._slots: dict[tuple[int, torch.dtype], torch.Tensor] = {}
         self._submitted = 0
 
+    def _last_layer_trim(self) -> LastLayerTrim | None:
+        """Nothing past the last layer's down_proj input (dense families; a MoE layer's rows are recorded from its
+        experts' inputs, so it runs whole)."""
+        if self.stage.family.model_type in arch.MOE:
+            return None
+        return LastLayerTrim(self.stage.family.neuron(self.stage.layers[-1]))
+
     def close(self) -> None:
         self._rows.close()
+        if self._trim is not None:
+            self._trim.close()
 
     def __enter__(self) -> Capturer:
         return self
@@ -92,7 +105,7 @@ class Capturer:
         """The decoder stack only (no lm_head) on one batch; returns the filled device buffer, model dtype."""
         shape = (batch.input_ids.shape[0], self.n_layers, self.intermediate_size)
         buffer = torch.empty(shape, dtype=self.stage.dtype, device=self.device)
-        with self._rows.into(buffer):
+        with self._rows.into(buffer), self._trim.active() if self._trim is not None else nullcontext():
             self.stage(batch.input_ids, batch.attention_mask)
         return buffer
 

@@ -1,0 +1,313 @@
+"""Benchmark: the replica's store write path against plain writes of the same bytes, and whether compute waits.
+
+Why: a 4-GPU 72B replica at 200 prompts/s produces about 0.95 GB/s of rows (80 x 29568 float16 = 4.7 MB each).
+If the store cannot take them that fast the writer, not the GPUs, caps the replica. This script measures, in
+one process, for each writer thread count:
+
+- `store`: rows from memory through `Run.write_rows` + `Run.commit` (the replica's path) into a run of that shape;
+- `plain`: the same bytes in the same chunk-sized objects, each chunk copied out once and written as a file (or
+  PUT), the same number of threads: what any writer must at least do;
+- `zarr` (once): the array's own `arr[rows] = values`, the path `write_rows` took before.
+
+GB/s (wall) and CPU seconds per GB (this process: moto's server is a separate process) are medians of
+`--repeats`, the methods alternating. Targets: local disk (`--dir`, a temporary folder by default) and S3 (moto's
+server on 127.0.0.1, started here, as benchmarks/download.py does).
+
+Then `idle`: a replica (cna_dist.runtime.replica.Replica, two calls at once, as the driver runs it) whose engine
+is a fixture emitting a shard's rows at a set rate (it sleeps as a GPU computes: the host is free meanwhile)
+writes `--idle-shards` shards to local disk; the idle fraction is the time the engine waited between shards
+(for a free call, i.e. for writes) over its compute time.
+
+    python benchmarks/write.py [--rows 64] [--threads 1,2,4,8] [--targets local,s3] [--rate 200] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from download import start_moto  # benchmarks/download.py, beside this script
+
+from cna_dist.io import chunks
+from cna_dist.io.store import ActivationStore, Run, RunMeta, WrittenPart
+from cna_dist.model.batching import Limits
+from cna_dist.runtime.replica import Replica, ReplicaSpec
+
+
+def meta(layers: int, width: int, shard_rows: int) -> RunMeta:
+    return RunMeta(
+        fingerprint=uuid.uuid4().hex * 2,  # a fresh run each time: nothing is skipped as already written
+        model_uri="/bench",
+        n_layers=layers,
+        intermediate_size=width,
+        dtype="float16",
+        model_dtype="bfloat16",
+        chat_template=True,
+        shard_rows=shard_rows,
+    )
+
+
+def fresh(n: int) -> list[str]:
+    """Row hashes never seen before (the store keys rows by the sha256 of their rendered prompt)."""
+    return [uuid.uuid4().hex * 2 for _ in range(n)]
+
+
+def timed(fn: Callable[[], Any]) -> tuple[float, float]:
+    """(wall seconds, this process's CPU seconds, all threads) of one call."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def store_write(run: Run, acts: np.ndarray, threads: int) -> Callable[[], None]:
+    def go() -> None:
+        (plan,) = run.plan(fresh(len(acts)))
+        run.write_threads = threads
+        run.commit(plan, [run.write_rows(plan, acts, slice(0, run.meta.n_layers))], writer="bench")
+
+    return go
+
+
+def zarr_write(run: Run, acts: np.ndarray) -> Callable[[], None]:
+    def go() -> None:
+        (plan,) = run.plan(fresh(len(acts)))
+        run.array()[plan.start : plan.start + len(acts)] = acts
+        run.commit(plan, [WrittenPart(plan.shard, 0, run.meta.n_layers, int(acts.nbytes))], writer="bench")
+
+    return go
+
+
+def plain_write(put_for: Callable[[], chunks.Put], acts: np.ndarray, chunk: tuple[int, int], threads: int) -> Callable:
+    """Each chunk copied out contiguous once and written as one object: the least a chunked writer does."""
+    rows, layers = chunk
+    work = [(r, lo) for r in range(0, acts.shape[0], rows) for lo in range(0, acts.shape[1], layers)]
+
+    def go() -> None:
+        put = put_for()
+
+        def one(item: tuple[int, int]) -> None:
+            r, lo = item
+            put(f"{r // rows}.{lo // layers}", memoryview(np.ascontiguousarray(acts[r : r + rows, lo : lo + layers])))
+
+        with cf.ThreadPoolExecutor(threads) as pool:
+            list(pool.map(one, work))
+
+    return go
+
+
+def target(kind: str, folder: Path, fs: Any) -> tuple[str, Callable[[], chunks.Put], Callable[[], None], str]:
+    """(store URI, a fresh plain-write destination per call, cleanup, the plain writes' folder): local disk or S3."""
+    if kind == "local":
+        uri = str(folder / "store")
+
+        def local() -> chunks.Put:
+            return chunks.local_put(str(folder / "plain" / uuid.uuid4().hex))
+
+        return uri, local, lambda: shutil.rmtree(folder, ignore_errors=True), str(folder / "plain")
+    prefix = f"cna/{uuid.uuid4().hex}"
+
+    def remote() -> chunks.Put:
+        return chunks.fs_put(fs, f"{prefix}/plain/{uuid.uuid4().hex}")
+
+    return f"s3://{prefix}/store", remote, lambda: fs.rm(prefix, recursive=True), f"{prefix}/plain"
+
+
+def clean(kind: str, run: Run, plain: str, fs: Any) -> None:
+    """Remove what the last write left (its chunks, markers, plain objects) and, on local disk, flush to disk."""
+    if kind == "local":
+        for path in (plain, run._path("acts", "c"), run._path("commits")):
+            shutil.rmtree(path, ignore_errors=True)
+        os.sync()
+        return
+    for path in (plain, run._path("acts", "c"), run._path("commits")):
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
+    fs.invalidate_cache()
+    run.fs.invalidate_cache()
+
+
+def measure_target(kind: str, acts: np.ndarray, args: argparse.Namespace, fs: Any) -> list[dict[str, Any]]:
+    folder = Path(tempfile.mkdtemp(dir=args.dir))
+    uri, put_for, cleanup, plain = target(kind, folder, fs)
+    run = ActivationStore(uri).open_run(meta(acts.shape[1], acts.shape[2], len(acts)))
+    chunk = (run.meta.rows_per_chunk, run.meta.layers_per_chunk)
+    gb = acts.nbytes / 1e9
+    results = []
+    try:
+        methods = {"zarr": zarr_write(run, acts)}
+        for threads in args.threads:
+            methods[f"store-{threads}"] = store_write(run, acts, threads)
+            methods[f"plain-{threads}"] = plain_write(put_for, acts, chunk, threads)
+        for fn in methods.values():  # warm-up: connections, folders
+            fn()
+            clean(kind, run, plain, fs)
+        names = list(methods)
+        samples: dict[str, list[tuple[float, float]]] = {name: [] for name in methods}
+        for repeat in range(args.repeats):
+            for name in names[repeat % len(names) :] + names[: repeat % len(names)]:  # the order rotated
+                samples[name].append(timed(methods[name]))
+                clean(kind, run, plain, fs)  # every write starts alike: nothing left over, nothing dirty
+        for name, values in samples.items():
+            wall = statistics.median(v[0] for v in values)
+            cpu = statistics.median(v[1] for v in values)
+            method, _, threads = name.partition("-")
+            results.append(
+                {
+                    "target": kind,
+                    "method": method,
+                    "threads": int(threads or 0),
+                    "gb_s": gb / wall,
+                    "cpu_s_per_gb": cpu / gb,
+                }
+            )
+    finally:
+        cleanup()
+    return results
+
+
+class RateEngine:
+    """A capture backend fixture: a shard's rows after rows / rate seconds of sleep, as a GPU computes them."""
+
+    name = "rate-fixture"
+    concurrent = False
+
+    def __init__(self, rows: np.ndarray, rate: float):
+        self.rows, self.rate = rows, rate
+
+    def made_by(self) -> dict[str, str]:
+        return {"backend": self.name}
+
+    def capture_parts(self, token_ids: list, dtype: str, limits: Limits) -> tuple[list, int]:
+        time.sleep(len(token_ids) / self.rate)
+        return [(0, self.rows.shape[1], self.rows[: len(token_ids)])], 0
+
+    def close(self) -> None:
+        pass
+
+
+def idle_fraction(acts: np.ndarray, args: argparse.Namespace) -> dict[str, Any]:
+    """A replica with two calls in flight (as the driver runs it) writing `idle_shards` shards at `rate` rows/s."""
+    folder = Path(tempfile.mkdtemp(dir=args.dir))
+    try:
+        run = ActivationStore(str(folder / "store")).open_run(meta(acts.shape[1], acts.shape[2], len(acts)))
+        run.write_threads = max(args.threads)
+        replica = Replica(ReplicaSpec(model_uri="/bench"), backend=RateEngine(acts, args.rate))
+        plans = run.plan(fresh(len(acts) * args.idle_shards))
+        results = []
+        lock = threading.Lock()
+
+        def call(plan: Any) -> None:
+            result = replica.capture_shard(run, plan, [[0]] * len(plan.hashes))
+            with lock:
+                results.append(result)
+
+        start = time.perf_counter()
+        with cf.ThreadPoolExecutor(2) as pool:
+            list(pool.map(call, plans))
+        wall = time.perf_counter() - start
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    compute = sum(r.compute_seconds for r in results)
+    idle = sum(r.idle_seconds for r in results)
+    rows = sum(r.rows for r in results)
+    return {
+        "rate_rows_s": args.rate,
+        "gb_s_offered": args.rate * acts[0].nbytes / 1e9,
+        "shards": len(results),
+        "achieved_rows_s": rows / wall,
+        "idle_fraction": idle / (compute + idle),
+        "write_s_median": statistics.median(r.write_seconds for r in results),
+        "compute_s_median": statistics.median(r.compute_seconds for r in results),
+    }
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    print(
+        f"{'target':<6} {'threads':>7} {'store GB/s':>10} {'plain GB/s':>10} {'ratio':>6} "
+        f"{'store CPU s/GB':>14} {'plain CPU s/GB':>14} {'CPU ratio':>9}"
+    )
+    by = {(r["target"], r["method"], r["threads"]): r for r in rows}
+    for (kind, method, threads), store in by.items():
+        if method != "store":
+            continue
+        plain = by[(kind, "plain", threads)]
+        print(
+            f"{kind:<6} {threads:>7} {store['gb_s']:>10.2f} {plain['gb_s']:>10.2f} "
+            f"{store['gb_s'] / plain['gb_s']:>6.2f} "
+            f"{store['cpu_s_per_gb']:>14.2f} {plain['cpu_s_per_gb']:>14.2f} "
+            f"{store['cpu_s_per_gb'] / plain['cpu_s_per_gb']:>9.2f}"
+        )
+    for (kind, method, _), r in by.items():
+        if method == "zarr":
+            print(
+                f"{kind:<6} zarr's own arr[rows] = values (the previous path): {r['gb_s']:.2f} GB/s, "
+                f"{r['cpu_s_per_gb']:.2f} CPU s/GB"
+            )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=64, help="rows per write (one shard)")
+    parser.add_argument("--s3-rows", type=int, default=16, help="rows per write to S3 (moto holds objects in memory)")
+    parser.add_argument("--layers", type=int, default=80)
+    parser.add_argument("--width", type=int, default=29568)
+    parser.add_argument("--threads", default="1,2,4,8", help="writer thread counts")
+    parser.add_argument("--targets", default="local,s3")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rate", type=float, default=200.0, help="rows/s the engine fixture emits")
+    parser.add_argument("--idle-shards", type=int, default=8)
+    parser.add_argument("--dir", default=None, help="local folder to write in (default: a temporary one)")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    args.threads = [int(t) for t in args.threads.split(",")]
+    rng = np.random.default_rng(0)
+    acts = rng.standard_normal((args.rows, args.layers, args.width), dtype=np.float32).astype(np.float16)
+    print(
+        f"rows {args.rows} x {args.layers} x {args.width} float16 = {acts.nbytes / 1e9:.2f} GB per write; "
+        f"{os.cpu_count()} CPUs; medians of {args.repeats}"
+    )
+    results: list[dict[str, Any]] = []
+    moto: subprocess.Popen | None = None
+    try:
+        for kind in [t for t in args.targets.split(",") if t]:
+            fs = None
+            if kind == "s3":
+                import s3fs
+
+                moto, endpoint = start_moto()
+                fs = s3fs.S3FileSystem(endpoint_url=endpoint, skip_instance_cache=True)
+                fs.mkdir("cna")
+            data = acts if kind == "local" else acts[: args.s3_rows]
+            results += measure_target(kind, data, args, fs)
+    finally:
+        if moto is not None:
+            moto.terminate()
+            moto.wait()
+    print_table(results)
+    idle = idle_fraction(acts[: min(len(acts), 32)], args)
+    print(
+        f"idle: engine fixture at {idle['rate_rows_s']:.0f} rows/s ({idle['gb_s_offered']:.2f} GB/s offered), "
+        f"{idle['shards']} shards of {min(len(acts), 32)} rows to local disk, writer threads {max(args.threads)}: "
+        f"achieved {idle['achieved_rows_s']:.0f} rows/s, idle fraction {idle['idle_fraction']:.3f} "
+        f"(median write {idle['write_s_median']:.2f} s vs compute {idle['compute_s_median']:.2f} s per shard)"
+    )
+    if args.json is not None:
+        args.json.write_text(json.dumps({"writes": results, "idle": idle}, indent=2))
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,152 @@
+"""Write a block of rows straight into a Zarr v3 array's chunk objects, encoded in parallel threads.
+
+Why: zarr's own write path encodes every chunk (the bytes codec, then crc32c) on its event-loop thread, one
+after another, and copies each chunk several times on the way. A replica of a 72B model produces about 1 GB/s
+of rows; on a few cores that path, not the GPUs, would cap it. Here each worker thread copies one chunk's
+values once into a buffer that already has room for the checksum, computes the crc32c there (the C extension
+and numpy's copy release the GIL) and stores the object, so chunks encode and upload side by side.
+
+Only the plain layout the activation store creates is written this way: C order, little-endian bytes,
+crc32c, no other codec; `direct_layout` says whether an array has it, and other arrays go through zarr. The
+objects are byte for byte what zarr writes (tests/test_chunks.py reads them back through zarr), under the key
+zarr's own metadata gives for each chunk. A region's edge chunk that the region covers only in part is padded
+with the array's fill value, as zarr stores it, and only a region that owns whole chunks may be written: the
+store's shards own whole row chunks, and writers own whole layer chunks.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import os
+from collections.abc import Callable
+from typing import Any
+
+import google_crc32c
+import numpy as np
+
+Put = Callable[[str, memoryview], None]
+
+
+def direct_layout(arr: Any) -> bool:
+    """True when the array's chunks are exactly [C-order little-endian bytes][crc32c]: what `encode` makes."""
+    meta = arr.metadata
+    codecs = [codec.to_dict() for codec in getattr(meta, "codecs", ())]
+    names = [c.get("name") for c in codecs]
+    if names != ["bytes", "crc32c"] or getattr(meta, "zarr_format", 3) != 3:
+        return False
+    endian = (codecs[0].get("configuration") or {}).get("endian", "little")
+    return endian == "little" and getattr(arr, "order", "C") == "C"
+
+
+def encode(block: np.ndarray, chunk_shape: tuple[int, ...], fill: Any) -> memoryview:
+    """One chunk object: the values (padded to the chunk shape with `fill`) then their crc32c, one copy.
+
+    The buffer is numpy's (malloc'd, reused across chunks), not a zeroed bytearray: fresh zeroed pages cost a page
+    fault each, which made encoding ten times slower than the copy itself.
+    """
+    itemsize = block.dtype.itemsize
+    nbytes = int(np.prod(chunk_shape)) * itemsize
+    out = np.empty(nbytes + 4, dtype=np.uint8)
+    values = out[:nbytes].view(block.dtype.newbyteorder("<")).reshape(chunk_shape)
+    if block.shape != chunk_shape:
+        values[...] = fill
+    values[tuple(slice(0, n) for n in block.shape)] = block
+    out[nbytes:] = np.frombuffer(np.uint32(google_crc32c.value(out[:nbytes])).astype("<u4").tobytes(), np.uint8)
+    return memoryview(out)
+
+
+def regions(
+    shape: tuple[int, ...], chunk_shape: tuple[int, ...], start: tuple[int, ...]
+) -> list[tuple[tuple[int, ...], tuple[slice, ...]]]:
+    """(chunk coordinates, the slice of `block` it holds) for a block of `shape` placed at `start` in the array."""
+    if any(s % c for s, c in zip(start, chunk_shape, strict=True)):
+        raise ValueError(f"a block at {start} does not start on a chunk edge {chunk_shape}")
+    grids = [range(0, n, c) for n, c in zip(shape, chunk_shape, strict=True)]
+    out = []
+    for offsets in np.ndindex(*[len(g) for g in grids]):
+        lows = [grids[d][k] for d, k in enumerate(offsets)]
+        coords = tuple((s + lo) // c for s, lo, c in zip(start, lows, chunk_shape, strict=True))
+        where = tuple(slice(lo, min(lo + c, n)) for lo, c, n in zip(lows, chunk_shape, shape, strict=True))
+        out.append((coords, where))
+    return out
+
+
+def write_block(arr: Any, block: np.ndarray, start: tuple[int, ...], put: Put, threads: int) -> int:
+    """Encode and store every chunk `block` covers (placed at `start`), `threads` at a time; returns the bytes put.
+
+    A chunk holding NaN (the array's fill: stored, it would read as missing data) is not stored and raises NaNRows
+    with its first such row; chunks of the block already stored stay, uncommitted, as after an interrupted write.
+    """
+    chunk_shape = tuple(arr.metadata.chunk_grid.chunk_shape)
+    fill = arr.metadata.fill_value
+    work = regions(block.shape, chunk_shape, start)
+
+    def one(item: tuple[tuple[int, ...], tuple[slice, ...]]) -> int:
+        coords, where = item
+        part = block[where]
+        data = encode(part, chunk_shape, fill)
+        values = np.frombuffer(data, dtype=part.dtype, count=int(np.prod(chunk_shape)))
+        bad = first_nan_row(values.reshape(chunk_shape)[: part.shape[0]])  # the copy just made, still in cache
+        if bad is not None:
+            raise NaNRows(start[0] + where[0].start + bad)
+        put(arr.metadata.encode_chunk_key(coords), data)
+        return len(data)
+
+    if threads <= 1 or len(work) == 1:
+        return sum(map(one, work))
+    with cf.ThreadPoolExecutor(min(threads, len(work)), thread_name_prefix="cna-write") as pool:
+        return sum(pool.map(one, work))
+
+
+def local_put(folder: str) -> Put:
+    """Store a chunk object as a file under `folder` (the array's folder), creating its parent folders."""
+
+    def put(key: str, data: memoryview) -> None:
+        path = os.path.join(folder, *key.split("/"))
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as f:
+            f.write(data)
+
+    return put
+
+
+def fs_put(fs: Any, folder: str) -> Put:
+    """Store a chunk object through an fsspec filesystem (one PUT per object on an object store)."""
+
+    def put(key: str, data: memoryview) -> None:
+        fs.pipe_file(f"{folder.rstrip('/')}/{key}", bytes(data) if not isinstance(data, bytes) else data)
+
+    return put
+
+
+class NaNRows(ValueError):
+    """A chunk's values hold NaN (the fill of a chunk never written); `row` is the first such row in the array."""
+
+    def __init__(self, row: int):
+        super().__init__(f"row {row} holds NaN")
+        self.row = row
+
+
+# per float width: (unsigned view, signed view, magnitude mask, +inf's bits, -inf's bits)
+_BITS = {
+    2: (np.uint16, np.int16, 0x7FFF, 0x7C00, 0xFC00),
+    4: (np.uint32, np.int32, 0x7FFFFFFF, 0x7F800000, 0xFF800000),
+}
+
+
+def first_nan_row(values: np.ndarray) -> int | None:
+    """The first index along axis 0 whose values hold a NaN, or None; float16/32 by bit pattern.
+
+    A NaN's bits lie above +inf's read as signed integers (positive NaN) or above -inf's read as unsigned (negative
+    NaN), so two max reductions, which read the values and write nothing, decide; only then is the row located.
+    """
+    bits = _BITS.get(values.dtype.itemsize)
+    if bits is None or values.dtype.kind != "f":
+        bad = np.isnan(values).reshape(len(values), -1).any(axis=1)
+    else:
+        unsigned, signed, magnitude, inf, negative_inf = bits
+        if values.size == 0 or (values.view(signed).max() <= inf and values.view(unsigned).max() <= negative_inf):
+            return None
+        bad = (np.bitwise_and(values.view(unsigned), magnitude) > inf).reshape(len(values), -1).any(axis=1)
+    hits = np.flatnonzero(bad)
+    return int(hits[0]) if hits.size else None

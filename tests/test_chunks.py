@@ -1,0 +1,93 @@
+"""Direct chunk writes (cna_dist.io.chunks): the same objects zarr writes, read back through zarr, in parallel."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+from zarr.codecs import Crc32cCodec
+
+from cna_dist.errors import RunFailure
+from cna_dist.io import chunks
+from cna_dist.io.store import ActivationStore, ShardPlan
+from tests.conftest import run_meta
+
+
+def make(root: Path, name: str, shape: tuple[int, ...], chunk_shape: tuple[int, ...], dtype: str) -> zarr.Array:
+    return zarr.create_array(
+        store=str(root),
+        name=name,
+        shape=shape,
+        chunks=chunk_shape,
+        dtype=dtype,
+        fill_value=np.nan,
+        compressors=[Crc32cCodec()],
+    )
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+@pytest.mark.parametrize("threads", [1, 4])
+def test_direct_chunks_are_the_bytes_zarr_writes(tmp_path: Path, dtype: str, threads: int) -> None:
+    rng = np.random.default_rng(0)
+    shape, chunk_shape = (10, 6, 5), (4, 2, 5)  # rows 8:10 fill a chunk in part: padded with the fill
+    block = rng.standard_normal((6, 6, 5)).astype(dtype)
+    ours = make(tmp_path, "ours", shape, chunk_shape, dtype)
+    theirs = make(tmp_path, "theirs", shape, chunk_shape, dtype)
+    assert chunks.direct_layout(ours)
+    put = chunks.local_put(str(tmp_path / "ours"))
+    written = chunks.write_block(ours, block, (4, 0, 0), put, threads)
+    theirs[4:10] = block
+    files = sorted(p.relative_to(tmp_path / "theirs") for p in (tmp_path / "theirs").rglob("c/**/*") if p.is_file())
+    assert len(files) == 6 and written == sum((tmp_path / "theirs" / f).stat().st_size for f in files)
+    for f in files:
+        assert (tmp_path / "ours" / f).read_bytes() == (tmp_path / "theirs" / f).read_bytes(), f
+    np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "ours"))[4:10], block)
+    assert np.isnan(zarr.open_array(str(tmp_path / "ours"))[:4]).all()  # untouched rows: still the fill
+
+
+def test_a_block_off_the_chunk_grid_is_refused(tmp_path: Path) -> None:
+    arr = make(tmp_path, "a", (8, 2, 3), (4, 2, 3), "float32")
+    with pytest.raises(ValueError, match="chunk edge"):
+        chunks.write_block(arr, np.zeros((4, 2, 3), np.float32), (2, 0, 0), chunks.local_put(str(tmp_path / "a")), 2)
+
+
+def test_other_layouts_go_through_zarr(tmp_path: Path) -> None:
+    arr = zarr.create_array(store=str(tmp_path), name="z", shape=(4, 2), chunks=(2, 2), dtype="float32")
+    assert not chunks.direct_layout(arr)  # zstd by default: not the store's plain layout
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_first_nan_row_by_bit_pattern(dtype: str) -> None:
+    values = np.zeros((6, 3, 50), dtype)
+    assert chunks.first_nan_row(values) is None
+    values[4, 2, 49] = np.inf  # not NaN
+    values[2, 0, 0] = -np.inf
+    assert chunks.first_nan_row(values) is None
+    values[5, 1, 7] = np.nan
+    values[3, 2, 49] = -np.nan
+    assert chunks.first_nan_row(values) == 3
+
+
+def test_store_writes_in_threads_and_reads_back(tmp_path: Path) -> None:
+    m = run_meta()
+    run = ActivationStore(str(tmp_path / "store")).open_run(m)
+    run.write_threads = 3
+    hashes = [f"{i:064x}" for i in range(5)]
+    (plan,) = run.plan(hashes)
+    acts = np.random.default_rng(1).standard_normal((5, m.n_layers, m.intermediate_size)).astype(m.dtype)
+    run.write_shard(plan, acts)
+    got = np.concatenate([a for _, a in run.read_rows(np.arange(5), slice(0, m.n_layers))])
+    np.testing.assert_array_equal(got, acts)
+    acts[2, 1, 0] = np.nan
+    with pytest.raises(RunFailure, match=f"row {plan.start + 2} hold NaN; the shard is not committed"):
+        run.write_rows(ShardPlan(plan.shard, plan.start, hashes), acts, slice(0, m.n_layers))
+
+
+def test_first_nan_row_on_every_float16_bit_pattern() -> None:
+    patterns = np.arange(1 << 16, dtype=np.uint16).view(np.float16)
+    numbers = patterns[~np.isnan(patterns)]
+    assert chunks.first_nan_row(numbers.reshape(-1, 1)) is None
+    for nan in patterns[np.isnan(patterns)]:
+        assert chunks.first_nan_row(np.append(numbers, nan).reshape(-1, 1)) == len(numbers)
