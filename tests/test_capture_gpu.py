@@ -69,7 +69,7 @@ def test_capture_loop_reads_nothing_back_cpu(which: str, request: pytest.Fixture
     token_ids = prompts(model.config.vocab_size, 24)
     with cap.Capturer(model) as capturer:
         # the device-built 4D mask path is the one under test
-        assert capturer._attention_mask(torch.ones((1, 3), dtype=torch.long)).dim() == 4
+        assert capturer.stage._mask(torch.ones((1, 3), dtype=torch.long)).dim() == 4
         with HostSyncOps() as ops:
             out, overflow = cap.capture_with(
                 capturer, token_ids, tokenizer.pad_token_id, dtype="float16", token_budget=200, max_batch_size=8
@@ -91,9 +91,7 @@ def test_no_host_sync_inside_the_batch_loop_cuda(tiny_llama: Path) -> None:
     cpu_out, cpu_over = cap.capture(model, token_ids, tokenizer.pad_token_id, dtype="float32", max_batch_size=1)
     model.to("cuda")
     with cap.Capturer(model) as capturer:
-        assert (
-            capturer.cuda and capturer._attention_mask(torch.ones((1, 3), dtype=torch.long, device="cuda")).dim() == 4
-        )
+        assert capturer.cuda and capturer.stage._mask(torch.ones((1, 3), dtype=torch.long, device="cuda")).dim() == 4
         cap.capture_with(capturer, token_ids[:4], tokenizer.pad_token_id)  # warm-up: handles, pools, pinned slots
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")  # any implicit sync raises; CUDA event waits are not flagged
@@ -145,7 +143,7 @@ def test_replica_overlaps_writes_with_the_next_compute(tiny_llama: Path, monkeyp
         computes.append((start, time.perf_counter()))
         return result
 
-    monkeypatch.setattr(cap, "capture_with", slow_capture)
+    monkeypatch.setattr(hf, "capture_with", slow_capture)
     run = SlowRun(write_s=0.6)
     todo = list(range(4))
     results = []
@@ -191,7 +189,7 @@ def test_replica_lock_is_released_when_compute_fails(tiny_llama: Path, monkeypat
     def boom(*args, **kwargs):
         raise RuntimeError("device lost")
 
-    monkeypatch.setattr(cap, "capture_with", boom)
+    monkeypatch.setattr(hf, "capture_with", boom)
     run = SlowRun(write_s=0.0)
     with pytest.raises(RuntimeError, match="device lost"):
         replica.capture_shard(run, ShardPlan(0, 0, ["x"]), [[5, 6]])
