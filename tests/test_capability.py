@@ -115,6 +115,7 @@ def with_eval(manifest: Path, tmp_path: Path, **changes) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_loglikelihoods_batched_equal_one_at_a_time(task: dict) -> None:
     model, tokenizer = task["model"], task["tokenizer"]
     requests = []
@@ -132,6 +133,7 @@ def test_loglikelihoods_batched_equal_one_at_a_time(task: dict) -> None:
         loglik.loglikelihoods(model, [([], [1])], tokenizer.pad_token_id)
 
 
+@pytest.mark.slow
 def test_capability_per_condition_in_process(mined: tuple[Path, str], task: dict, tmp_path: Path) -> None:
     manifest, circuit_uri = mined
     doc, output = run_eval(manifest, circuit_uri, tmp_path / "out", "--caa", "--capability", str(task["path"]))
