@@ -89,6 +89,7 @@ def config_widths(config: dict[str, Any]) -> list[int]:
     model_type = config.get("model_type")
     if model_type not in FAMILIES:
         raise ValueError(f"model_type {model_type!r} is not a mixture-of-experts family this module knows {FAMILIES}")
+    # transformers' own config class of a model_type checked above: no trust_remote_code, no code from the hub
     cfg = AutoConfig.for_model(**config)
     layers = range(cfg.num_hidden_layers)
     if model_type in ("mixtral", "olmoe"):
