@@ -65,29 +65,9 @@ def test_72b_shaped_mine_on_s3_reads_only_weight_headers_and_equals_the_in_memor
     base = f"s3://cna/{uuid.uuid4().hex}"
     fs, _ = urimod.filesystem(base)
     fs.put(str(save_scale_model(tmp_path / "q72", "qwen2")), f"{base[5:]}/model", recursive=True)
-    sets = scale_prompts(N_PROMPTS, seed=1)
-    for name, texts in sets.items():
-        write_jsonl(tmp_path / f"{name}.jsonl", texts)
-    manifest = {
-        "name": "scale72",
-        "model": {"uri": f"{base}/model", "dtype": "float32"},
-        "prompts": {name: {"uri": f"./{name}.jsonl"} for name in sets},
-        "select": {"top_fraction": 0.001, "exclude_layers": [0, 1]},
-        "universal": {"top_fraction": 0.001, "threshold": 0.8, "scope": "global"},
-        "capture": {"dtype": "float16"},
-        "output": {"store": f"{base}/store", "registry": f"{base}/circuits"},
-    }
-    (tmp_path / "m.yaml").write_text(yaml.safe_dump(manifest))
-    reads, summary = tmp_path / "reads.json", tmp_path / "summary.json"
-    cmd = [sys.executable, "-m", "tests.record_reads", str(reads), "mine", str(tmp_path / "m.yaml")]
-    done = subprocess.run(
-        [*cmd, "--summary", str(summary), "--quiet"], cwd=ROOT, capture_output=True, text=True, timeout=900
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    s = json.loads(summary.read_text())
+    s, fetched, manifest = mine_on_s3(tmp_path, base, "scale72", N_PROMPTS, {"dtype": "float16"}, seed=1)
 
     # the driver: config, tokenizer, metadata and weight headers only, never tensor data, and well under 1 GB
-    fetched = json.loads(reads.read_text())
     only_headers(fetched, tmp_path / "q72")
     assert any(p.endswith("tokenizer.json") for p, _ in fetched)
     assert sum(n for _, n in fetched) < 10 << 20, sorted(fetched, key=lambda x: -x[1])[:5]
@@ -98,7 +78,7 @@ def test_72b_shaped_mine_on_s3_reads_only_weight_headers_and_equals_the_in_memor
     circuit = circuitmod.load(s["circuit"])
     assert len(circuit.neurons) == int(0.001 * n_layers * width) == 2365
     assert s["prompts_captured"] == N_PROMPTS
-    m = manifestmod.load(tmp_path / "m.yaml")
+    m = manifestmod.load(manifest)
     prepared = prepare(m, validate(m, check_remote=True))
     acts = in_memory(ActivationStore(f"{base}/store"), s["run"], {k: e.row_hashes for k, e in prepared.sets.items()})
     expected = r.reduce_in_memory(acts, 2365, [0, 1], 0.001, 0.8, "global")
@@ -113,10 +93,12 @@ def test_72b_shaped_mine_on_s3_reads_only_weight_headers_and_equals_the_in_memor
 N_MOE_PROMPTS = 12  # 12 x 37 MB = 444 MB of rows, several row chunks
 
 
-def mine_on_s3(tmp_path: Path, base: str, name: str, n_prompts: int, capture: dict) -> tuple[dict, list, Path]:
+def mine_on_s3(
+    tmp_path: Path, base: str, name: str, n_prompts: int, capture: dict, seed: int = 2
+) -> tuple[dict, list, Path]:
     """Write the prompt sets and a manifest, run `cna-dist mine` under the S3 read recorder; (summary, the reads,
     manifest)."""
-    sets = scale_prompts(n_prompts, seed=2)
+    sets = scale_prompts(n_prompts, seed=seed)
     for set_name, texts in sets.items():
         write_jsonl(tmp_path / f"{set_name}.jsonl", texts)
     manifest = {
