@@ -40,7 +40,7 @@ from cna_dist.io import stream
 from cna_dist.io.store import ActivationStore, Run, RunMeta
 from cna_dist.model.batching import Limits
 from cna_dist.runtime.calls import capture_shards
-from cna_dist.runtime.pool import LocalActor
+from cna_dist.runtime.pool import LocalActor, LocalPool
 from cna_dist.runtime.replica import CONCURRENCY, Replica, ReplicaSpec
 from cna_dist.runtime.scheduler import Settings
 
@@ -67,8 +67,9 @@ class TinyRows:
         pass
 
 
-class SimPool:
-    """R in-process replicas with Ray's call shape (LocalActor), never lost: the scheduler's `Pool`."""
+class SimPool(LocalPool):
+    """R in-process replicas with Ray's call shape (LocalActor), never lost: the scheduler's `Pool`. Waiting and
+    results are LocalPool's (futures); only the number of replicas differs."""
 
     def __init__(self, replicas: list[Replica]):
         self.actors = [LocalActor(r, CONCURRENCY) for r in replicas]
@@ -78,15 +79,6 @@ class SimPool:
 
     def replica(self, r: int) -> LocalActor:
         return self.actors[r]
-
-    def wait(self, handles: list[Hashable], timeout: float) -> list[Hashable]:
-        import concurrent.futures as cf
-
-        done, _ = cf.wait(handles, timeout=timeout, return_when=cf.FIRST_COMPLETED)  # type: ignore[arg-type]
-        return list(done)
-
-    def result(self, handle: Hashable) -> Any:
-        return handle.result()  # type: ignore[attr-defined]
 
     def probe(self, r: int) -> Hashable:
         return self.actors[r].pid.remote()
