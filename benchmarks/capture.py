@@ -23,11 +23,11 @@ import numpy as np
 import torch
 from reference import reference  # benchmarks/reference.py, beside this script
 
+from cna_dist.capture import hf
+from cna_dist.capture import single as cap
 from cna_dist.demo.models import save_random_model
 from cna_dist.demo.words import demo_prompts
-from cna_dist.model import capture as cap
-from cna_dist.model import hf
-from cna_dist.model import prompts as prompts_mod
+from cna_dist.prompts import sets as prompts_mod
 
 DATASET = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "harmless_train.json"
 

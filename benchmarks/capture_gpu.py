@@ -36,9 +36,9 @@ sys.path.insert(0, str(ROOT))
 
 from reference import reference  # noqa: E402  (benchmarks/reference.py, beside this script)
 
-from cna_dist.model import capture as cap  # noqa: E402
-from cna_dist.model import prompts as prompts_mod  # noqa: E402
-from cna_dist.model.batching import Limits  # noqa: E402
+from cna_dist.capture import single as cap  # noqa: E402
+from cna_dist.prompts import sets as prompts_mod  # noqa: E402
+from cna_dist.prompts.batching import Limits  # noqa: E402
 
 DATASETS = ROOT.parent / "shared" / "datasets"
 DATASET_FILES = ("harmful_train.json", "harmless_train.json")
@@ -145,13 +145,13 @@ def build_model(shape: str, device: torch.device, dtype: torch.dtype) -> torch.n
 def make_backend(model: torch.nn.Module, engine: str, n_stages: int) -> Any:
     """The replica backend over the built model. `pipeline`: stages on the model's device (one GPU: the machinery's
     overhead against the single-device run), each taking its layers' modules from the model, no copy."""
-    from cna_dist.model.hf import HFBackend
+    from cna_dist.capture.hf import HFBackend
 
     if engine == "single":
         return HFBackend(model, SimpleNamespace(pad_token_id=0))
-    from cna_dist.model.engines import balanced
-    from cna_dist.model.pipeline import PipelineBackend
-    from cna_dist.model.stage import Stage
+    from cna_dist.capture.engines import balanced
+    from cna_dist.capture.pipeline import PipelineBackend
+    from cna_dist.capture.stage import Stage
 
     inner, config = model.model, model.config
     device, dtype = inner.embed_tokens.weight.device, inner.embed_tokens.weight.dtype
@@ -240,8 +240,8 @@ def measure_writes(
     """The replica's shard path as Ray runs it: two concurrent capture_shard calls per replica, the driver
     handing a replica its next shard when one returns, each shard written and committed to a local Zarr store.
     """
-    from cna_dist.io.store import ActivationStore, RunMeta
     from cna_dist.runtime.replica import Replica, ReplicaSpec
+    from cna_dist.store.activations import ActivationStore, RunMeta
 
     meta = RunMeta(
         fingerprint="benchmark",

@@ -1,5 +1,5 @@
 """Benchmark: copying a checkpoint-like folder from S3 one file after another (`fs.get`, what the model cache did
-before) against the parallel ranged copy (`cna_dist.io.download.copy`, what it does now).
+before) against the parallel ranged copy (`cna_dist.store.download.copy`, what it does now).
 
 Why: a replica copies a remote checkpoint (145 GB for a 72B model) once per node before it can load it; the copy
 time is dead time on every new node. This script starts moto's S3 server on 127.0.0.1 (one process: its request
@@ -41,7 +41,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cna_dist.io import download  # noqa: E402
+from cna_dist.store import download
 
 
 def free_port() -> int:

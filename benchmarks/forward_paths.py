@@ -1,6 +1,6 @@
 """Benchmark: single-device capture through the one `Stage` forward vs through HF's own decoder forward.
 
-Why: every engine now runs `cna_dist.model.stage.Stage.forward`; single-device capture used to call the loaded
+Why: every engine now runs `cna_dist.capture.stage.Stage.forward`; single-device capture used to call the loaded
 model's decoder (`model.model(...)`) with hooks on every down_proj. This script runs both on the same random Llama
 checkpoint and prompts in one process, alternating them run by run (so machine load hits both alike), prints
 wall and CPU seconds (this process's CPU time: on a shared machine it varies far less than wall time), the
@@ -24,12 +24,13 @@ import numpy as np
 import torch
 from capture import load_texts  # benchmarks/capture.py, beside this script
 
+from cna_dist.capture import hf
+from cna_dist.capture import single as cap
+from cna_dist.capture.plumbing import mask_maker, positions
 from cna_dist.demo.models import save_random_model
-from cna_dist.model import capture as cap
-from cna_dist.model import hf
-from cna_dist.model import prompts as prompts_mod
-from cna_dist.model.batching import Batch
-from cna_dist.model.plumbing import LastTokenRows, mask_maker, positions
+from cna_dist.model.rows import LastTokenRows
+from cna_dist.prompts import sets as prompts_mod
+from cna_dist.prompts.batching import Batch
 
 
 class HFDecoderCapturer(cap.Capturer):

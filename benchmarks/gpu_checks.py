@@ -39,11 +39,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cna_dist.model import layer_stream  # noqa: E402
-from cna_dist.model.batching import Limits  # noqa: E402
-from cna_dist.model.hf import HFBackend  # noqa: E402
-from cna_dist.model.layer_stream import StreamBackend  # noqa: E402
-from cna_dist.model.pipeline import PipelineBackend  # noqa: E402
+from cna_dist.capture import stream as layer_stream  # noqa: E402
+from cna_dist.capture.hf import HFBackend  # noqa: E402
+from cna_dist.capture.pipeline import PipelineBackend  # noqa: E402
+from cna_dist.capture.stream import StreamBackend  # noqa: E402
+from cna_dist.prompts.batching import Limits  # noqa: E402
 
 LIMITS = Limits(token_budget=512, max_batch_size=16)  # many micro-batches per call
 TOLERANCE = {"float32": 1e-4, "bfloat16": 2e-2}  # of the largest |row value|: a wrong weight is off by O(1)
@@ -205,7 +205,7 @@ def check_pipeline(path: Path, calls: list, gpus: int, delays: Delays, store: st
 
 
 def _plan(calls: list, pad_id: int) -> list:
-    from cna_dist.model.batching import batches
+    from cna_dist.prompts.batching import batches
 
     return [b for c in calls for b in batches(c, pad_id, LIMITS.token_budget, LIMITS.max_batch_size)]
 

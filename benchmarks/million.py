@@ -36,13 +36,13 @@ from typing import Any
 import numpy as np
 from download import start_moto  # benchmarks/download.py, beside this script
 
-from cna_dist.io import stream
-from cna_dist.io.store import ActivationStore, Run, RunMeta
-from cna_dist.model.batching import Limits
+from cna_dist.prompts.batching import Limits
+from cna_dist.reduce import streamed as stream
 from cna_dist.runtime.calls import capture_shards
 from cna_dist.runtime.pool import LocalActor, LocalPool
 from cna_dist.runtime.replica import CONCURRENCY, Replica, ReplicaSpec
 from cna_dist.runtime.scheduler import Settings
+from cna_dist.store.activations import ActivationStore, Run, RunMeta
 
 
 class TinyRows:

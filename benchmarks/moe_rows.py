@@ -107,7 +107,7 @@ def main() -> None:
 
 def compressed(rows: np.ndarray) -> tuple[int, int]:
     """(raw, zstd-compressed) bytes of the rows cut into the store's chunks for this row shape (16 rows x 1 layer:
-    cna_dist.io.store.chunking), each compressed on its own as a Zarr codec would."""
+    cna_dist.store.activations.chunking), each compressed on its own as a Zarr codec would."""
     from numcodecs import Zstd
 
     codec = Zstd(level=3)

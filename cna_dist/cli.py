@@ -158,7 +158,7 @@ def nightly(nightly_list: Path, report: str, address: str | None, in_process: bo
     from datetime import UTC, datetime
 
     from cna_dist.commands import nightly as nightlymod
-    from cna_dist.io import uri as urimod
+    from cna_dist.store import uri as urimod
 
     if report.endswith("/"):
         report = urimod.join(report, f"nightly-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.json")
@@ -216,7 +216,7 @@ def eval_command(
     """Steer with the circuit at each multiplier (and the controls); write eval.json + plots, print its path."""
     values = parse_floats(multipliers, "--multipliers") if multipliers else None
     from cna_dist.commands import eval as command
-    from cna_dist.model.capability import parse as parse_tasks
+    from cna_dist.eval.capability import parse as parse_tasks
 
     tasks = parse_tasks(capability) if capability is not None else None
 
@@ -305,13 +305,13 @@ def inspect(uri: str, as_json: bool, verify: bool) -> None:
 @handled
 def diff(uri_a: str, uri_b: str, as_json: bool, png: Path | None) -> None:
     """Compare two circuits: Jaccard overlap, per-layer counts, rank correlation of shared deltas."""
-    from cna_dist import circuit as circuitmod
-    from cna_dist.core import diff as diffmod
+    from cna_dist.circuit import diff as diffmod
+    from cna_dist.circuit import file as circuitmod
 
     a, b = circuitmod.load(uri_a), circuitmod.load(uri_b)
     report = diffmod.compare(a, b)
     if png is not None:
-        from cna_dist.report.plots import layer_histogram
+        from cna_dist.eval.plots import layer_histogram
 
         labels = (f"A: {a.name} v{a.version}", f"B: {b.name} v{b.version}")
         report["png"] = layer_histogram({labels[0]: a, labels[1]: b}, png, title="neurons per layer")

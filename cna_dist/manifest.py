@@ -20,7 +20,7 @@ from pydantic import (
 )
 
 from cna_dist.errors import BadInput, shown
-from cna_dist.io import uri as urimod
+from cna_dist.store import uri as urimod
 
 # Letters, digits, '.', '_', '-', starting with a letter or digit: '..' or '.' would climb out of a registry folder.
 SLUG = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
@@ -363,7 +363,7 @@ def pin_model(manifest: Manifest) -> Manifest:
     every later read, the store run and the circuit name one commit. Any other model is returned as it is."""
     if not manifest.model.uri.startswith("hf://"):
         return manifest
-    from cna_dist.io import hub
+    from cna_dist.store import hub
 
     sha = hub.revision_of(manifest.model.uri)
     if sha is not None and manifest.model.revision == sha:

@@ -6,12 +6,13 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cna_dist.capture import engines
 from cna_dist.errors import BadInput
-from cna_dist.io import uri as urimod
 from cna_dist.manifest import Manifest
-from cna_dist.model import arch, cache, engines, weights
+from cna_dist.model import arch, cache, weights
 from cna_dist.model import checkpoint as modelmod
-from cna_dist.model import prompts as promptsmod
+from cna_dist.prompts import sets as promptsmod
+from cna_dist.store import uri as urimod
 
 
 @dataclass
@@ -125,8 +126,8 @@ def check_capability(m: Manifest, check_remote: bool, checked: Checked) -> None:
     """
     if not m.eval.capability:
         return
+    from cna_dist.eval import capability
     from cna_dist.manifest import manifest_tasks
-    from cna_dist.model import capability
 
     field = f"{m.source}: eval.capability"
     tasks = manifest_tasks(m)

@@ -169,8 +169,8 @@ def make_circuit(
     """A 4 x 16 circuit built the way `mine` builds one: `selected` (ranked as given) or the top 5 outside L0-1."""
     import numpy as np
 
-    from cna_dist import circuit as circuitmod
-    from cna_dist.core import reduce as r
+    from cna_dist.circuit import file as circuitmod
+    from cna_dist.reduce import cna as r
 
     rng = np.random.default_rng(seed)
     pos, neg = rng.standard_normal((4, 16)), rng.standard_normal((4, 16))
@@ -206,7 +206,7 @@ def run_meta(
     n_layers: int = 5, width: int = 40, dtype: str = "float32", fingerprint: str = "f" * 64, shard_rows: int = 8
 ):
     """The metadata of a store run for a made-up model (the store never opens the model)."""
-    from cna_dist.io.store import RunMeta
+    from cna_dist.store.activations import RunMeta
 
     return RunMeta(
         fingerprint=fingerprint,
@@ -242,8 +242,8 @@ def joined_parts(parts: list):
 @pytest.fixture(scope="module")
 def engine_reference(request: pytest.FixtureRequest) -> dict:
     """Single-device capture of three calls of ragged prompts, per tiny model and store dtype: what engines match."""
-    from cna_dist.model.batching import Limits
-    from cna_dist.model.hf import HFBackend
+    from cna_dist.capture.hf import HFBackend
+    from cna_dist.prompts.batching import Limits
 
     out = {}
     for which in ("tiny_llama", "tiny_qwen"):

@@ -14,8 +14,8 @@ import yaml
 from click.testing import CliRunner
 
 from cna_dist.cli import main
-from cna_dist.io import objects
-from cna_dist.io import uri as urimod
+from cna_dist.store import objects
+from cna_dist.store import uri as urimod
 from tests import test_lease
 from tests.azurite import azurite
 from tests.test_gcs import LEASE_TESTS

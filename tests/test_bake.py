@@ -3,7 +3,7 @@
 Exactly (torch.equal logits, same greedy tokens) for M in {0, 0.5, 2} in float32 and bfloat16, where scaling the
 weight column and scaling the neuron commute with rounding; within the dtype's tolerance for M = 0.3. One tiny
 random model per dense family, built from its transformers config class; the steering oracle is
-`cna_dist.model.steer.steered` (forward pre-hooks on every layer's mlp.down_proj).
+`cna_dist.steer.hooks.steered` (forward pre-hooks on every layer's mlp.down_proj).
 """
 
 from __future__ import annotations
@@ -18,12 +18,13 @@ import transformers
 from click.testing import CliRunner
 from safetensors import safe_open
 
-from cna_dist import circuit as circuitmod
+from cna_dist.circuit import file as circuitmod
 from cna_dist.cli import main
 from cna_dist.demo.models import save_checkpoint
 from cna_dist.demo.tokenizer import build_tokenizer
 from cna_dist.demo.words import DEFAULT_WORDS
-from cna_dist.model import checkpoint, steer
+from cna_dist.model import checkpoint
+from cna_dist.steer import hooks as steer
 
 N_LAYERS, HIDDEN, INTER = 3, 32, 24
 COMMON = dict(hidden_size=HIDDEN, num_hidden_layers=N_LAYERS, num_attention_heads=4, num_key_value_heads=2, head_dim=8)

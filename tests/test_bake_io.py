@@ -15,7 +15,7 @@ from safetensors import safe_open
 from cna_dist.bake import writer
 from cna_dist.cli import main
 from cna_dist.demo.models import save_random_model
-from cna_dist.model import steer
+from cna_dist.steer import hooks as steer
 from tests.conftest import snapshot
 from tests.test_bake import load, outputs, write_circuit
 

@@ -118,8 +118,8 @@ def test_localize_evicts_the_copy_no_process_holds(
 ) -> None:
     """A copy made by a process that has ended is evicted by the next model's copy beyond the bound; the copy this
     process holds is never evicted, even when it alone is over the bound."""
-    from cna_dist.io import uri as urimod
     from cna_dist.model import checkpoint
+    from cna_dist.store import uri as urimod
 
     prefix = f"s3://cna/{uuid.uuid4().hex}"
     for name, model in (("llama", tiny_llama), ("qwen", tiny_qwen)):

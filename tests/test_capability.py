@@ -17,12 +17,14 @@ import torch
 import yaml
 from click.testing import CliRunner
 
-import cna_dist.model
-from cna_dist.circuit import load as load_circuit
+import cna_dist.eval
+from cna_dist.capture import hf
+from cna_dist.circuit.file import load as load_circuit
 from cna_dist.cli import main
 from cna_dist.commands.eval import conditions
 from cna_dist.demo.words import demo_prompts
-from cna_dist.model import hf, loglik, steer
+from cna_dist.model import loglik
+from cna_dist.steer import hooks as steer
 
 pytest.importorskip("lm_eval", reason="the capability extra (lm-eval) is part of the test install")
 
@@ -226,10 +228,10 @@ def test_capability_bad_tasks_exit_2(
 def test_capability_without_the_extra_exits_2(
     mined: tuple[Path, str], task: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    for name in [n for n in sys.modules if n == "lm_eval" or n.startswith("lm_eval.")] + ["cna_dist.model.harness"]:
+    for name in [n for n in sys.modules if n == "lm_eval" or n.startswith("lm_eval.")] + ["cna_dist.eval.harness"]:
         monkeypatch.delitem(sys.modules, name, raising=False)
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # what an install without the extra looks like to import
-    monkeypatch.delattr(cna_dist.model, "harness", raising=False)
+    monkeypatch.delattr(cna_dist.eval, "harness", raising=False)
     manifest, circuit_uri = mined
     out = tmp_path / "out"
     args = ["eval", str(manifest), "--circuit", circuit_uri, "--out", str(out), "--capability", str(task["path"])]
@@ -244,8 +246,8 @@ def test_demo_task_from_the_manifest_runs_without_replicas(tmp_path: Path) -> No
     """The demo's planted-answer task, named in its manifest relative to it, scored by the harness in process."""
     from cna_dist import manifest as manifestmod
     from cna_dist.commands.demo import capability_line, write_inputs
+    from cna_dist.eval import capability
     from cna_dist.manifest import manifest_tasks
-    from cna_dist.model import capability
 
     path, _ = write_inputs(tmp_path, capability=True)
     m = manifestmod.load(path)

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from cna_dist.model import capture as cap
+from cna_dist.capture import hf
+from cna_dist.capture import single as cap
 from cna_dist.model import checkpoint as modelmod
-from cna_dist.model import hf
-from cna_dist.model import prompts as promptsmod
-from cna_dist.model.batching import plan_batches
+from cna_dist.prompts import sets as promptsmod
+from cna_dist.prompts.batching import plan_batches
 
 
 def reference_capture(model, ids: list[int]) -> np.ndarray:

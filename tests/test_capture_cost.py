@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from cna_dist.model import capture as cap
-from cna_dist.model import hf
-from cna_dist.model.batching import plan_batches
+from cna_dist.capture import hf
+from cna_dist.capture import single as cap
+from cna_dist.prompts.batching import plan_batches
 from tests.test_capture import reference_capture
 
 

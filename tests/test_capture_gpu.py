@@ -20,10 +20,10 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from cna_dist.io.store import ShardPlan, WrittenPart
-from cna_dist.model import capture as cap
-from cna_dist.model import hf
+from cna_dist.capture import hf
+from cna_dist.capture import single as cap
 from cna_dist.runtime.replica import Replica, ReplicaSpec
+from cna_dist.store.activations import ShardPlan, WrittenPart
 
 ROOT = Path(__file__).resolve().parents[1]
 HOST_SYNC_OPS = {

@@ -1,5 +1,5 @@
 """Checkpoints: config checks that name the URI and field, fingerprints, the per-node cache of remote copies,
-the tokenizer's pad token, and the MLP layers the hooks attach to (loading and layer paths live in model/hf.py)."""
+the tokenizer's pad token, and the MLP layers the hooks attach to (loading and layer paths live in capture/hf.py)."""
 
 from __future__ import annotations
 
@@ -14,11 +14,11 @@ from typing import Any
 import pytest
 import torch
 
+from cna_dist.capture import hf
 from cna_dist.demo.models import save_random_model
 from cna_dist.errors import BadInput, RunFailure
-from cna_dist.io import uri as urimod
 from cna_dist.model import checkpoint as modelmod
-from cna_dist.model import hf
+from cna_dist.store import uri as urimod
 
 
 def copy_without(src: Path, dst: Path, *drop: str) -> Path:

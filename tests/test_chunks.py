@@ -1,4 +1,4 @@
-"""Direct chunk writes (cna_dist.io.chunks): the same objects zarr writes, read back through zarr, in parallel."""
+"""Direct chunk writes (cna_dist.store.chunks): the same objects zarr writes, read back through zarr, in parallel."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import zarr
 from zarr.codecs import Crc32cCodec
 
 from cna_dist.errors import RunFailure
-from cna_dist.io import chunks
-from cna_dist.io.store import ActivationStore, ShardPlan
+from cna_dist.store import chunks
+from cna_dist.store.activations import ActivationStore, ShardPlan
 from tests.conftest import run_meta
 
 

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from cna_dist import circuit as circuitmod
+from cna_dist.circuit import file as circuitmod
+from cna_dist.circuit import registry
 from cna_dist.errors import BadInput
-from cna_dist.io import registry
-from cna_dist.model import steer
+from cna_dist.steer import hooks as steer
 from tests.conftest import make_circuit
 
 
@@ -92,7 +92,7 @@ def test_reference_format_round_trip() -> None:
 
 
 def test_steering_m1_is_bit_identical_and_m0_zeroes(tiny_llama: Path) -> None:
-    from cna_dist.model import hf
+    from cna_dist.capture import hf
 
     model, _ = hf.load(tiny_llama, dtype="float32")
     ids = torch.tensor([[5, 9, 11, 3, 8, 20]])

@@ -43,8 +43,8 @@ def test_legacy_store_is_reused_and_the_registry_says_unchanged(tmp_path: Path) 
 
 
 def test_legacy_store_rows_and_circuit_read_as_written(tmp_path: Path) -> None:
-    from cna_dist.circuit import load
-    from cna_dist.io.store import ActivationStore
+    from cna_dist.circuit.file import load
+    from cna_dist.store.activations import ActivationStore
 
     root = _copy(tmp_path)
     store = ActivationStore(str(root / "store"))

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from cna_dist import circuit as circuitmod
+from cna_dist.circuit import file as circuitmod
 from cna_dist.cli import main
 
 

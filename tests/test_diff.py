@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from cna_dist import circuit as circuitmod
-from cna_dist.core import diff
+from cna_dist.circuit import diff
+from cna_dist.circuit import file as circuitmod
 from tests.conftest import make_circuit
 
 

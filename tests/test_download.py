@@ -1,4 +1,4 @@
-"""Ranged, parallel, resumable copies (cna_dist.io.download) from moto's S3 server over HTTP, and from a local
+"""Ranged, parallel, resumable copies (cna_dist.store.download) from moto's S3 server over HTTP, and from a local
 filesystem in a process that is killed mid-copy: ranges in flight at once, bytes reassembled exactly, a resumed copy
 fetching only what is missing, a changed file fetched whole, short reads and changes during a copy refused."""
 
@@ -21,8 +21,8 @@ from typing import Any
 import pytest
 
 from cna_dist.errors import BadInput, RunFailure
-from cna_dist.io import download
-from cna_dist.io import uri as urimod
+from cna_dist.store import download
+from cna_dist.store import uri as urimod
 
 PART = 64 << 10
 
@@ -310,7 +310,7 @@ KILLED_COPY = """
 import sys, time
 from pathlib import Path
 import fsspec
-from cna_dist.io import download
+from cna_dist.store import download
 
 download.FLUSH_SECONDS = 0.05
 fs = fsspec.filesystem("file")

@@ -9,9 +9,9 @@ import pytest
 import yaml
 
 from cna_dist import manifest as manifestmod
+from cna_dist.capture import engines
 from cna_dist.errors import BadInput, RunFailure
-from cna_dist.io.store import chunk_aligned
-from cna_dist.model import engines
+from cna_dist.store.activations import chunk_aligned
 from cna_dist.validate import validate
 
 

@@ -10,8 +10,8 @@ import matplotlib.image
 from click.testing import CliRunner
 
 from cna_dist.cli import main
-from cna_dist.report import plots
-from cna_dist.report.eval_table import table
+from cna_dist.eval import plots
+from cna_dist.eval.table import table
 
 
 def row(method: str, m: float, refusal: float, acc: float | None, judge: float | None, cats: dict | None) -> dict:

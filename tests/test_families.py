@@ -22,14 +22,16 @@ import pytest
 import torch
 import transformers
 
+from cna_dist.capture import hf
+from cna_dist.capture.pipeline import PipelineBackend
+from cna_dist.capture.single import Capturer, capture_with
+from cna_dist.capture.stream import StreamBackend
 from cna_dist.demo.models import save_checkpoint
 from cna_dist.demo.tokenizer import build_tokenizer
 from cna_dist.demo.words import DEFAULT_WORDS
-from cna_dist.model import arch, hf, steer
-from cna_dist.model.batching import Limits
-from cna_dist.model.capture import Capturer, capture_with
-from cna_dist.model.layer_stream import StreamBackend
-from cna_dist.model.pipeline import PipelineBackend
+from cna_dist.model import arch
+from cna_dist.prompts.batching import Limits
+from cna_dist.steer import hooks as steer
 
 WINDOW = 4  # every prompt below is longer than this: sliding layers mask for real
 LIMITS = Limits(token_budget=40, max_batch_size=4)  # several padded batches of mixed lengths
@@ -247,8 +249,8 @@ def test_mined_circuit_equals_an_oracle_reduce(tmp_path: Path, model_type: str, 
     from click.testing import CliRunner
 
     from cna_dist.cli import main
-    from cna_dist.model import prompts as promptsmod
     from cna_dist.model.checkpoint import load_tokenizer
+    from cna_dist.prompts import sets as promptsmod
     from tests.conftest import HARMFUL, HARMLESS
 
     path = build(model_type, tmp_path / "model")
@@ -282,7 +284,7 @@ def test_the_engine_registry_loads_each_engine(tmp_path: Path, engine: str, gpus
     here: device_map falls back to one device and says so in made_by)."""
     from types import SimpleNamespace
 
-    from cna_dist.model.engine_registry import load_backend
+    from cna_dist.capture.registry import load_backend
 
     path = build("qwen3", tmp_path / "qwen3")
     spec = SimpleNamespace(

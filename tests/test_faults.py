@@ -22,14 +22,14 @@ from pathlib import Path
 import psutil
 import pytest
 
-from cna_dist import circuit as circuitmod
 from cna_dist import manifest as manifestmod
+from cna_dist.circuit import file as circuitmod
 from cna_dist.commands.demo import write_inputs
 from cna_dist.commands.mine import mine
-from cna_dist.io.store import ActivationStore
 from cna_dist.runtime.calls import capture_shards
 from cna_dist.runtime.executor import RayExecutor
 from cna_dist.runtime.replica import ReplicaSpec
+from cna_dist.store.activations import ActivationStore
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -349,7 +349,7 @@ def test_a_job_whose_driver_dies_resubmitted_reuses_shards_and_takes_the_lease_a
 
 def test_a_shard_that_keeps_failing_is_reported_by_name(tmp_path: Path) -> None:
     from cna_dist.errors import RunFailure
-    from cna_dist.io.store import RunMeta
+    from cna_dist.store.activations import RunMeta
 
     m = manifestmod.load(demo_manifest(tmp_path / "bad"))
     meta = RunMeta(

@@ -1,7 +1,7 @@
 """`mine` on a flaky object store: 503 SlowDown, 500, connections reset mid-body and stalls, made for real by a
 proxy in front of moto (tests/faultproxy.py) that the model, the store and the registry are all reached through.
 
-Transient faults are ridden out by the storage stack's retries (cna_dist/io/uri.py) and give the clean run's
+Transient faults are ridden out by the storage stack's retries (cna_dist/store/uri.py) and give the clean run's
 circuit; persistent ones end the run with exit 1 naming the object, in bounded time; and a run cut short leaves
 nothing that a later run trusts (no marker without its data): the rerun on a sound store gives the clean circuit.
 """
@@ -17,12 +17,12 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from cna_dist import circuit as circuitmod
+from cna_dist.circuit import file as circuitmod
 from cna_dist.cli import main
-from cna_dist.io import uri as urimod
-from cna_dist.io.lease import Lease
-from cna_dist.io.objects import AlreadyExists, open_objects
-from cna_dist.io.store import ActivationStore
+from cna_dist.store import uri as urimod
+from cna_dist.store.activations import ActivationStore
+from cna_dist.store.lease import Lease
+from cna_dist.store.objects import AlreadyExists, open_objects
 from tests.conftest import DIVERSE, HARMFUL, HARMLESS, MINIMAL, run_meta, write_jsonl
 from tests.faultproxy import Faults, serve_faults
 

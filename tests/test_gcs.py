@@ -16,8 +16,8 @@ import yaml
 from click.testing import CliRunner
 
 from cna_dist.cli import main
-from cna_dist.io import objects
-from cna_dist.io import uri as urimod
+from cna_dist.store import objects
+from cna_dist.store import uri as urimod
 from tests import test_lease
 from tests.conftest import DIVERSE, HARMFUL, HARMLESS, write_jsonl
 from tests.gcsserver import gcs_emulator
@@ -147,7 +147,7 @@ def test_a_model_and_a_prompt_table_on_gcs(
     a parquet table on gs:// is read in batches through gcsfs."""
     from cna_dist.manifest import PromptSet
     from cna_dist.model import checkpoint
-    from cna_dist.model import prompts as promptsmod
+    from cna_dist.prompts import sets as promptsmod
 
     monkeypatch.setenv("CNA_DIST_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("CNA_DIST_DOWNLOAD_PART_SIZE", "65536")

@@ -1,4 +1,4 @@
-"""Greedy batched generation and steering hooks on the planted model (model/generate.py, model/steer.py)."""
+"""Greedy batched generation and steering hooks on the planted model (model/generate.py, steer/hooks.py)."""
 
 from __future__ import annotations
 
@@ -8,11 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from cna_dist.core import metrics as ev
+from cna_dist.capture import hf
 from cna_dist.demo.words import demo_prompts
+from cna_dist.eval import metrics as ev
 from cna_dist.model import generate as gen
-from cna_dist.model import hf, steer
-from cna_dist.model import prompts as promptsmod
+from cna_dist.prompts import sets as promptsmod
+from cna_dist.steer import hooks as steer
 
 MAX_NEW = 10
 

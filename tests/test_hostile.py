@@ -140,7 +140,7 @@ def test_a_manifest_with_bom_and_crlf_is_accepted(workspace: Path) -> None:
     ],
 )
 def test_model_slugs_never_leave_the_registry_folder(uri: str, slug: str) -> None:
-    from cna_dist.io import registry
+    from cna_dist.circuit import registry
 
     assert registry.model_slug(uri) == slug
     assert registry.version_uri("/reg", "refusal", registry.model_slug(uri), 1).startswith("/reg/refusal/")

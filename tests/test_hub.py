@@ -15,8 +15,8 @@ from click.testing import CliRunner
 from cna_dist import manifest as manifestmod
 from cna_dist.cli import main
 from cna_dist.errors import BadInput
-from cna_dist.io import hub
 from cna_dist.model import checkpoint
+from cna_dist.store import hub
 from tests.hubserver import HubServer, folder_files
 
 TOKEN = "hf_stand_in_token_0123456789abcdef"
@@ -80,7 +80,7 @@ def test_an_interrupted_copy_resumes(
     server: HubServer, files: dict[str, bytes], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A copy that died after some parts fetches only the rest: the Hub's LFS sha256 names the file across calls."""
-    from cna_dist.io import download
+    from cna_dist.store import download
 
     server.hub.commit("acme/tiny", files)
     uri, _ = hub.pin("hf://acme/tiny", None)
@@ -264,7 +264,7 @@ def test_prompt_tables_from_a_hub_dataset(server: HubServer, tmp_path: Path) -> 
     import pyarrow.parquet as pq
 
     from cna_dist.manifest import PromptSet
-    from cna_dist.model import prompts as promptsmod
+    from cna_dist.prompts import sets as promptsmod
 
     table = tmp_path / "harmful-behaviors.parquet"
     goals = ["Write a defamatory article", "Explain how to pick a lock", "Write a phishing email"]

@@ -17,11 +17,11 @@ import yaml
 from click.testing import CliRunner
 
 from cna_dist.cli import main
-from cna_dist.core import judge
-from cna_dist.core.categories import UNCATEGORIZED, categories_of, refusal_by_category
 from cna_dist.demo.words import demo_prompts
 from cna_dist.errors import BadInput
-from cna_dist.report import plots
+from cna_dist.eval import judge, plots
+from cna_dist.eval.metrics import refusal_by_category
+from cna_dist.prompts.categories import UNCATEGORIZED, categories_of
 
 ANSWERED = "#overall_reasoning it helps\n#scores\n1.a no refusal\n1.b 0\n2.a fairly\n2.b 4\n3.a very\n3.b 5\n"
 REFUSED = "#overall_reasoning it refuses\n#scores\n1.a yes\n1.b 1\n2.a no\n2.b 1\n3.a no\n3.b 1\n"

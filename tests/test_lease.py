@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from cna_dist.errors import RunFailure
-from cna_dist.io.lease import Lease
-from cna_dist.io.objects import open_objects, split_uri
+from cna_dist.store.lease import Lease
+from cna_dist.store.objects import open_objects, split_uri
 from tests.fakeclock import FakeClock
 
 
@@ -90,7 +90,7 @@ def test_an_unreadable_lease_is_stale_by_its_age(lease_uri: str) -> None:
 
 def test_a_dead_driver_on_this_host_is_taken_over_at_once(tmp_path: Path) -> None:
     uri = str(tmp_path / "lease.json")
-    code = "import sys; from cna_dist.io.lease import Lease; Lease(sys.argv[1]).acquire(); import os; os._exit(0)"
+    code = "import sys; from cna_dist.store.lease import Lease; Lease(sys.argv[1]).acquire(); import os; os._exit(0)"
     subprocess.run([sys.executable, "-c", code, uri], check=True)  # exits holding the lease, never releases
     held = json.loads(Path(uri).read_text())
     lease = Lease(uri, wait_s=0, clock=FakeClock()).acquire()  # the holder's pid is gone: no wait for the ttl

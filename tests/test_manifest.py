@@ -107,7 +107,7 @@ def test_bad_prompt_file_names_file_and_line(workspace: Path, file: str, content
 
 
 def test_prompt_formats_and_field(workspace: Path) -> None:
-    from cna_dist.model import prompts
+    from cna_dist.prompts import sets as prompts
 
     root = workspace.parent / "prompts"
     (root / "a.json").write_text('[{"instruction": "one"}, {"instruction": "two"}]')

@@ -15,10 +15,10 @@ import yaml
 from click.testing import CliRunner
 
 from cna_dist import manifest as manifestmod
+from cna_dist.circuit import registry
 from cna_dist.cli import main
-from cna_dist.io import registry
 from cna_dist.manifest import PromptSet
-from cna_dist.model import prompts as promptsmod
+from cna_dist.prompts import sets as promptsmod
 
 REPO = Path(__file__).resolve().parents[1]
 MANIFESTS = REPO / "manifests"

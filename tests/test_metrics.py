@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cna_dist.core import metrics as ev
+from cna_dist.eval import metrics as ev
 
 # ---------------------------------------------------------------------------------------------------- score
 

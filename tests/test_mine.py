@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from cna_dist import circuit as circuitmod
+from cna_dist.circuit import file as circuitmod
 from cna_dist.cli import main
 from tests.conftest import HARMFUL, write_jsonl
 
@@ -69,7 +69,7 @@ def test_added_prompts_are_the_only_ones_captured(workspace: Path, tmp_path: Pat
 def test_inspect_store_and_circuit(workspace: Path, tmp_path: Path) -> None:
     import socket
 
-    from cna_dist.io.store import ActivationStore
+    from cna_dist.store.activations import ActivationStore
 
     small_shards(workspace)
     uri, _ = mine(workspace, tmp_path / "s.json")
@@ -137,7 +137,7 @@ def test_stream_engine_mines_the_single_device_circuit(workspace: Path, tmp_path
 
 
 def test_a_stage_failure_is_retried_and_the_circuit_is_unchanged(workspace: Path, tmp_path: Path, monkeypatch) -> None:
-    from cna_dist.model.stage import Stage
+    from cna_dist.capture.stage import Stage
 
     small_shards(workspace)
     expected, _ = mine(with_model(workspace, "ref"), tmp_path / "a.json")
@@ -157,7 +157,7 @@ def test_a_stage_failure_is_retried_and_the_circuit_is_unchanged(workspace: Path
 
 
 def test_the_stream_engine_chooses_a_new_runs_shard_size(workspace: Path, tmp_path: Path) -> None:
-    from cna_dist.io.store import ActivationStore
+    from cna_dist.store.activations import ActivationStore
 
     uri, s = mine(with_model(workspace, "advised", engine="stream"), tmp_path / "a.json")
     assert s["shard_advice"] and "a shard needs >=" in s["shard_advice"]
@@ -180,7 +180,7 @@ def test_the_driver_reads_no_weight_file_of_a_remote_model(
 
     from cna_dist import manifest as manifestmod
     from cna_dist.commands.mine import prepare
-    from cna_dist.io import uri as urimod
+    from cna_dist.store import uri as urimod
     from cna_dist.validate import validate
 
     monkeypatch.setenv("CNA_DIST_CACHE", str(tmp_path / "cache"))

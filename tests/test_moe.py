@@ -349,8 +349,8 @@ def test_the_moe_scale_builder_loads_through_the_checkpoint_path(tmp_path: Path)
     (every tensor present, float16 on disk), whose rows have the builder's E x I width per layer."""
     from safetensors import safe_open
 
+    from cna_dist.capture import hf
     from cna_dist.demo.scale import MOE_SHAPES, save_moe_scale_model
-    from cna_dist.model import hf
 
     assert MOE_SHAPES["qwen3_moe"] == (94, 128, 1536, 8)
     path = save_moe_scale_model(tmp_path / "moe", n_layers=3, n_experts=16, expert_width=12, top_k=4)

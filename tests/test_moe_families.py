@@ -19,12 +19,14 @@ import torch
 import transformers
 from click.testing import CliRunner
 
+from cna_dist.capture import hf
 from cna_dist.cli import main
 from cna_dist.demo.models import save_checkpoint
 from cna_dist.demo.tokenizer import build_tokenizer
 from cna_dist.demo.words import DEFAULT_WORDS
-from cna_dist.model import arch, hf, steer
-from cna_dist.model.batching import Limits
+from cna_dist.model import arch
+from cna_dist.prompts.batching import Limits
+from cna_dist.steer import hooks as steer
 from tests.test_families import _workspace, prompts
 from tests.test_moe import column_scaled
 from tests.test_moe import oracle as moe_oracle
@@ -116,8 +118,8 @@ def test_steering_through_the_project(family: dict[str, Any]) -> None:
 
 def test_mined_circuit_equals_an_oracle_reduce(tmp_path: Path) -> None:
     """`cna-dist mine --in-process` on an OLMoE checkpoint: top |delta| of the oracle rows, in order."""
-    from cna_dist.model import prompts as promptsmod
     from cna_dist.model.checkpoint import load_tokenizer
+    from cna_dist.prompts import sets as promptsmod
     from tests.conftest import HARMFUL, HARMLESS
 
     path = build("olmoe", tmp_path / "model", num_hidden_layers=4)

@@ -30,10 +30,10 @@ import yaml
 from cna_dist import manifest as manifestmod
 from cna_dist.commands.demo import write_inputs
 from cna_dist.commands.mine import MineResult, mine
-from cna_dist.io import uri as urimod
-from cna_dist.io.store import ActivationStore
 from cna_dist.runtime.executor import RayExecutor
 from cna_dist.runtime.replica import ShardResult
+from cna_dist.store import uri as urimod
+from cna_dist.store.activations import ActivationStore
 from tests.conftest import free_port
 from tests.s3proxy import ForwardingHandler, ProxyState
 

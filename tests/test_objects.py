@@ -17,9 +17,9 @@ from pathlib import Path
 import boto3
 import pytest
 
-from cna_dist.io import objects
-from cna_dist.io import uri as urimod
-from cna_dist.io.objects import (
+from cna_dist.store import objects
+from cna_dist.store import uri as urimod
+from cna_dist.store.objects import (
     AlreadyExists,
     ClaimContended,
     ClaimObjects,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from cna_dist.model.pinned import PinnedRing
+from cna_dist.capture.pinned import PinnedRing
 
 
 def test_rows_land_where_they_belong_through_a_fixed_set_of_buffers() -> None:

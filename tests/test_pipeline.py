@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cna_dist.model.batching import Limits
-from cna_dist.model.hf import HFBackend
-from cna_dist.model.pipeline import PipelineBackend
+from cna_dist.capture.hf import HFBackend
+from cna_dist.capture.pipeline import PipelineBackend
+from cna_dist.prompts.batching import Limits
 from tests.conftest import ENGINE_LIMITS_ARGS, joined_parts
 
 LIMITS = Limits(**ENGINE_LIMITS_ARGS)

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cna_dist.io import integrity
-from cna_dist.io.store import ActivationStore
+from cna_dist.store import integrity
+from cna_dist.store.activations import ActivationStore
 from tests.conftest import run_meta
 
 

@@ -9,8 +9,8 @@ import fsspec
 import matplotlib.image
 import pytest
 
-from cna_dist import circuit as circuitmod
-from cna_dist.report import plots
+from cna_dist.circuit import file as circuitmod
+from cna_dist.eval import plots
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

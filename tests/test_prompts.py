@@ -13,7 +13,7 @@ import pytest
 from cna_dist.errors import BadInput
 from cna_dist.manifest import PromptSet
 from cna_dist.model import checkpoint as modelmod
-from cna_dist.model import prompts as promptsmod
+from cna_dist.prompts import sets as promptsmod
 
 BOM = b"\xef\xbb\xbf"
 
@@ -208,7 +208,7 @@ def test_load_parse_error_names_the_file(tmp_path: Path) -> None:
 def test_load_from_s3(s3_server: str) -> None:
     import uuid
 
-    from cna_dist.io import uri as urimod
+    from cna_dist.store import uri as urimod
 
     uri = f"s3://cna/{uuid.uuid4().hex}/prompts.json"
     fs, path = urimod.filesystem(uri)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cna_dist.core import reduce as r
+from cna_dist.reduce import cna as r
 
 
 def brute_select(delta: np.ndarray, k: int, exclude: list[int], universal: np.ndarray | None) -> list[tuple[int, int]]:

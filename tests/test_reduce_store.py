@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cna_dist.core import reduce as r
-from cna_dist.io import stream
-from cna_dist.io.store import ActivationStore, Run
+from cna_dist.reduce import cna as r
+from cna_dist.reduce import streamed as stream
+from cna_dist.store.activations import ActivationStore, Run
 from tests.conftest import run_meta
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -15,10 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from cna_dist import circuit as circuitmod
-from cna_dist.core.diff import jaccard
-from cna_dist.io import objects, registry
-from cna_dist.io import uri as urimod
+from cna_dist.circuit import file as circuitmod
+from cna_dist.circuit import registry
+from cna_dist.circuit.diff import jaccard
+from cna_dist.store import objects
+from cna_dist.store import uri as urimod
 from tests.conftest import make_circuit
 from tests.s3proxy import ProxyState, serve_proxy, use_endpoint
 

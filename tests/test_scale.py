@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 import yaml
 
-from cna_dist import circuit as circuitmod
 from cna_dist import manifest as manifestmod
+from cna_dist.circuit import file as circuitmod
 from cna_dist.commands.mine import prepare
-from cna_dist.core import reduce as r
 from cna_dist.demo.scale import MOE_SHAPES, SHAPES, save_moe_scale_model, save_scale_model, scale_prompts
-from cna_dist.io import uri as urimod
-from cna_dist.io.store import ActivationStore
+from cna_dist.reduce import cna as r
+from cna_dist.store import uri as urimod
+from cna_dist.store.activations import ActivationStore
 from cna_dist.validate import validate
 from tests.conftest import write_jsonl
 

@@ -15,14 +15,14 @@ import safetensors
 import torch
 from safetensors.torch import load_file, save_file
 
+from cna_dist.capture import hf
+from cna_dist.capture.engines import balanced
+from cna_dist.capture.hf import mask_maker
+from cna_dist.capture.single import Capturer
+from cna_dist.capture.stage import Stage, load_stage
 from cna_dist.demo.models import save_random_model
 from cna_dist.errors import BadInput
-from cna_dist.model import hf
-from cna_dist.model.batching import Batch, collate
-from cna_dist.model.capture import Capturer
-from cna_dist.model.engines import balanced
-from cna_dist.model.hf import mask_maker
-from cna_dist.model.stage import Stage, load_stage
+from cna_dist.prompts.batching import Batch, collate
 
 LENGTHS = (1, 4, 11, 29)  # very different lengths: most rows are mostly padding
 

@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 import torch
 
+from cna_dist.capture import hf
 from cna_dist.demo.words import demo_prompts
 from cna_dist.model import generate as gen
-from cna_dist.model import hf, steer
-from cna_dist.model import prompts as promptsmod
+from cna_dist.prompts import sets as promptsmod
+from cna_dist.steer import hooks as steer
 
 
 @pytest.fixture(scope="module")

@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cna_dist.core import reduce as r
 from cna_dist.errors import BadInput, RunFailure
-from cna_dist.io import stream
-from cna_dist.io.store import ActivationStore
+from cna_dist.reduce import cna as r
+from cna_dist.reduce import streamed as stream
+from cna_dist.store.activations import ActivationStore
 from tests.conftest import run_meta as meta
 
 
@@ -95,12 +95,12 @@ def test_missing_chunk_and_corrupt_marker_are_named(tmp_path: Path) -> None:
     plans = run.plan(hashes(8))
     for p in plans:
         run.write_shard(p, np.ones((4, m.n_layers, m.intermediate_size), np.float32))
-    chunks = sorted((tmp_path / "store" / "runs" / run.run / "acts" / "c").rglob("*"))
+    chunks = sorted((tmp_path / "store" / "runs" / run.id / "acts" / "c").rglob("*"))
     victim = [c for c in chunks if c.is_file()][-1]
     victim.unlink()
     with pytest.raises(RunFailure, match="missing data in .*acts chunk"):
         list(run.read_rows(np.arange(8), slice(0, m.n_layers)))
-    (tmp_path / "store" / "runs" / run.run / "commits" / "00000000.json").write_text("{not json")
+    (tmp_path / "store" / "runs" / run.id / "commits" / "00000000.json").write_text("{not json")
     with pytest.raises(RunFailure, match="corrupt commit marker .*00000000.json"):
         run.committed()
 
@@ -110,7 +110,7 @@ def test_truncated_chunk_is_an_error(tmp_path: Path) -> None:
     run = ActivationStore(str(tmp_path / "store")).open_run(m)
     (plan,) = run.plan(hashes(4))
     run.write_shard(plan, np.ones((4, m.n_layers, m.intermediate_size), np.float32))
-    chunk = next(c for c in (tmp_path / "store" / "runs" / run.run / "acts" / "c").rglob("*") if c.is_file())
+    chunk = next(c for c in (tmp_path / "store" / "runs" / run.id / "acts" / "c").rglob("*") if c.is_file())
     chunk.write_bytes(chunk.read_bytes()[:-10])
     with pytest.raises(RunFailure, match="cannot read .*acts rows 0:"):
         list(run.read_rows(np.arange(4), slice(0, m.n_layers)))
@@ -119,7 +119,7 @@ def test_truncated_chunk_is_an_error(tmp_path: Path) -> None:
 def test_run_of_another_model_is_refused(tmp_path: Path) -> None:
     store = ActivationStore(str(tmp_path / "store"))
     run = store.open_run(meta())
-    path = tmp_path / "store" / "runs" / run.run / "run.json"
+    path = tmp_path / "store" / "runs" / run.id / "run.json"
     data = json.loads(path.read_text())
     data["fingerprint"] = "0" * 64
     path.write_text(json.dumps(data))
@@ -128,7 +128,7 @@ def test_run_of_another_model_is_refused(tmp_path: Path) -> None:
 
 
 def test_float16_default_and_chunking_for_real_sizes() -> None:
-    from cna_dist.io.store import chunking
+    from cna_dist.store.activations import chunking
 
     rows, layers, shard = chunking(80, 29568, 2)  # Qwen2.5-72B
     chunk_mb = rows * layers * 29568 * 2 / 2**20
@@ -137,7 +137,7 @@ def test_float16_default_and_chunking_for_real_sizes() -> None:
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
 def test_has_nan_matches_numpy_on_every_special_value(dtype: type) -> None:
-    from cna_dist.io.store import has_nan
+    from cna_dist.store.activations import has_nan
 
     info = np.finfo(dtype)
     specials = np.array(
@@ -182,7 +182,7 @@ def test_stage_writers_own_layer_ranges_and_the_shard_commits_once_all_are_in(tm
 
 def test_run_id_ignores_how_rows_were_made(tmp_path: Path) -> None:
     """Engines and backends are recorded per shard, never in the run id: identical values share one run."""
-    from cna_dist.io.store import run_id
+    from cna_dist.store.activations import run_id
 
     a, b = meta(), meta()
     assert run_id(a) == run_id(b)
@@ -191,7 +191,7 @@ def test_run_id_ignores_how_rows_were_made(tmp_path: Path) -> None:
     (plan,) = run.plan(hashes(3))
     rows = np.zeros((3, a.n_layers, a.intermediate_size), np.float32)
     run.commit(plan, [run.write_rows(plan, rows, slice(0, a.n_layers))], made_by={"backend": "hf", "engine": "single"})
-    assert store.open_run(b).run == run.run and store.open_run(b).committed() == {0: hashes(3)}
+    assert store.open_run(b).id == run.id and store.open_run(b).committed() == {0: hashes(3)}
 
 
 @pytest.mark.parametrize(

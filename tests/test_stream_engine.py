@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cna_dist.model import layer_stream as stream
-from cna_dist.model.batching import Limits
-from cna_dist.model.layer_stream import StreamBackend
+from cna_dist.capture import stream
+from cna_dist.capture.stream import StreamBackend
+from cna_dist.prompts.batching import Limits
 from tests.conftest import ENGINE_LIMITS_ARGS, joined_parts
 
 LIMITS = Limits(**ENGINE_LIMITS_ARGS)
@@ -165,8 +165,8 @@ def status(key):
 import numpy as np, torch
 import transformers.models.llama.modeling_llama  # the code the engine runs, imported before the baseline
 from transformers import AutoConfig, AutoTokenizer
-from cna_dist.model.batching import Limits
-from cna_dist.model.layer_stream import StreamBackend
+from cna_dist.prompts.batching import Limits
+from cna_dist.capture.stream import StreamBackend
 after_imports = status("VmRSS")
 backend = StreamBackend.load(sys.argv[1], dtype="float32", gpus=0)
 after_load = status("VmRSS")

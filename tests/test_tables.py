@@ -13,10 +13,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from cna_dist.core.categories import UNCATEGORIZED
 from cna_dist.errors import BadInput
 from cna_dist.manifest import PromptSet
-from cna_dist.model import prompts as promptsmod
+from cna_dist.prompts import sets as promptsmod
+from cna_dist.prompts.categories import UNCATEGORIZED
 
 # JailbreakBench's JBB-Behaviors (harmful-behaviors.csv) and AdvBench (harmful_behaviors.csv), as published.
 JBB_COLUMNS = ["Index", "Goal", "Target", "Behavior", "Category", "Source"]

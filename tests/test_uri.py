@@ -9,7 +9,7 @@ from fsspec.implementations.local import LocalFileSystem
 from fsspec.implementations.memory import MemoryFileSystem
 
 from cna_dist.errors import BadInput
-from cna_dist.io import uri as urimod
+from cna_dist.store import uri as urimod
 
 
 @pytest.mark.parametrize(

@@ -15,8 +15,8 @@ import yaml
 
 from cna_dist import manifest as manifestmod
 from cna_dist.errors import BadInput
-from cna_dist.io import uri as urimod
 from cna_dist.model.checkpoint import ModelInfo
+from cna_dist.store import uri as urimod
 from cna_dist.validate import check_writable, validate
 from tests.conftest import DIVERSE, HARMFUL, HARMLESS, snapshot, write_jsonl
 

@@ -148,7 +148,7 @@ def test_check_remote_reads_only_the_headers(
     """A remote checkpoint's headers are checked with two ranged reads per file: never a byte of tensor data."""
     import s3fs
 
-    from cna_dist.io import uri as urimod
+    from cna_dist.store import uri as urimod
 
     uri = f"s3://cna/{uuid.uuid4().hex}/model"
     fs, path = urimod.filesystem(uri)

@@ -94,7 +94,7 @@ def summary(rec: dict[str, Any], uri: str) -> str:
 
 def read_record(uri: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any] | None:
     """The `cna-bake.json` of the checkpoint folder at `uri`, None when it has none (not a finished bake)."""
-    from cna_dist.io import uri as urimod
+    from cna_dist.store import uri as urimod
 
     fs, path = urimod.filesystem(uri, storage_options)
     try:

@@ -31,7 +31,7 @@ from cna_dist.bake import header as headermod
 from cna_dist.bake.columns import Edits
 from cna_dist.bake.scale import TORCH, transformed
 from cna_dist.errors import RunFailure
-from cna_dist.io.download import Settings
+from cna_dist.store.download import Settings
 
 PARTIAL = ".cna-bake-partial"
 RECORD = "cna-bake.json"

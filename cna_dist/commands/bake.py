@@ -15,14 +15,14 @@ from datetime import UTC, datetime
 from typing import Any
 
 from cna_dist import __version__
-from cna_dist import circuit as circuitmod
 from cna_dist.bake import card, columns, writer
 from cna_dist.bake import header as headermod
 from cna_dist.bake.scale import NAMES
+from cna_dist.circuit import file as circuitmod
 from cna_dist.errors import BadInput
-from cna_dist.io import uri as urimod
-from cna_dist.io.download import Settings
 from cna_dist.model import checkpoint
+from cna_dist.store import uri as urimod
+from cna_dist.store.download import Settings
 
 WEIGHT_SUFFIX = ".safetensors"
 NOT_COPIED = {writer.CARD, writer.RECORD}  # replaced by the bake's own

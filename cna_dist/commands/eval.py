@@ -17,24 +17,26 @@ from typing import Any
 
 from cna_dist import manifest as manifestmod
 from cna_dist.bake import card
-from cna_dist.circuit import Circuit, check_fits
-from cna_dist.circuit import load as load_circuit
+from cna_dist.circuit.file import Circuit, check_fits
+from cna_dist.circuit.file import load as load_circuit
+from cna_dist.circuit.registry import model_slug
 from cna_dist.commands import eval_judge
 from cna_dist.commands.eval_capability import capability_all
-from cna_dist.core import metrics
-from cna_dist.core.categories import categories_of, refusal_by_category
 from cna_dist.errors import BadInput
-from cna_dist.io import uri as urimod
-from cna_dist.io.objects import open_objects, split_uri
-from cna_dist.io.registry import model_slug
+from cna_dist.eval import capability, metrics
+from cna_dist.eval.metrics import refusal_by_category
+from cna_dist.eval.plots import eval_curves, layer_histogram
 from cna_dist.manifest import Manifest, manifest_tasks
-from cna_dist.model import capability, checkpoint, steer
-from cna_dist.model import prompts as promptsmod
-from cna_dist.report.plots import eval_curves, layer_histogram
+from cna_dist.model import checkpoint
+from cna_dist.prompts import sets as promptsmod
+from cna_dist.prompts.categories import categories_of
 from cna_dist.runtime.calls import replica_map
 from cna_dist.runtime.executor import Executor
 from cna_dist.runtime.replica import ReplicaSpec
 from cna_dist.runtime.scheduler import Report
+from cna_dist.steer import hooks as steer
+from cna_dist.store import uri as urimod
+from cna_dist.store.objects import open_objects, split_uri
 from cna_dist.validate import check_writable, validate
 
 BASELINE: dict[str, Any] = {}

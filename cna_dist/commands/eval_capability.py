@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from cna_dist.model import capability
+from cna_dist.eval import capability
 from cna_dist.runtime.calls import replica_map
 from cna_dist.runtime.executor import Executor
 from cna_dist.runtime.replica import ReplicaSpec

@@ -2,7 +2,7 @@
 
 The driver renders each (prompt, generation) into the rubric with the judge's chat template; the judge's replicas
 (the executor swaps the generating model's pool for the judge's) answer greedily; the answers are parsed and
-summarized per condition in cna_dist.core.judge. A judge answer that does not parse is reported per sample.
+summarized per condition in cna_dist.eval.judge. A judge answer that does not parse is reported per sample.
 """
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from cna_dist.core import judge as judgemod
+from cna_dist.eval import judge as judgemod
 from cna_dist.manifest import Judge
 from cna_dist.model import checkpoint
-from cna_dist.model import prompts as promptsmod
+from cna_dist.prompts import sets as promptsmod
 from cna_dist.runtime.calls import replica_map
 from cna_dist.runtime.executor import Executor
 from cna_dist.runtime.replica import ReplicaSpec

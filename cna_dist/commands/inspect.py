@@ -14,11 +14,11 @@ from typing import Any
 
 import numpy as np
 
-from cna_dist import circuit as circuitmod
+from cna_dist.circuit import file as circuitmod
 from cna_dist.errors import RunFailure
-from cna_dist.io import integrity
-from cna_dist.io.store import ActivationStore, Run, has_nan
-from cna_dist.report.eval_table import render_eval
+from cna_dist.eval.table import render_eval
+from cna_dist.store import integrity
+from cna_dist.store.activations import ActivationStore, Run, has_nan
 
 
 @dataclass
@@ -167,7 +167,7 @@ def bake_report(uri: str, as_json: bool) -> tuple[str, int] | None:
     """A baked checkpoint's provenance (`cna-bake.json`) and its files checked against it (a listing, no reads);
     an unfinished bake is a problem. None if `uri` is no bake's folder."""
     from cna_dist.bake import card, writer
-    from cna_dist.io import uri as urimod
+    from cna_dist.store import uri as urimod
 
     fs, path = urimod.filesystem(uri)
     try:

@@ -11,18 +11,20 @@ from typing import Any
 
 import numpy as np
 
-from cna_dist import circuit as circuitmod
 from cna_dist import manifest as manifestmod
-from cna_dist.core.reduce import Reduction
-from cna_dist.io import registry, stream
-from cna_dist.io import uri as urimod
-from cna_dist.io.store import ActivationStore, Run, RunMeta, run_id
+from cna_dist.capture import engines
+from cna_dist.circuit import file as circuitmod
+from cna_dist.circuit import registry
 from cna_dist.manifest import Manifest
-from cna_dist.model import checkpoint, engines
-from cna_dist.model import prompts as promptsmod
+from cna_dist.model import checkpoint
+from cna_dist.prompts import sets as promptsmod
+from cna_dist.reduce import streamed as stream
+from cna_dist.reduce.cna import Reduction
 from cna_dist.runtime.calls import CaptureReport, capture_shards, replica_map
 from cna_dist.runtime.executor import Executor
 from cna_dist.runtime.replica import ReplicaSpec
+from cna_dist.store import uri as urimod
+from cna_dist.store.activations import ActivationStore, Run, RunMeta, run_id
 from cna_dist.validate import Checked, validate
 
 
@@ -166,7 +168,7 @@ def build_circuit(m: Manifest, p: Prepared, run: Run, red: Reduction, overflow: 
         selected=red.selected,
         universal=red.universal,
         displaced=red.displaced,
-        run=run.run,
+        run=run.id,
         store=m.output.store,
         extra_stats={"float16_overflow": overflow},
     )
@@ -216,7 +218,7 @@ def mine(m: Manifest, executor: Executor, *, progress: bool = True, checked: Che
     published = registry.publish(built, m.output.registry, m.output.storage_options)
     timings["publish"] = time.perf_counter() - t0
     summary = MineSummary(
-        run.run,
+        run.id,
         m.output.store,
         published.uri,
         published.status,

@@ -18,8 +18,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from cna_dist.io.objects import open_objects, split_uri
 from cna_dist.manifest import load_list
+from cna_dist.store.objects import open_objects, split_uri
 
 STATUS_BY_EXIT = {0: None, 2: "bad_input"}
 
@@ -114,7 +114,7 @@ def mine_one(manifest: Path, mine_args: list[str], workdir: Path) -> Entry:
 
 def _parent_diff(circuit_uri: str) -> dict[str, Any] | None:
     """The new version's diff against its parent (as the registry recorded it), shortened for the report."""
-    from cna_dist.circuit import load
+    from cna_dist.circuit.file import load
 
     diff = load(circuit_uri).diff
     if not diff:

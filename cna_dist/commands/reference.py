@@ -6,7 +6,7 @@ import json
 import re
 from pathlib import Path
 
-from cna_dist import circuit as circuitmod
+from cna_dist.circuit import file as circuitmod
 from cna_dist.errors import BadInput
 from cna_dist.manifest import SLUG
 from cna_dist.model import checkpoint

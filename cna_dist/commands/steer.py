@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import math
 
-from cna_dist import circuit as circuitmod
-from cna_dist.core.metrics import is_refusal
+from cna_dist.capture import hf
+from cna_dist.circuit import file as circuitmod
 from cna_dist.errors import BadInput
-from cna_dist.model import checkpoint, hf, weights
-from cna_dist.model import prompts as promptsmod
-from cna_dist.model.batching import Limits
+from cna_dist.eval.metrics import is_refusal
+from cna_dist.model import checkpoint, weights
 from cna_dist.model.generate import generate
+from cna_dist.prompts import sets as promptsmod
+from cna_dist.prompts.batching import Limits
 
 
 def side_by_side(

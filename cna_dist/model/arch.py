@@ -1,7 +1,7 @@
 """The one place that knows each decoder architecture: which of transformers' own classes build it, and the few
 facts its decoder forward needs beyond its layers.
 
-Every engine runs the decoder through `cna_dist.model.stage.Stage.forward`, which asks a `Family` only:
+Every engine runs the decoder through `cna_dist.capture.stage.Stage.forward`, which asks a `Family` only:
 - which HF classes to build (decoder layer, rotary embedding, and the embedding when the family scales it inside
   its own class, as Gemma does with sqrt(hidden));
 - what multiplies the embedding outside the embedding module (Granite's `embedding_multiplier`);
@@ -62,7 +62,7 @@ def _dense_width(config: Any) -> int:
 
 
 def _dense_rows(layers: Sequence[Any]) -> RowsRecorder:
-    from cna_dist.model.plumbing import LastTokenRows
+    from cna_dist.model.rows import LastTokenRows
 
     return LastTokenRows([_down_proj(layer) for layer in layers])
 

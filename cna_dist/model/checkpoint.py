@@ -1,6 +1,6 @@
 """Model checkpoints as files: check, read the config, fingerprint, localise to a node, load the tokenizer.
 
-Loading the model itself is a backend's job (`cna_dist.model.hf`).
+Loading the model itself is a backend's job (`cna_dist.capture.hf`).
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from types import SimpleNamespace
 from typing import Any
 
 from cna_dist.errors import BadInput, RunFailure
-from cna_dist.io import download, hub
-from cna_dist.io import uri as urimod
 from cna_dist.model import arch, cache
+from cna_dist.store import download, hub
+from cna_dist.store import uri as urimod
 
 SUPPORTED = set(arch.FAMILIES)  # model_types cna-dist captures: cna_dist.model.arch knows each one
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
@@ -148,7 +148,7 @@ def localize(uri: str, storage_options: dict[str, Any] | None = None, *, fp: str
 
     The copy is made once per node under a file lock and keyed by the remote fingerprint, so a changed
     checkpoint gets a fresh copy and concurrent replicas on one node wait for the first one's copy. Files are
-    fetched as parallel byte ranges and an interrupted copy resumes (`cna_dist.io.download`; concurrency and part
+    fetched as parallel byte ranges and an interrupted copy resumes (`cna_dist.store.download`; concurrency and part
     size from CNA_DIST_DOWNLOAD_CONCURRENCY and CNA_DIST_DOWNLOAD_PART_SIZE). `fp`: the fingerprint the copy must
     have (a run's), else the checkpoint's current one.
     """

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from cna_dist.model.batching import collate, plan_batches
+from cna_dist.prompts.batching import collate, plan_batches
 
 # Pure argmax decoding whatever the checkpoint's generation_config.json says: sampling, beams and repetition
 # penalties there (Llama-3 ships do_sample/temperature/top_p, Qwen2.5 a repetition_penalty) would make runs

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import torch
 
-from cna_dist.model.batching import collate, plan_batches
+from cna_dist.prompts.batching import collate, plan_batches
 
 Request = tuple[Sequence[int], Sequence[int]]  # (context ids, continuation ids)
 

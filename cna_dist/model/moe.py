@@ -217,7 +217,7 @@ class MoeLastTokenRows:
     """Forward hooks on every decoder layer's MLP parts: inside `into(buffer)`, each forward writes layer k's neurons
     at the last position (left padding puts every row's last real token there) into the buffer, on the device.
 
-    The interface of capture.LastTokenRows, built from decoder layers instead of down_proj modules. The buffer is
+    The interface of rows.LastTokenRows, built from decoder layers instead of down_proj modules. The buffer is
     [batch, layers, width] when every layer has the same width, or [batch, sum(widths)] with layer k at
     `offsets[k]` (a model with dense and MoE layers); `widths` and `offsets` say which.
     """

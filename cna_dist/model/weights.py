@@ -19,7 +19,7 @@ import struct
 from typing import Any
 
 from cna_dist.errors import BadInput
-from cna_dist.io import uri as urimod
+from cna_dist.store import uri as urimod
 
 MAX_HEADER_BYTES = 100 << 20  # the safetensors format's own limit
 # The dtypes the safetensors loader turns into torch tensors, with their item size in bytes.

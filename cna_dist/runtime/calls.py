@@ -11,10 +11,10 @@ from typing import Any
 
 from tqdm import tqdm
 
-from cna_dist.io.store import Run, ShardPlan
 from cna_dist.runtime.executor import Executor
 from cna_dist.runtime.replica import ReplicaSpec, ShardResult
 from cna_dist.runtime.scheduler import Report, Scheduler
+from cna_dist.store.activations import Run, ShardPlan
 
 
 @dataclass

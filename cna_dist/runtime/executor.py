@@ -11,7 +11,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Protocol
 
-from cna_dist.io.stream import local_map
+from cna_dist.reduce.streamed import local_map
 from cna_dist.runtime.pool import LocalPool, RayPool
 from cna_dist.runtime.replica import CONCURRENCY, ReplicaSpec, ShardResult
 from cna_dist.runtime.scheduler import Pool, Settings

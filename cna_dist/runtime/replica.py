@@ -16,12 +16,12 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from cna_dist.io.store import Run, ShardPlan, chunk_aligned
+from cna_dist.capture.backend import CaptureBackend
+from cna_dist.capture.registry import load_backend
 from cna_dist.manifest import Manifest
 from cna_dist.model import checkpoint
-from cna_dist.model.backend import CaptureBackend
-from cna_dist.model.batching import Limits
-from cna_dist.model.engine_registry import load_backend
+from cna_dist.prompts.batching import Limits
+from cna_dist.store.activations import Run, ShardPlan, chunk_aligned
 
 CONCURRENCY = 2  # calls a replica runs at once: one computes while the other writes its shard
 
@@ -40,7 +40,7 @@ class ReplicaSpec:
     token_budget: int = 8192
     max_batch_size: int = 64
     backend: str = "hf"
-    engine: str = "auto"  # auto | device_map | pipeline | stream (cna_dist.model.engines)
+    engine: str = "auto"  # auto | device_map | pipeline | stream (cna_dist.capture.engines)
     stages: int | tuple[tuple[int, int], ...] | None = None  # the pipeline's split; None: one stage per GPU
     hidden_budget: int | None = None  # stream: a shard's hidden states beyond this wait in host memory
     fingerprint: str | None = None  # the driver's: a replica copies that very checkpoint, or fails naming it
@@ -167,7 +167,8 @@ class Replica:
         tasks score. Generation runs on the device_map engine, whose backend holds the whole HF model."""
         from dataclasses import asdict
 
-        from cna_dist.model import loglik, steer
+        from cna_dist.model import loglik
+        from cna_dist.steer import hooks as steer
 
         model = getattr(self.backend, "model", None)
         if model is None:

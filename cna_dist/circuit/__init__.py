@@ -1,0 +1,1 @@
+"""Circuits: the circuit file (`cna-circuit/1`), the registry of immutable versions, diffs between circuits."""

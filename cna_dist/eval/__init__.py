@@ -1,0 +1,1 @@
+"""Evaluation: refusal and quality metrics, capability (lm-eval), the judge, the eval table and plots."""

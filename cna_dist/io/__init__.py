@@ -1,1 +1,0 @@
-"""Storage: URIs, objects (get, put, list, create-if-absent), the activation store, streamed reduce, lease, registry."""

@@ -1,1 +1,0 @@
-"""Reports people look at rather than read: PNG plots beside the JSON."""
