@@ -10,7 +10,7 @@ GPUs. This script runs the driver's own code, in this process:
   every replica is the real `Replica` class, its engine a fixture that emits tiny rows (`--layers` x `--width`
   float16) at `--rate` rows/s per replica (it sleeps as a GPU computes) and its writes go through the real store,
 - the re-run plan and the count of reused shards (as `cna-dist mine` does), `Run.row_index`, and
-- `stream.reduce_store` (means, universal counts, top-k) over all N rows, in process,
+- `streamed.reduce_store` (means, universal counts, top-k) over all N rows, in process,
 
 for each N and R, on local disk and on S3 (moto's server on 127.0.0.1). It prints, per shard and per prompt: the
 driver thread's CPU seconds (time.thread_time of the thread running plan and scheduler: the replicas are other
@@ -37,7 +37,7 @@ import numpy as np
 from download import start_moto  # benchmarks/download.py, beside this script
 
 from cna_dist.prompts.batching import Limits
-from cna_dist.reduce import streamed as stream
+from cna_dist.reduce import streamed
 from cna_dist.runtime.calls import capture_shards
 from cna_dist.runtime.pool import LocalActor, LocalPool
 from cna_dist.runtime.replica import CONCURRENCY, Replica, ReplicaSpec
@@ -175,7 +175,7 @@ def measure(where: str, uri: str, n: int, replicas: int, args: argparse.Namespac
         "diverse": np.array([index[h] for h in hashes[: max(1, n // 10)]], dtype=np.int64),
     }
     start = time.perf_counter()
-    stream.reduce_store(
+    streamed.reduce_store(
         run, rows, k=8, exclude_layers=[], universal_fraction=0.01, universal_threshold=0.8, universal_scope="global"
     )
     reduce_s = time.perf_counter() - start

@@ -68,7 +68,7 @@ from typing import Any
 import numpy as np
 
 from cna_dist.reduce import cna as r
-from cna_dist.reduce import streamed as stream
+from cna_dist.reduce import streamed
 from cna_dist.store.activations import ActivationStore, Run, RunMeta
 
 MiB = 1 << 20
@@ -181,7 +181,7 @@ def plain_read(run: Run, n_rows: int) -> int:
     arr = run.array(mode="r")
     meta = run.meta
     total = 0
-    for layers in stream.layer_blocks(meta.n_layers, meta.layers_per_chunk):
+    for layers in streamed.layer_blocks(meta.n_layers, meta.layers_per_chunk):
         for lo in range(0, n_rows, meta.rows_per_chunk):
             total += np.asarray(arr[lo : min(lo + meta.rows_per_chunk, n_rows), layers]).nbytes
     return total
@@ -198,9 +198,9 @@ def reduce_kwargs(meta: RunMeta, fraction: float) -> dict[str, Any]:
 
 
 def run_reduce(
-    run: Run, rows: dict[str, np.ndarray], kwargs: dict[str, Any], mapper: stream.Mapper = stream.local_map
+    run: Run, rows: dict[str, np.ndarray], kwargs: dict[str, Any], mapper: streamed.Mapper = streamed.local_map
 ) -> r.Reduction:
-    return stream.reduce_store(run, rows, mapper=mapper, **kwargs)
+    return streamed.reduce_store(run, rows, mapper=mapper, **kwargs)
 
 
 def time_both(run: Run, rows: dict[str, np.ndarray], kwargs: dict[str, Any], repeats: int) -> dict[str, list[float]]:
@@ -357,7 +357,7 @@ def bench(args: argparse.Namespace, store: str) -> int:
     run = open_run(store, args.layers, args.width)
     meta = run.meta
     n = r.n_top(args.fraction, meta.n_layers * meta.intermediate_size)
-    cap = stream.group_cap(run, n)
+    cap = streamed.group_cap(run, n)
     n_rows = args.rows or rows_for(args.multiple, meta, n, cap)
     sizes = set_sizes(n_rows)
     sets = {name: row_hashes(name, sizes[name], args.seed) for name in SETS}

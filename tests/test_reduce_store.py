@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from cna_dist.reduce import cna as r
-from cna_dist.reduce import streamed as stream
+from cna_dist.reduce import streamed
 from cna_dist.store.activations import ActivationStore, Run
 from tests.conftest import run_meta
 
@@ -59,11 +59,11 @@ def test_global_scope_equals_in_memory_with_heavy_ties(
     run, rows, acts = tied_store(tmp_path, dtype, seed=int(fraction * 1000))
     expected = r.reduce_in_memory(acts, 7, [0], fraction, 0.8, "global")
     assert expected.universal.any()
-    natural_cap = stream.group_cap
+    natural_cap = streamed.group_cap
     for cap in (None, 1, 3):
-        monkeypatch.setattr(stream, "group_cap", natural_cap if cap is None else lambda run, n, c=cap: c)
+        monkeypatch.setattr(streamed, "group_cap", natural_cap if cap is None else lambda run, n, c=cap: c)
         for block in (None, 1, 2):
-            got = stream.reduce_store(
+            got = streamed.reduce_store(
                 run,
                 rows,
                 k=7,
@@ -88,7 +88,7 @@ def test_group_top_counts_count_each_prompts_top_n_by_value_then_id(tmp_path: Pa
     acts["diverse"][0, 0, :] = 0.0
     rewrite(run, rows["diverse"][0], acts["diverse"][0])
     n = 17
-    ids, counts = stream.group_top_counts(run, rows["diverse"], block, n)
+    ids, counts = streamed.group_top_counts(run, rows["diverse"], block, n)
     expected = np.zeros(N_LAYERS * WIDTH, dtype=np.int64)
     for row in acts["diverse"]:
         ranked = sorted((-abs(float(x)), i) for i, x in enumerate(row.reshape(-1)))
@@ -110,14 +110,14 @@ def test_a_nan_in_a_diverse_row_is_an_error_naming_the_row(tmp_path: Path) -> No
     bad[3, 7] = np.nan
     rewrite(run, rows["diverse"][2], bad)
     with pytest.raises(ValueError, match=rf"store rows \[{rows['diverse'][2]}\] hold NaN"):
-        stream.group_top_counts(run, rows["diverse"], 2, 5)
+        streamed.group_top_counts(run, rows["diverse"], 2, 5)
 
 
 def test_prompt_groups_cover_every_prompt_once_within_cap() -> None:
     rng = np.random.default_rng(0)
     rows = rng.integers(0, 200, 300)  # duplicates and crowded chunks
     for cap in (1, 4, 16, 64):
-        groups = stream.prompt_groups(rows, 16, cap)
+        groups = streamed.prompt_groups(rows, 16, cap)
         assert all(0 < g.size <= cap for g in groups)
         np.testing.assert_array_equal(np.sort(np.concatenate(groups)), np.arange(rows.size))
         for chunk in np.unique(rows // 16):
@@ -145,14 +145,14 @@ def test_driver_folds_one_bounded_result_at_a_time(tmp_path: Path) -> None:
     def streaming(fn, args):
         for a in args:
             out = fn(*a)
-            if fn is stream.group_top_counts:
+            if fn is streamed.group_top_counts:
                 held.append(out[0].size)
                 assert out[0].size <= a[1].size * a[3]
             yield out
-            if fn is stream.group_top_counts:
+            if fn is streamed.group_top_counts:
                 held.pop()  # the driver has folded it: the next result comes only now
 
-    stream.reduce_store(
+    streamed.reduce_store(
         run,
         rows,
         k=5,
@@ -227,11 +227,11 @@ def test_candidates_hold_every_key_of_the_rows_top_n(case: str) -> None:
         row[: 3 * stride : stride] = 7
     else:
         row, n = rng.integers(0, 5, 15).astype(np.uint16), 20
-    keep = stream._candidates(row, -1, n)
+    keep = streamed._candidates(row, -1, n)
     top = sorted(range(row.size), key=lambda i: (-int(row[i]), i))[:n]
     assert set(top) <= set(keep.tolist())
     assert keep.size < row.size or case in ("ties", "short")
-    full = stream._candidates(row, int(row[top[-1]]), n)
+    full = streamed._candidates(row, int(row[top[-1]]), n)
     assert set(top) <= set(full.tolist())
 
 
@@ -248,7 +248,7 @@ def test_group_top_counts_on_wide_rows_use_the_sampled_floor(tmp_path: Path) -> 
     index = run.row_index()
     rows = np.array([index[h] for h in hashes])
     n = 9
-    ids, counts = stream.group_top_counts(run, rows, 2, n)
+    ids, counts = streamed.group_top_counts(run, rows, 2, n)
     expected = np.zeros(4 * 2048, dtype=np.int64)
     for row in data:
         flat = np.abs(row.astype(np.float64)).reshape(-1)

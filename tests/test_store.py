@@ -10,7 +10,7 @@ import pytest
 
 from cna_dist.errors import BadInput, RunFailure
 from cna_dist.reduce import cna as r
-from cna_dist.reduce import streamed as stream
+from cna_dist.reduce import streamed
 from cna_dist.store.activations import ActivationStore
 from tests.conftest import run_meta as meta
 
@@ -56,7 +56,7 @@ def test_streamed_reduce_equals_in_memory(store_uri: str) -> None:
     for scope in ("global", "per_layer"):
         expected = r.reduce_in_memory(acts, 6, [0, 1], 0.01, 0.8, scope)
         for block in (1, 2, 5):
-            got = stream.reduce_store(
+            got = streamed.reduce_store(
                 run,
                 rows,
                 k=6,

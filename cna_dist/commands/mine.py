@@ -18,7 +18,7 @@ from cna_dist.circuit import registry
 from cna_dist.manifest import Manifest
 from cna_dist.model import checkpoint
 from cna_dist.prompts import sets as promptsmod
-from cna_dist.reduce import streamed as stream
+from cna_dist.reduce import streamed
 from cna_dist.reduce.cna import Reduction
 from cna_dist.runtime.calls import CaptureReport, capture_shards, replica_map
 from cna_dist.runtime.executor import Executor
@@ -131,7 +131,7 @@ def prepare(m: Manifest, checked: Checked) -> Prepared:
 def reduce(m: Manifest, p: Prepared, run: Run, executor: Executor) -> Reduction:
     index = run.row_index()
     rows = {name: np.array([index[h] for h in e.row_hashes], dtype=np.int64) for name, e in p.sets.items()}
-    return stream.reduce_store(
+    return streamed.reduce_store(
         run,
         rows,
         k=m.select.k_for(p.info.n_layers, p.info.intermediate_size),
