@@ -203,6 +203,47 @@ def engines_of(manifest: Path) -> set[str]:
     return {m["made_by"]["engine"] for m in markers}
 
 
+def test_stream_rows_need_the_models_experts_implementation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """At a width where HF's eager experts loop rounds differently from grouped_mm (hidden 128, 8 experts of 64),
+    stream rows are bit-identical because the stage runs grouped_mm as the loaded model does; forced to eager, the
+    same stages give rows that are close but not equal (so the test above would notice a wrong choice)."""
+    from cna_dist.model import stage as stagemod
+
+    path = build(
+        "qwen3_moe", tmp_path / "model", hidden_size=128, moe_intermediate_size=64, num_experts=8, num_hidden_layers=3
+    )
+    token_ids = prompts(len(build_tokenizer(DEFAULT_WORDS)), n=5)
+    single = single_rows(path, token_ids)
+    assert np.array_equal(stream_rows(path, token_ids), single)
+    monkeypatch.setattr(stagemod, "_experts_implementation", lambda fam, config: "eager")
+    eager = stream_rows(path, token_ids)
+    assert not np.array_equal(eager, single)
+    np.testing.assert_allclose(eager, single, rtol=1e-4, atol=1e-4 * np.abs(single).max())
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen2_moe"])
+def test_bfloat16_stage_rows_equal_single_device(model_type: str, tmp_path: Path) -> None:
+    """The float32 checkpoint converted to bfloat16 while loading: per-expert pieces converted one by one give the
+    same fused weights as transformers' conversion, and the same rows on both stage engines."""
+    path = build(model_type, tmp_path / "model", num_hidden_layers=N_LAYERS)
+    token_ids = prompts(len(build_tokenizer(DEFAULT_WORDS)), n=5)
+    backend = hf.HFBackend.load(path, dtype="bfloat16", trust_remote_code=False)
+    try:
+        [(_, _, single)], _ = backend.capture_parts(token_ids, "float32", LIMITS)
+    finally:
+        backend.close()
+    pipeline = PipelineBackend.load(path, SPLIT, dtype="bfloat16", gpus=0)
+    stream = StreamBackend.load(path, dtype="bfloat16", gpus=0)
+    try:
+        parts, _ = pipeline.capture_parts(token_ids, "float32", LIMITS)
+        [(_, _, streamed)], _ = stream.capture_parts(token_ids, "float32", LIMITS)
+    finally:
+        pipeline.close()
+        stream.close()
+    assert np.array_equal(np.concatenate([rows for _, _, rows in parts], axis=1), single)
+    assert np.array_equal(streamed, single)
+
+
 def _mine(manifest: Path) -> dict[str, Any]:
     result = CliRunner().invoke(main, ["mine", str(manifest), "--quiet", "--in-process"])
     assert result.exit_code == 0, result.output
