@@ -143,6 +143,10 @@ def test_fused_checkpoints_load_as_saved(model_type: str, tmp_path: Path, monkey
         names = set(handle.keys())
     assert {"model.layers.1.mlp.experts.gate_up_proj", "model.layers.1.mlp.experts.down_proj"} <= names
     assert not any(".experts.0." in name or "block_sparse_moe" in name for name in names)
+    manifest = _workspace(tmp_path / "ws", fused)
+    manifest.write_text(manifest.read_text().replace("top_k: 40", "top_k: 8"))  # 1 candidate layer of 32 (mixtral)
+    validated = CliRunner().invoke(main, ["validate", str(manifest)])
+    assert validated.exit_code == 0, validated.output  # the weight check takes fused experts as they are
     recorder = Recorder(monkeypatch)
     stage = load_stage(fused, 1, 2)
     assert sorted(recorder.keys) == sorted(name for name in names if name.startswith("model.layers.1."))

@@ -314,3 +314,4 @@ def _copy(handle: Any, file: Path, pieces: list[tuple[str, torch.Tensor]]) -> No
             )
         with torch.no_grad():
             target.copy_(tensor)
+        del tensor  # one checkpoint tensor alive at a time besides the stage (an expert's, for fused experts)
