@@ -4,7 +4,9 @@ A `Stage` either wraps a loaded model's own modules (`Stage.of_model`: single-de
 one-stage run of it) or is built for layers [lo, hi) alone and filled straight from the checkpoint's safetensors
 (`load_stage`: pipeline stages and the stream engine's layers), so no process of those engines ever holds the
 whole model: built on the meta device, materialised on its own device, filled with exactly its own tensors
-(`model.layers.{i}.*`, plus `model.embed_tokens.weight` on the first stage). Its forward repeats what the family's
+(`model.layers.{i}.*`, plus `model.embed_tokens.weight` on the first stage; a mixture-of-experts layer's fused
+expert parameters from the checkpoint's per-expert tensors, as transformers' own loader fuses them, see
+`moe.saved_pieces`). Its forward repeats what the family's
 own `*Model.forward` does for those layers, op for op, with the family's facts from `cna_dist.model.arch` and HF's
 own classes doing the math, so chained stages give bit-identical hidden states and neuron rows to one stage.
 """
@@ -184,8 +186,9 @@ def load_stage(
     """Layers [lo, hi) (and the embedding when lo == 0) of the checkpoint folder `path`.
 
     Reads config.json (unless a `stage_config(path)` is given: a loader of many stages parses it once) and only
-    this stage's tensors, straight onto `device`, converted to `dtype` (names as in `checkpoint.torch_dtype`). A
-    tensor missing from the checkpoint or of the wrong shape is BadInput.
+    this stage's tensors, straight onto `device`, converted to `dtype` (names as in `checkpoint.torch_dtype`); fused
+    experts come from per-expert tensors where the checkpoint holds those. A tensor missing from the checkpoint or of
+    the wrong shape is BadInput.
     """
     path = Path(path)
     config = config if config is not None else stage_config(path)
