@@ -9,7 +9,7 @@ from pathlib import Path
 from cna_dist.capture import engines
 from cna_dist.errors import BadInput
 from cna_dist.manifest import Manifest
-from cna_dist.model import arch, cache, weights
+from cna_dist.model import cache, weights
 from cna_dist.model import checkpoint as modelmod
 from cna_dist.prompts import sets as promptsmod
 from cna_dist.store import uri as urimod
@@ -79,14 +79,6 @@ def check_engine(m: Manifest, info: modelmod.ModelInfo) -> None:
     spec = m.model
     check_stream(m)
     engine = engines.resolve(spec.engine, spec.gpus_per_replica)
-    if info.model_type in arch.MOE and engine in ("pipeline", "stream"):
-        raise BadInput(
-            f"{info.model_type} is a mixture-of-experts model: it runs on engine single or device_map ({engine} "
-            "stages load tensors from safetensors by name, and MoE checkpoints hold per-expert tensors that "
-            "transformers fuses while loading)",
-            source=m.source,
-            field="model.engine",
-        )
     if engine != "pipeline":
         if spec.stages is not None:
             raise BadInput(

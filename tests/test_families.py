@@ -66,7 +66,9 @@ FAMILIES: dict[str, tuple[type, dict[str, Any]]] = {
 
 
 def test_every_family_cna_dist_knows_is_tested_here() -> None:
-    assert sorted(FAMILIES) == sorted(set(arch.known()) - arch.MOE)  # MoE families: tests/test_moe_families.py
+    assert sorted(FAMILIES) == sorted(
+        set(arch.known()) - arch.MOE
+    )  # MoE: tests/test_moe_families.py, test_moe_engines.py
 
 
 def build(model_type: str, path: Path) -> Path:

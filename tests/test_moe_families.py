@@ -145,17 +145,24 @@ def test_mined_circuit_equals_an_oracle_reduce(tmp_path: Path) -> None:
     np.testing.assert_allclose([n["delta"] for n in circuit["neurons"]], [delta[p] for p in want], rtol=1e-4, atol=1e-6)
 
 
-def test_validate_refuses_mixed_widths_and_stage_engines(tmp_path: Path) -> None:
-    mixed = build("qwen3_moe", tmp_path / "mixed", mlp_only_layers=[0])
-    refused = CliRunner().invoke(main, ["validate", str(_workspace(tmp_path / "a", mixed))])
-    assert refused.exit_code == 2 and "layers of different widths [24, 32]" in refused.output
+@pytest.mark.parametrize(
+    "engine", ["auto", "stream", "pipeline\n  gpus_per_replica: 2\n  stages: [[0, 1], [1, 4]]"], ids=lambda e: e[:8]
+)
+def test_validate_accepts_every_engine_and_refuses_mixed_widths(tmp_path: Path, engine: str) -> None:
+    """MoE checkpoints run on every capture engine (stages assemble fused experts: tests/test_moe_engines.py); a
+    model mixing dense and MoE layers is refused on every engine, naming its widths."""
+
+    def with_engine(manifest: Path) -> Path:
+        text = manifest.read_text()
+        manifest.write_text(
+            text.replace("  uri: ./models/tiny-instruct", f"  uri: ./models/tiny-instruct\n  engine: {engine}")
+        )
+        return manifest
+
     ok = build("mixtral", tmp_path / "ok", num_hidden_layers=4)
-    manifest = _workspace(tmp_path / "b", ok)
-    accepted = CliRunner().invoke(main, ["validate", str(manifest)])
+    accepted = CliRunner().invoke(main, ["validate", str(with_engine(_workspace(tmp_path / "b", ok)))])
     assert accepted.exit_code == 0, accepted.output
-    text = manifest.read_text()
-    manifest.write_text(
-        text.replace("  uri: ./models/tiny-instruct", "  uri: ./models/tiny-instruct\n  engine: stream")
-    )
-    refused = CliRunner().invoke(main, ["validate", str(manifest)])
-    assert refused.exit_code == 2 and "model.engine" in refused.output and "mixture-of-experts" in refused.output
+    mixed = build("qwen3_moe", tmp_path / "mixed", mlp_only_layers=[0])
+    refused = CliRunner().invoke(main, ["validate", str(with_engine(_workspace(tmp_path / "a", mixed)))])
+    assert refused.exit_code == 2 and "layers of different widths [24, 32]" in refused.output
+    assert not (tmp_path / "a" / "out").exists()

@@ -4,7 +4,9 @@ A `Stage` either wraps a loaded model's own modules (`Stage.of_model`: single-de
 one-stage run of it) or is built for layers [lo, hi) alone and filled straight from the checkpoint's safetensors
 (`load_stage`: pipeline stages and the stream engine's layers), so no process of those engines ever holds the
 whole model: built on the meta device, materialised on its own device, filled with exactly its own tensors
-(`model.layers.{i}.*`, plus `model.embed_tokens.weight` on the first stage). Its forward repeats what the family's
+(`model.layers.{i}.*`, plus `model.embed_tokens.weight` on the first stage; a mixture-of-experts layer's fused
+expert parameters from the checkpoint's per-expert tensors, as transformers' own loader fuses them, see
+`moe.saved_pieces`). Its forward repeats what the family's
 own `*Model.forward` does for those layers, op for op, with the family's facts from `cna_dist.model.arch` and HF's
 own classes doing the math, so chained stages give bit-identical hidden states and neuron rows to one stage.
 """
@@ -12,6 +14,7 @@ own classes doing the math, so chained stages give bit-identical hidden states a
 from __future__ import annotations
 
 import json
+from collections.abc import Container
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +23,7 @@ import torch
 
 from cna_dist.capture.plumbing import mask_maker, positions
 from cna_dist.errors import BadInput, RunFailure
-from cna_dist.model import arch
+from cna_dist.model import arch, moe
 from cna_dist.model.checkpoint import torch_dtype
 
 _INDEX = "model.safetensors.index.json"
@@ -183,8 +186,9 @@ def load_stage(
     """Layers [lo, hi) (and the embedding when lo == 0) of the checkpoint folder `path`.
 
     Reads config.json (unless a `stage_config(path)` is given: a loader of many stages parses it once) and only
-    this stage's tensors, straight onto `device`, converted to `dtype` (names as in `checkpoint.torch_dtype`). A
-    tensor missing from the checkpoint or of the wrong shape is BadInput.
+    this stage's tensors, straight onto `device`, converted to `dtype` (names as in `checkpoint.torch_dtype`); fused
+    experts come from per-expert tensors where the checkpoint holds those. A tensor missing from the checkpoint or of
+    the wrong shape is BadInput.
     """
     path = Path(path)
     config = config if config is not None else stage_config(path)
@@ -192,9 +196,7 @@ def load_stage(
     if not 0 <= lo < hi <= n_layers:
         raise ValueError(f"stage layers [{lo}, {hi}) are not a non-empty range inside [0, {n_layers})")
     stage = Stage(config, lo, hi, device=device, dtype=torch_dtype(dtype))
-    targets = _targets(stage)
-    for file, keys in _files(path, list(targets)).items():
-        _load_file(file, keys, targets, stage.device)
+    _fill(stage, path)
     if stage.device.type == "cuda":
         # The copies above are queued on this thread's current stream; the stage is read on other streams (a
         # pipeline worker's, which does not wait for this one: PyTorch's streams are non-blocking). Wait for the
@@ -204,15 +206,31 @@ def load_stage(
 
 
 def stage_config(path: Path) -> Any:
-    """The checkpoint's config with the family's attention implementation, as `hf.load` loads the full model."""
+    """The checkpoint's config with the family's attention (and experts) implementation, as `hf.load` loads the full
+    model."""
     from transformers import AutoConfig
 
     config_file = path / "config.json"
     if not config_file.is_file():
         raise BadInput("not a checkpoint folder: no config.json", source=str(path))
     config = AutoConfig.from_pretrained(path)
-    config._attn_implementation = arch.of(config, source=str(config_file)).attention(config)
+    fam = arch.of(config, source=str(config_file))
+    config._attn_implementation = fam.attention(config)
+    if fam.model_type in arch.MOE:
+        config._experts_implementation = _experts_implementation(fam, config)
     return config
+
+
+def _experts_implementation(fam: arch.Family, config: Any) -> str:
+    """The experts forward `from_pretrained` gives the full model (as `get_correct_experts_implementation` picks it):
+    the config's own choice, else grouped_mm where the family's model class can switch implementations, else eager.
+    A stage must run the same one as single-device capture: the implementations round differently, and a stage's
+    layers, built without the model class, would otherwise fall back to the eager loop."""
+    requested = config._experts_implementation
+    if requested is not None:
+        return requested
+    model_class = getattr(fam.module(), f"{fam.prefix}ForCausalLM")
+    return "grouped_mm" if model_class._can_set_experts_implementation() else "eager"
 
 
 def _targets(stage: Stage) -> dict[str, torch.Tensor]:
@@ -235,22 +253,39 @@ def _targets(stage: Stage) -> dict[str, torch.Tensor]:
     return targets
 
 
-def _files(path: Path, keys: list[str]) -> dict[Path, list[str]]:
-    """The safetensors files holding `keys`, each with the keys to read from it (sharded: per the weight_map)."""
+def _fill(stage: Stage, path: Path) -> None:
+    """Copy the stage's tensors from the checkpoint's safetensors files (sharded: only the files the weight_map names
+    for them), each file opened once. Names are resolved against what the checkpoint holds (`_pieces`)."""
+    targets = _targets(stage)
     index = path / _INDEX
     if not index.is_file():
-        if not (path / _SINGLE).is_file():
+        single = path / _SINGLE
+        if not single.is_file():
             raise BadInput(f"no {_SINGLE} or {_INDEX}: pipeline stages load safetensors only", source=str(path))
-        return {path / _SINGLE: keys}
+        with _open(single, stage.device) as handle:
+            _copy(handle, single, _pieces(stage, targets, set(handle.keys())))
+        return
     weight_map = _weight_map(index)
-    missing = [k for k in keys if k not in weight_map]
+    pieces = _pieces(stage, targets, weight_map)
+    missing = [key for key, _ in pieces if key not in weight_map]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise BadInput(f"tensor {missing[0]!r}{more} is missing", source=str(index), field="weight_map")
-    grouped: dict[Path, list[str]] = {}
-    for key in keys:
-        grouped.setdefault(path / weight_map[key], []).append(key)
-    return grouped
+    grouped: dict[Path, list[tuple[str, torch.Tensor]]] = {}
+    for key, target in pieces:
+        grouped.setdefault(path / weight_map[key], []).append((key, target))
+    for file, group in grouped.items():
+        if not file.is_file():
+            raise BadInput(f"weight file is missing (it should hold {group[0][0]!r})", source=str(file))
+        with _open(file, stage.device) as handle:
+            _copy(handle, file, group)
+
+
+def _pieces(stage: Stage, targets: dict[str, torch.Tensor], found: Container[str]) -> list[tuple[str, torch.Tensor]]:
+    """(checkpoint tensor name, the stage tensor or view it fills) for every target: the target's own name, or for
+    fused experts that the checkpoint holds per expert, one piece per expert and part (`moe.saved_pieces`)."""
+    model_type = stage.config.model_type
+    return [piece for name, target in targets.items() for piece in moe.saved_pieces(model_type, name, target, found)]
 
 
 def _weight_map(index: Path) -> dict[str, str]:
@@ -263,20 +298,23 @@ def _weight_map(index: Path) -> dict[str, str]:
     return weight_map
 
 
-def _load_file(file: Path, keys: list[str], targets: dict[str, torch.Tensor], device: torch.device) -> None:
-    """Read `keys` (only those) from one safetensors file straight onto `device`, into their stage tensors."""
-    if not file.is_file():
-        raise BadInput(f"weight file is missing (it should hold {keys[0]!r})", source=str(file))
-    with safetensors.safe_open(str(file), framework="pt", device=str(device)) as handle:
-        present = set(handle.keys())
-        for key in keys:
-            if key not in present:
-                raise BadInput(f"tensor {key!r} is missing", source=str(file))
-            tensor, target = handle.get_tensor(key), targets[key]
-            if tensor.shape != target.shape:
-                raise BadInput(
-                    f"tensor {key!r} has shape {list(tensor.shape)}, the config needs {list(target.shape)}",
-                    source=str(file),
-                )
-            with torch.no_grad():
-                target.copy_(tensor)
+def _open(file: Path, device: torch.device) -> Any:
+    return safetensors.safe_open(str(file), framework="pt", device=str(device))
+
+
+def _copy(handle: Any, file: Path, pieces: list[tuple[str, torch.Tensor]]) -> None:
+    """Read the pieces' tensors (only those) from one open safetensors file straight onto the device, into their
+    stage tensors or views."""
+    present = set(handle.keys())
+    for key, target in pieces:
+        if key not in present:
+            raise BadInput(f"tensor {key!r} is missing", source=str(file))
+        tensor = handle.get_tensor(key)
+        if tensor.shape != target.shape:
+            raise BadInput(
+                f"tensor {key!r} has shape {list(tensor.shape)}, the config needs {list(target.shape)}",
+                source=str(file),
+            )
+        with torch.no_grad():
+            target.copy_(tensor)
+        del tensor  # one checkpoint tensor alive at a time besides the stage (an expert's, for fused experts)

@@ -16,7 +16,8 @@ for the last token only. Steering leaves HF's experts forward in charge and inte
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
+import math
+from collections.abc import Callable, Container, Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from typing import Any
 
@@ -118,6 +119,29 @@ def as_saved(model_type: str, want: dict[str, tuple[int, ...]], found: set[str])
         saved = None if name in found else _per_expert(model_type == "mixtral", name, shape)
         out.update(saved if saved is not None else {name: shape})
     return out
+
+
+def saved_pieces(
+    model_type: str, name: str, target: torch.Tensor, found: Container[str]
+) -> list[tuple[str, torch.Tensor]]:
+    """The checkpoint tensors that fill the model tensor `name` (`target`), each with the view of `target` it fills.
+
+    A name the checkpoint holds fills `target` whole: every dense tensor, and fused experts as transformers 5 writes
+    them with `save_pretrained(save_original_format=False)`. Otherwise the pieces are `as_saved`'s per-expert
+    tensors, placed as transformers' conversion mapping (`conversion_mapping.py`: `MergeModulelist(dim=0)` then
+    `Concatenate(dim=1)`, experts in numeric order) places them: `gate_up_proj[e]` is expert e's gate rows then its up
+    rows (Mixtral: w1 then w3), `down_proj[e]` is expert e's down projection (w2). Seen as `[2E, I, H]`, gate_up_proj's
+    piece 2e + p is part p of expert e, which is `as_saved`'s order (experts outer, parts inner); copying each
+    piece into its view builds no stacked copy, so loading a layer holds one expert's tensor at most besides it.
+    """
+    if model_type not in FAMILIES or name in found:
+        return [(name, target)]
+    saved = as_saved(model_type, {name: tuple(target.shape)}, set())
+    shapes = set(saved.values())
+    if len(shapes) != 1 or len(saved) * math.prod(next(iter(shapes))) != target.numel():
+        raise ValueError(f"{name}: saved as {saved}, which does not tile its shape {list(target.shape)}")
+    views = target.view(len(saved), *next(iter(shapes)))
+    return list(zip(saved, views, strict=True))
 
 
 def _per_expert(mixtral: bool, name: str, shape: tuple[int, ...]) -> dict[str, tuple[int, ...]] | None:
