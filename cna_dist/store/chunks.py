@@ -86,7 +86,9 @@ def write_block(arr: Any, block: np.ndarray, start: tuple[int, ...], put: Put, t
         part = block[where]
         data = encode(part, chunk_shape, fill)
         values = np.frombuffer(data, dtype=part.dtype, count=int(np.prod(chunk_shape)))
-        bad = first_nan_row(values.reshape(chunk_shape)[: part.shape[0]])  # the copy just made, still in cache
+        # the copy just made, still in cache; only the part's own values: a chunk past the array's last row or layer
+        # is padded with the fill (NaN), which is no missing data
+        bad = first_nan_row(values.reshape(chunk_shape)[tuple(slice(0, n) for n in part.shape)])
         if bad is not None:
             raise NaNRows(start[0] + where[0].start + bad)
         put(arr.metadata.encode_chunk_key(coords), data)
