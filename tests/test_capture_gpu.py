@@ -131,7 +131,7 @@ class SlowRun:
 def test_replica_overlaps_writes_with_the_next_compute(tiny_llama: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Two concurrent calls as Ray's max_concurrency=2 makes them: computes serialise, writes run beside them."""
     replica = Replica(ReplicaSpec(str(tiny_llama), dtype="float32", capture_dtype="float32"))
-    vocab = replica.backend.model.config.vocab_size
+    vocab = replica.engine.model.config.vocab_size
     shards = {s: prompts(vocab, 6, seed=s) for s in range(4)}
     computes: list[tuple[float, float]] = []
     real = cap.capture_with
@@ -169,7 +169,7 @@ def test_replica_overlaps_writes_with_the_next_compute(tiny_llama: Path, monkeyp
     first_write = min(run.writes.values())
     assert computes[1][0] < first_write[1]  # the second shard computed while the first was being written
     for s in range(4):  # every shard written whole, then committed; the data is the capture's
-        expected, _ = real(replica.backend.capturer, shards[s], replica.backend.tokenizer.pad_token_id)
+        expected, _ = real(replica.engine.capturer, shards[s], replica.engine.tokenizer.pad_token_id)
         np.testing.assert_array_equal(run.data[s], expected)
     assert sorted(run.markers) == [0, 1, 2, 3]
     by_shard = {r.shard: r for r in results}

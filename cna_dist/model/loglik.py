@@ -10,9 +10,8 @@ from collections.abc import Sequence
 
 import torch
 
+from cna_dist.model.backend import Request
 from cna_dist.model.batching import collate, plan_batches
-
-Request = tuple[Sequence[int], Sequence[int]]  # (context ids, continuation ids)
 
 
 @torch.inference_mode()
