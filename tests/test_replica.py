@@ -68,7 +68,9 @@ def test_the_generation_spec_of_a_stream_manifest_generates(tiny_llama: Path) ->
         assert replica.generate([[5, 6, 7]], steered, 3, 1) == [text]
         requests = [([5, 6], [7]), ([8], [9, 10])]
         pad = replica.engine.tokenizer.pad_token_id
-        assert replica.loglikelihoods(requests, {}, 1) == loglik.loglikelihoods(replica.engine.model, requests, pad)
+        assert replica.loglikelihoods(requests, {}, 1) == loglik.loglikelihoods(
+            replica.engine.model, requests, pad, max_batch_size=1
+        )
         vectors = replica.caa_vectors([[5, 6]], [[7, 8]], [1])
         assert list(vectors) == [1] and len(vectors[1]) == replica.engine.model.config.hidden_size
     finally:
