@@ -24,6 +24,7 @@ from cna_dist.io.store import ShardPlan, WrittenPart
 from cna_dist.model import capture as cap
 from cna_dist.model import hf
 from cna_dist.runtime.replica import Replica, ReplicaSpec
+from tests.helpers import capture
 
 ROOT = Path(__file__).resolve().parents[1]
 HOST_SYNC_OPS = {
@@ -75,7 +76,7 @@ def test_capture_loop_reads_nothing_back_cpu(which: str, request: pytest.Fixture
                 capturer, token_ids, tokenizer.pad_token_id, dtype="float16", token_budget=200, max_batch_size=8
             )
     assert ops.seen == []
-    expected, n_over = cap.capture(
+    expected, n_over = capture(
         model, token_ids, tokenizer.pad_token_id, dtype="float16", token_budget=10**9, max_batch_size=1
     )
     assert overflow == n_over and out.shape == expected.shape
@@ -88,7 +89,7 @@ def test_capture_loop_reads_nothing_back_cpu(which: str, request: pytest.Fixture
 def test_no_host_sync_inside_the_batch_loop_cuda(tiny_llama: Path) -> None:
     model, tokenizer = hf.load(tiny_llama, dtype="float32")
     token_ids = prompts(model.config.vocab_size, 32)
-    cpu_out, cpu_over = cap.capture(model, token_ids, tokenizer.pad_token_id, dtype="float32", max_batch_size=1)
+    cpu_out, cpu_over = capture(model, token_ids, tokenizer.pad_token_id, dtype="float32", max_batch_size=1)
     model.to("cuda")
     with cap.Capturer(model) as capturer:
         assert capturer.cuda and capturer.stage._mask(torch.ones((1, 3), dtype=torch.long, device="cuda")).dim() == 4

@@ -26,7 +26,7 @@ import torch
 
 from cna_dist.model import arch
 from cna_dist.model.batching import Batch, batches
-from cna_dist.model.plumbing import FLOAT16_MAX, STORE_DTYPES, LastTokenRows, check_store_dtype, to_store
+from cna_dist.model.plumbing import STORE_DTYPES, LastTokenRows, check_store_dtype, to_store
 from cna_dist.model.stage import Stage
 from cna_dist.model.trim import LastLayerTrim
 
@@ -35,10 +35,8 @@ __all__ = [
     "Capturer",
     "LastTokenRows",
     "Pending",
-    "capture",
     "capture_with",
     "to_store",
-    "to_store_dtype",
 ]
 
 
@@ -113,8 +111,8 @@ class Capturer:
     def submit(self, batch: Batch, dtype: str, overflow: torch.Tensor) -> Pending:
         """Queue one batch without waiting for it: forward, store-dtype conversion, one copy to the host.
 
-        Values beyond float16's range saturate and are added to `overflow` (a device counter) exactly as
-        `to_store_dtype` would count them. On CUDA the result lands in a pinned slot that the next-but-one
+        Values beyond float16's range saturate and are added to `overflow` (a device counter,
+        `cna_dist.model.plumbing.to_store`). On CUDA the result lands in a pinned slot that the next-but-one
         submit reuses, so read it (Pending.result) before then.
         """
         values = to_store(self._run(batch), dtype, overflow)
@@ -137,22 +135,6 @@ class Capturer:
         event.record(torch.cuda.current_stream(self.device))
         event.synchronize()
         return int(host.numpy())
-
-    def forward(self, batch: Batch) -> torch.Tensor:
-        """Activations [rows, layers, neurons] on the host, in the model's dtype (synchronous convenience)."""
-        return self._run(batch).to("cpu")
-
-
-def to_store_dtype(acts: torch.Tensor, dtype: str) -> tuple[np.ndarray, int]:
-    """Convert to the stored dtype; values beyond float16's range saturate and are counted, never inf."""
-    values = acts.float().numpy()
-    overflow = 0
-    if dtype == "float16":
-        over = np.abs(values) > FLOAT16_MAX
-        overflow = int(over.sum())
-        if overflow:
-            values = np.clip(values, -FLOAT16_MAX, FLOAT16_MAX)
-    return values.astype(STORE_DTYPES[dtype]), overflow
 
 
 def capture_with(
@@ -189,11 +171,3 @@ def capture_with(
     if pending is not None:
         file(pending)
     return out, capturer.read_count(overflow)
-
-
-def capture(
-    model: torch.nn.Module, token_ids: Sequence[Sequence[int]], pad_id: int, **kwargs: Any
-) -> tuple[np.ndarray, int]:
-    """capture_with on hooks registered for this call only; replicas keep one Capturer for their lifetime."""
-    with Capturer(model) as capturer:
-        return capture_with(capturer, token_ids, pad_id, **kwargs)
