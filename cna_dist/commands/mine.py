@@ -18,7 +18,7 @@ from cna_dist.io import registry, stream
 from cna_dist.io import uri as urimod
 from cna_dist.io.store import ActivationStore, Run, RunMeta, run_id
 from cna_dist.manifest import Manifest
-from cna_dist.model import checkpoint, engines
+from cna_dist.model import checkpoint
 from cna_dist.model import prompts as promptsmod
 from cna_dist.runtime.calls import CaptureReport, ReplicaCalls, capture_shards
 from cna_dist.runtime.executor import Executor
@@ -174,9 +174,8 @@ def build_circuit(m: Manifest, p: Prepared, run: Run, red: Reduction, overflow: 
 
 def shard_advice(calls: ReplicaCalls, spec: ReplicaSpec, p: Prepared) -> dict[str, Any] | None:
     """For a new run without `capture.shard_rows`, the engine's measured shard size (the stream engine needs shards
-    big enough for compute to cover each layer's load); printed with its reason. Other engines keep the default."""
-    if engines.resolve(spec.engine, spec.gpus) != "stream":
-        return None
+    big enough for compute to cover each layer's load); printed with its reason. None: the engine keeps the default
+    (asked of a replica that then captures: the same replicas stay up for the capture)."""
     lengths = [len(ids) for ids in p.token_ids().values()]
     mean = sum(lengths) / max(1, len(lengths))
     (advice,), _ = calls.map(spec, lambda replica, tokens: replica.advise.remote(tokens), [mean])
