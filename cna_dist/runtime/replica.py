@@ -43,7 +43,7 @@ class ReplicaSpec:
     token_budget: int = 8192
     max_batch_size: int = 64
     backend: str = "hf"
-    engine: str = "auto"  # auto | device_map | pipeline | stream (cna_dist.model.engines)
+    engine: str = "auto"  # auto | device_map | pipeline | stream, or a resolved single (cna_dist.model.engines)
     stages: int | tuple[tuple[int, int], ...] | None = None  # the pipeline's split; None: one stage per GPU
     hidden_budget: int | None = None  # stream: a shard's hidden states beyond this wait in host memory
     fingerprint: str | None = None  # the driver's: a replica copies that very checkpoint, or fails naming it
