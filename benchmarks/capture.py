@@ -43,9 +43,10 @@ def load_texts(n: int) -> tuple[list[str], str]:
 
 
 def project(model: torch.nn.Module, token_ids: list[list[int]], pad_id: int, args: argparse.Namespace) -> np.ndarray:
-    out, _ = cap.capture(
-        model, token_ids, pad_id, dtype="float16", token_budget=args.token_budget, max_batch_size=args.batch
-    )
+    with cap.Capturer(model) as capturer:
+        out, _ = cap.capture_with(
+            capturer, token_ids, pad_id, dtype="float16", token_budget=args.token_budget, max_batch_size=args.batch
+        )
     return out
 
 

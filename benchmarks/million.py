@@ -154,7 +154,7 @@ def measure(where: str, uri: str, n: int, replicas: int, args: argparse.Namespac
     hashes = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(n)]
     token_ids = {h: [i, 1, 2] for i, h in enumerate(hashes)}
     spec = ReplicaSpec(model_uri="/sim")
-    pool = SimPool([Replica(spec, backend=TinyRows(args.layers, args.width, args.rate)) for _ in range(replicas)])
+    pool = SimPool([Replica(spec, engine=TinyRows(args.layers, args.width, args.rate)) for _ in range(replicas)])
     cpu, wall = time.thread_time(), time.perf_counter()
     plans = run.plan(hashes)
     plan_io = counts.take()

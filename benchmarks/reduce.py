@@ -2,7 +2,8 @@
 
 Why: spec §4 says a reduce must stream, with memory bounded by a few chunks per task and never by store size. This
 script writes a synthetic float16 store (random activations of a 7B-like width, a few planted universal and
-contrastive neurons) straight through ``Run.write_shard``, sized to at least 10x the per-task memory budget, then:
+contrastive neurons) straight through ``Run.write_rows`` and ``Run.commit``, sized to at least 10x the per-task
+memory budget, then:
 
 * times, in this process and alternating, a plain zarr read of every chunk and the whole ``reduce_store``
   (moments, global-scope universal counting over a diverse set, top-k), one core each; it reports GB/s of store
@@ -117,7 +118,7 @@ def fill_store(run: Run, sets: dict[str, list[str]], seed: int) -> int:
         acts[is_pos, universal[0][0], universal[0][1]] += 6.0  # universal, yet contrastive: filtered out, displaced
         for i, (layer, neuron) in enumerate(contrastive):
             acts[is_pos, layer, neuron] += 4.0 + i
-        run.write_shard(plan, acts.astype(np.float16), writer="bench")
+        run.commit(plan, [run.write_rows(plan, acts.astype(np.float16), slice(0, meta.n_layers))], writer="bench")
         written += len(plan.hashes)
     return written
 

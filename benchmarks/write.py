@@ -204,7 +204,7 @@ def idle_fraction(acts: np.ndarray, args: argparse.Namespace) -> dict[str, Any]:
     try:
         run = ActivationStore(str(folder / "store")).open_run(meta(acts.shape[1], acts.shape[2], len(acts)))
         run.write_threads = max(args.threads)
-        replica = Replica(ReplicaSpec(model_uri="/bench"), backend=RateEngine(acts, args.rate))
+        replica = Replica(ReplicaSpec(model_uri="/bench"), engine=RateEngine(acts, args.rate))
         plans = run.plan(fresh(len(acts) * args.idle_shards))
         results = []
         lock = threading.Lock()

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from cna_dist.capture import hf
-from cna_dist.capture import single as cap
+from cna_dist.capture import hf, plumbing
 from cna_dist.model import checkpoint as modelmod
 from cna_dist.prompts import sets as promptsmod
 from cna_dist.prompts.batching import plan_batches
+from tests.helpers import capture
 
 
 def reference_capture(model, ids: list[int]) -> np.ndarray:
@@ -49,7 +49,7 @@ def test_batched_equals_single_for_every_batch_size(which: str, request: pytest.
     expected = np.stack([reference_capture(model, t) for t in token_ids])
     scale = np.abs(expected).max(axis=2, keepdims=True)  # relative to each layer's magnitude for this prompt
     for batch_size in range(1, 65):
-        got, overflow = cap.capture(
+        got, overflow = capture(
             model, token_ids, tokenizer.pad_token_id, dtype="float32", token_budget=10**9, max_batch_size=batch_size
         )
         assert overflow == 0
@@ -79,8 +79,10 @@ def test_chat_template_rendering_has_one_bos(tiny_llama: Path) -> None:
 
 def test_float16_overflow_saturates_and_is_counted() -> None:
     values = torch.tensor([[1.0, 70000.0, -1e6, 3.0]])
-    stored, overflow = cap.to_store_dtype(values, "float16")
-    assert overflow == 2 and np.isfinite(stored).all() and stored.dtype == np.float16
+    overflow = torch.zeros((), dtype=torch.int64)
+    stored = plumbing.to_store(values, "float16", overflow).numpy()
+    assert int(overflow) == 2 and stored.dtype == np.float16
+    assert stored.tolist() == [[1.0, plumbing.FLOAT16_MAX, -plumbing.FLOAT16_MAX, 3.0]]  # saturated, never inf
 
 
 def test_capture_skips_lm_head(tiny_llama: Path) -> None:
@@ -88,7 +90,7 @@ def test_capture_skips_lm_head(tiny_llama: Path) -> None:
     calls = []
     handle = model.lm_head.register_forward_hook(lambda *a: calls.append(1))
     try:
-        cap.capture(model, [[5, 6, 7]], tokenizer.pad_token_id)
+        capture(model, [[5, 6, 7]], tokenizer.pad_token_id)
     finally:
         handle.remove()
     assert calls == []

@@ -24,6 +24,7 @@ from cna_dist.capture import hf
 from cna_dist.capture import single as cap
 from cna_dist.runtime.replica import Replica, ReplicaSpec
 from cna_dist.store.activations import ShardPlan, WrittenPart
+from tests.helpers import capture
 
 ROOT = Path(__file__).resolve().parents[1]
 HOST_SYNC_OPS = {
@@ -75,7 +76,7 @@ def test_capture_loop_reads_nothing_back_cpu(which: str, request: pytest.Fixture
                 capturer, token_ids, tokenizer.pad_token_id, dtype="float16", token_budget=200, max_batch_size=8
             )
     assert ops.seen == []
-    expected, n_over = cap.capture(
+    expected, n_over = capture(
         model, token_ids, tokenizer.pad_token_id, dtype="float16", token_budget=10**9, max_batch_size=1
     )
     assert overflow == n_over and out.shape == expected.shape
@@ -88,7 +89,7 @@ def test_capture_loop_reads_nothing_back_cpu(which: str, request: pytest.Fixture
 def test_no_host_sync_inside_the_batch_loop_cuda(tiny_llama: Path) -> None:
     model, tokenizer = hf.load(tiny_llama, dtype="float32")
     token_ids = prompts(model.config.vocab_size, 32)
-    cpu_out, cpu_over = cap.capture(model, token_ids, tokenizer.pad_token_id, dtype="float32", max_batch_size=1)
+    cpu_out, cpu_over = capture(model, token_ids, tokenizer.pad_token_id, dtype="float32", max_batch_size=1)
     model.to("cuda")
     with cap.Capturer(model) as capturer:
         assert capturer.cuda and capturer.stage._mask(torch.ones((1, 3), dtype=torch.long, device="cuda")).dim() == 4
@@ -131,7 +132,7 @@ class SlowRun:
 def test_replica_overlaps_writes_with_the_next_compute(tiny_llama: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Two concurrent calls as Ray's max_concurrency=2 makes them: computes serialise, writes run beside them."""
     replica = Replica(ReplicaSpec(str(tiny_llama), dtype="float32", capture_dtype="float32"))
-    vocab = replica.backend.model.config.vocab_size
+    vocab = replica.engine.model.config.vocab_size
     shards = {s: prompts(vocab, 6, seed=s) for s in range(4)}
     computes: list[tuple[float, float]] = []
     real = cap.capture_with
@@ -169,7 +170,7 @@ def test_replica_overlaps_writes_with_the_next_compute(tiny_llama: Path, monkeyp
     first_write = min(run.writes.values())
     assert computes[1][0] < first_write[1]  # the second shard computed while the first was being written
     for s in range(4):  # every shard written whole, then committed; the data is the capture's
-        expected, _ = real(replica.backend.capturer, shards[s], replica.backend.tokenizer.pad_token_id)
+        expected, _ = real(replica.engine.capturer, shards[s], replica.engine.tokenizer.pad_token_id)
         np.testing.assert_array_equal(run.data[s], expected)
     assert sorted(run.markers) == [0, 1, 2, 3]
     by_shard = {r.shard: r for r in results}

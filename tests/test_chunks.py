@@ -13,6 +13,7 @@ from cna_dist.errors import RunFailure
 from cna_dist.store import chunks
 from cna_dist.store.activations import ActivationStore, ShardPlan
 from tests.conftest import run_meta
+from tests.helpers import write_shard
 
 
 def make(root: Path, name: str, shape: tuple[int, ...], chunk_shape: tuple[int, ...], dtype: str) -> zarr.Array:
@@ -94,7 +95,7 @@ def test_store_writes_in_threads_and_reads_back(tmp_path: Path) -> None:
     hashes = [f"{i:064x}" for i in range(5)]
     (plan,) = run.plan(hashes)
     acts = np.random.default_rng(1).standard_normal((5, m.n_layers, m.intermediate_size)).astype(m.dtype)
-    run.write_shard(plan, acts)
+    write_shard(run, plan, acts)
     got = np.concatenate([a for _, a in run.read_rows(np.arange(5), slice(0, m.n_layers))])
     np.testing.assert_array_equal(got, acts)
     acts[2, 1, 0] = np.nan

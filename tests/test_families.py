@@ -282,11 +282,11 @@ def test_mined_circuit_equals_an_oracle_reduce(tmp_path: Path, model_type: str, 
     [("auto", 0, "single"), ("device_map", 0, "single"), ("pipeline", 0, "pipeline"), ("stream", 0, "stream")],
 )
 def test_the_engine_registry_loads_each_engine(tmp_path: Path, engine: str, gpus: int, made: str) -> None:
-    """One place picks the backend: `engine_registry.load_backend` for the engine `engines.resolve` names (no GPU
-    here: device_map falls back to one device and says so in made_by)."""
+    """One place picks the engine: `capture.registry.load` for the engine `engines.resolve` names, the generator only
+    where the engine generates (no GPU here: device_map falls back to one device and says so in made_by)."""
     from types import SimpleNamespace
 
-    from cna_dist.capture.registry import load_backend
+    from cna_dist.capture.registry import load
 
     path = build("qwen3", tmp_path / "qwen3")
     spec = SimpleNamespace(
@@ -299,11 +299,15 @@ def test_the_engine_registry_loads_each_engine(tmp_path: Path, engine: str, gpus
         stages=2,
         hidden_budget=None,
     )
-    backend = load_backend(spec, path)
+    loaded = load(spec, path)
     try:
-        assert backend.made_by()["engine"] == made
-        assert (backend.n_layers, backend.intermediate_size) == (3, 48)
+        assert loaded.engine.made_by()["engine"] == loaded.engine.name == made
+        assert loaded.engine.made_by()["backend"] == "hf"
+        assert (loaded.engine.n_layers, loaded.engine.intermediate_size) == (3, 48)
+        assert (loaded.generator is loaded.engine) == (made == "single") and (loaded.generator is None) == (
+            made != "single"
+        )
     finally:
-        backend.close()
+        loaded.engine.close()
     with pytest.raises(ValueError, match="unknown capture backend 'vllm'; known: hf"):
-        load_backend(SimpleNamespace(**{**vars(spec), "backend": "vllm"}), path)
+        load(SimpleNamespace(**{**vars(spec), "backend": "vllm"}), path)

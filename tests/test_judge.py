@@ -176,7 +176,7 @@ def plant_judge(monkeypatch: pytest.MonkeyPatch, judge_dir: Path, calls: list) -
         if self.spec.model_uri != str(judge_dir):
             return texts
         calls.append((len(token_ids), condition, max_new_tokens, len(texts)))
-        rubrics = [self.backend.tokenizer.decode(ids) for ids in token_ids]
+        rubrics = [self.generator.tokenizer.decode(ids) for ids in token_ids]
         return [MALFORMED if "money" in r else REFUSED if "i cannot help" in r else ANSWERED for r in rubrics]
 
     monkeypatch.setattr(Replica, "generate", generate)

@@ -11,6 +11,7 @@ import numpy as np
 from cna_dist.store import integrity
 from cna_dist.store.activations import ActivationStore
 from tests.conftest import run_meta
+from tests.helpers import write_shard
 
 
 def test_markers_are_read_once_and_again_only_when_changed(tmp_path: Path) -> None:
@@ -18,7 +19,7 @@ def test_markers_are_read_once_and_again_only_when_changed(tmp_path: Path) -> No
     run = ActivationStore(str(tmp_path / "store")).open_run(m)
     hashes = [f"{i:064x}" for i in range(10)]
     for plan in run.plan(hashes):
-        run.write_shard(plan, np.ones((len(plan.hashes), m.n_layers, m.intermediate_size), m.dtype))
+        write_shard(run, plan, np.ones((len(plan.hashes), m.n_layers, m.intermediate_size), m.dtype))
     reads: list[str] = []
     cat = run.fs.cat_file
     run.fs.cat_file = lambda path, *a, **k: reads.append(path) or cat(path, *a, **k)

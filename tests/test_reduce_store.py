@@ -14,6 +14,7 @@ from cna_dist.reduce import cna as r
 from cna_dist.reduce import streamed
 from cna_dist.store.activations import ActivationStore, Run
 from tests.conftest import run_meta
+from tests.helpers import write_shard
 
 ROOT = Path(__file__).resolve().parents[1]
 N_LAYERS, WIDTH = 5, 40
@@ -41,7 +42,7 @@ def tied_store(tmp_path: Path, dtype: str, seed: int) -> tuple[Run, dict[str, np
         data[h][3, 9] += 2
     run = make_run(tmp_path, dtype)
     for plan in run.plan([h for hs in hashes.values() for h in hs]):
-        run.write_shard(plan, np.stack([data[h] for h in plan.hashes]))
+        write_shard(run, plan, np.stack([data[h] for h in plan.hashes]))
     index = run.row_index()
     diverse = list(rng.permutation(hashes["diverse"])) + [hashes["diverse"][3]]
     ordered = {**hashes, "diverse": diverse}
@@ -244,7 +245,7 @@ def test_group_top_counts_on_wide_rows_use_the_sampled_floor(tmp_path: Path) -> 
     data[5] = 0.0
     hashes = [hashlib.sha256(f"w{i}".encode()).hexdigest() for i in range(24)]
     for plan in run.plan(hashes):
-        run.write_shard(plan, data[[hashes.index(h) for h in plan.hashes]])
+        write_shard(run, plan, data[[hashes.index(h) for h in plan.hashes]])
     index = run.row_index()
     rows = np.array([index[h] for h in hashes])
     n = 9

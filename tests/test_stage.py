@@ -29,8 +29,9 @@ LENGTHS = (1, 4, 11, 29)  # very different lengths: most rows are mostly padding
 
 @functools.cache
 def reference(path: Path, dtype: str) -> tuple[Batch, list[torch.Tensor], torch.Tensor]:
-    """(batch, each layer's output hidden states, down_proj inputs at the last token [row, layer, neuron]) of the
-    full model, through the same Capturer single-device capture uses."""
+    """(batch, each layer's output hidden states, down_proj inputs at the last token [row, layer, neuron], float32)
+    of the full model, through the same Capturer single-device capture uses (float32 holds every model dtype's
+    values exactly)."""
     model, tokenizer = hf.load(path, dtype=dtype)
     gen = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, model.config.vocab_size, (n,), generator=gen).tolist() for n in LENGTHS]
@@ -42,7 +43,8 @@ def reference(path: Path, dtype: str) -> tuple[Batch, list[torch.Tensor], torch.
     for hook in hooks:
         hook.remove()
     with Capturer(model) as capturer:
-        acts = capturer.forward(batch)
+        overflow = torch.zeros((), dtype=torch.int64)
+        acts = torch.from_numpy(capturer.submit(batch, "float32", overflow).result().copy())
     return batch, hidden, acts
 
 
@@ -70,7 +72,7 @@ def check_chain(path: Path, split: list[tuple[int, int]], dtype: str = "float32"
     for (_, hi), out in zip(split, outputs, strict=True):
         assert out.dtype == hidden[hi - 1].dtype
         assert torch.equal(out, hidden[hi - 1]), f"hidden states after layer {hi - 1} differ"
-    assert torch.equal(rows, acts)
+    assert torch.equal(rows.float(), acts)
     return stages
 
 

@@ -13,6 +13,7 @@ from cna_dist.reduce import cna as r
 from cna_dist.reduce import streamed
 from cna_dist.store.activations import ActivationStore
 from tests.conftest import run_meta as meta
+from tests.helpers import write_shard
 
 
 @pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.s3)])
@@ -33,7 +34,7 @@ def hashes(n: int, salt: str = "") -> list[str]:
 
 def fill(run, plans, data: dict[str, np.ndarray]) -> None:
     for plan in plans:
-        run.write_shard(plan, np.stack([data[h] for h in plan.hashes]))
+        write_shard(run, plan, np.stack([data[h] for h in plan.hashes]))
 
 
 def test_streamed_reduce_equals_in_memory(store_uri: str) -> None:
@@ -81,8 +82,8 @@ def test_plan_skips_committed_rows_and_fills_free_slots(store_uri: str) -> None:
     plans = run.plan(first)
     assert [p.shard for p in plans] == [0, 1, 2] and [len(p.hashes) for p in plans] == [8, 8, 4]
     zeros = np.zeros((m.n_layers, m.intermediate_size), np.float32)
-    run.write_shard(plans[0], np.stack([zeros] * 8))
-    run.write_shard(plans[2], np.stack([zeros] * 4))  # shard 1 "interrupted": never committed
+    write_shard(run, plans[0], np.stack([zeros] * 8))
+    write_shard(run, plans[2], np.stack([zeros] * 4))  # shard 1 "interrupted": never committed
     new = hashes(3, "new")
     again = store.open_run(m).plan(first + new)
     assert [p.shard for p in again] == [1, 3]  # the interrupted slot first, then a fresh one
@@ -94,7 +95,7 @@ def test_missing_chunk_and_corrupt_marker_are_named(tmp_path: Path) -> None:
     run = ActivationStore(str(tmp_path / "store")).open_run(m)
     plans = run.plan(hashes(8))
     for p in plans:
-        run.write_shard(p, np.ones((4, m.n_layers, m.intermediate_size), np.float32))
+        write_shard(run, p, np.ones((4, m.n_layers, m.intermediate_size), np.float32))
     chunks = sorted((tmp_path / "store" / "runs" / run.id / "acts" / "c").rglob("*"))
     victim = [c for c in chunks if c.is_file()][-1]
     victim.unlink()
@@ -109,7 +110,7 @@ def test_truncated_chunk_is_an_error(tmp_path: Path) -> None:
     m = meta(shard_rows=4)
     run = ActivationStore(str(tmp_path / "store")).open_run(m)
     (plan,) = run.plan(hashes(4))
-    run.write_shard(plan, np.ones((4, m.n_layers, m.intermediate_size), np.float32))
+    write_shard(run, plan, np.ones((4, m.n_layers, m.intermediate_size), np.float32))
     chunk = next(c for c in (tmp_path / "store" / "runs" / run.id / "acts" / "c").rglob("*") if c.is_file())
     chunk.write_bytes(chunk.read_bytes()[:-10])
     with pytest.raises(RunFailure, match="cannot read .*acts rows 0:"):

@@ -2,7 +2,9 @@
 
 Engines (SPEC §3): `single` (one device), `device_map` (accelerate splits the model over the replica's GPUs; one
 stage computes at a time), `pipeline` (one worker per stage, micro-batches in flight on every stage at once),
-`stream` (one device, a whole shard through one layer at a time while the next layer loads).
+`stream` (one device, a whole shard through one layer at a time while the next layer loads). Only `single` and
+`device_map` hold the whole model with its head, so only they generate; `generator_engine` is where eval's engine
+is decided for any manifest.
 """
 
 from __future__ import annotations
@@ -18,6 +20,19 @@ def resolve(engine: str, gpus: int) -> str:
     if engine == "pipeline" or (engine == "auto" and gpus > 1):
         return "pipeline"
     return "device_map" if gpus > 1 else "single"
+
+
+GENERATES = ("single", "device_map")  # the engines whose model can also generate (cna_dist.capture.backend.Generator)
+
+
+def generator_engine(engine: str, gpus: int) -> str:
+    """The engine eval generates on for a manifest's `model.engine` on a replica of `gpus` GPUs.
+
+    An engine that generates is kept; the capture-only engines generate on the whole model over the same devices:
+    `pipeline` on `device_map` (`single` on one device), `stream` on `single`.
+    """
+    resolved = resolve(engine, gpus)
+    return resolved if resolved in GENERATES else resolve("device_map", gpus)
 
 
 def balanced(n_layers: int, n_stages: int) -> list[tuple[int, int]]:

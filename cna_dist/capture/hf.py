@@ -1,5 +1,5 @@
-"""A whole transformers model on one device or split by accelerate: loading it, and `HFBackend`, the engine that
-captures, generates and computes CAA vectors with it.
+"""A whole transformers model on one device or split by accelerate: loading it, and `HFBackend`, the `single` and
+`device_map` engine, which captures and is also the generator (generation, CAA vectors, log-likelihoods).
 
 Where a family keeps its decoder, layers, MLP and neurons is `cna_dist.model.arch`'s knowledge (re-exported here
 as `decoder`, `down_projs`, `mlps` for callers that hold a loaded model).
@@ -15,12 +15,15 @@ from typing import Any
 
 import torch
 
-from cna_dist.capture.backend import CAAVectors, Part, Prompts
+from cna_dist.capture.backend import Advice, CAAVectors, Part, Prompts
 from cna_dist.capture.plumbing import made_by, mask_maker
 from cna_dist.capture.single import Capturer, capture_with
-from cna_dist.model import arch, weights
+from cna_dist.model import arch, loglik, weights
 from cna_dist.model.checkpoint import load_tokenizer, torch_dtype
+from cna_dist.model.generate import generate
+from cna_dist.model.loglik import Request
 from cna_dist.prompts.batching import Limits
+from cna_dist.steer import hooks as steer
 
 decoder = arch.decoder
 down_projs = arch.neurons
@@ -73,13 +76,15 @@ def placement(engine: str, gpus: int, max_memory_per_gpu: str | None) -> tuple[A
 
 
 class HFBackend:
-    """A transformers model behind the `CaptureBackend` interface: capture, steered generation, CAA vectors."""
+    """A transformers model behind both seams (`cna_dist.capture.backend`): the `CaptureEngine` and the `Generator`.
 
-    name = "hf"
+    Its `name` is its engine: `single` (one device, or the CPU) or `device_map` (accelerate over the GPUs).
+    """
+
     concurrent = False  # one forward at a time on the model's devices
 
     def __init__(self, model: Any, tokenizer: Any, engine: str = "single", capturer: Any = None):
-        self.model, self.tokenizer, self.engine = model, tokenizer, engine
+        self.model, self.tokenizer, self.name = model, tokenizer, engine
         self.capturer = capturer or Capturer(model)  # hooks on every down_proj, registered once
         self.n_layers = self.capturer.n_layers
         self.intermediate_size = self.capturer.intermediate_size
@@ -104,17 +109,18 @@ class HFBackend:
         return cls(model, tokenizer, engine)
 
     def made_by(self) -> dict[str, str]:
-        return made_by(self.name, self.engine)
+        return made_by("hf", self.name)
 
     def capture_parts(self, token_ids: Prompts, dtype: str, limits: Limits) -> tuple[list[Part], int]:
         pad = self.tokenizer.pad_token_id
         acts, overflow = capture_with(self.capturer, token_ids, pad, dtype=dtype, **asdict(limits))
         return [(0, self.n_layers, acts)], overflow
 
-    def generate(self, token_ids: Prompts, condition: dict[str, Any], max_new_tokens: int, limits: Limits) -> list[str]:
-        from cna_dist.model.generate import generate
-        from cna_dist.steer import hooks as steer
+    def advise(self, mean_tokens: float, limits: Limits) -> Advice | None:
+        """No preference: the whole model stays loaded, so any shard size keeps its devices busy."""
+        return None
 
+    def generate(self, token_ids: Prompts, condition: dict[str, Any], max_new_tokens: int, limits: Limits) -> list[str]:
         with steer.condition(self.model, condition):
             return generate(self.model, self.tokenizer, token_ids, max_new_tokens=max_new_tokens, **asdict(limits))
 
@@ -124,6 +130,12 @@ class HFBackend:
         pad = self.tokenizer.pad_token_id
         vectors = steer.caa_vectors(self.model, pos_ids, neg_ids, pad, layers, **asdict(limits))
         return {layer: v.tolist() for layer, v in vectors.items()}
+
+    def loglikelihoods(
+        self, requests: Sequence[Request], condition: dict[str, Any], limits: Limits
+    ) -> list[tuple[float, bool]]:
+        with steer.condition(self.model, condition):
+            return loglik.loglikelihoods(self.model, requests, self.tokenizer.pad_token_id, **asdict(limits))
 
     def close(self) -> None:
         self.capturer.close()

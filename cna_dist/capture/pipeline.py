@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cna_dist.capture.backend import CAAVectors, Part, Prompts
+from cna_dist.capture.backend import Advice, Part, Prompts
 from cna_dist.capture.pinned import PinnedRing
 from cna_dist.capture.plumbing import STORE_DTYPES, devices, event, made_by, to_store
 from cna_dist.capture.stage import Stage, load_stage
@@ -131,10 +131,10 @@ class _Worker(threading.Thread):
 
 
 class PipelineBackend:
-    """A `CaptureBackend` whose capture runs through a pipeline of stages; generation is not its job (eval runs
-    pipeline manifests on the device_map engine)."""
+    """A `CaptureEngine` whose capture runs through a pipeline of stages. It captures only: generation needs the KV
+    cache and the whole model per step, so eval of a pipeline manifest generates on the device_map engine."""
 
-    name = "hf"
+    name = "pipeline"
     concurrent = True  # calls feed the pipeline one after another themselves: the replica holds no compute lock
 
     def __init__(self, stages: list[Stage], pad_id: int, queue_depth: int = QUEUE_DEPTH):
@@ -156,7 +156,7 @@ class PipelineBackend:
         return cls(stages, load_tokenizer(path).pad_token_id)
 
     def made_by(self) -> dict[str, str]:
-        return made_by(self.name, "pipeline", stages=",".join(f"{s.lo}-{s.hi}@{s.device}" for s in self.stages))
+        return made_by("hf", self.name, stages=",".join(f"{s.lo}-{s.hi}@{s.device}" for s in self.stages))
 
     def capture_parts(self, token_ids: Prompts, dtype: str, limits: Limits) -> tuple[list[Part], int]:
         """Every prompt's rows, one part per stage ([prompt, stage's layers, neuron]), and the float16 overflow."""
@@ -198,11 +198,9 @@ class PipelineBackend:
     def _parts(self, call: _Call) -> list[Part]:
         return [(s.lo, s.hi, rows) for s, rows in zip(self.stages, call.rows, strict=True)]
 
-    def generate(self, token_ids: Prompts, condition: dict[str, Any], max_new_tokens: int, limits: Limits) -> list[str]:
-        raise NotImplementedError("the pipeline engine captures only; eval generates on the device_map engine")
-
-    def caa_vectors(self, pos_ids: Prompts, neg_ids: Prompts, layers: Sequence[int], limits: Limits) -> CAAVectors:
-        raise NotImplementedError("the pipeline engine captures only; eval runs CAA on the device_map engine")
+    def advise(self, mean_tokens: float, limits: Limits) -> Advice | None:
+        """No preference: every stage keeps its layers, so any shard size keeps the pipeline busy."""
+        return None
 
     def close(self) -> None:
         self.workers[0].inbox.put(_STOP)

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cna_dist.capture.plumbing import FLOAT16_MAX, STORE_DTYPES, check_store_dtype, to_store
+from cna_dist.capture.plumbing import STORE_DTYPES, check_store_dtype, to_store
 from cna_dist.capture.stage import Stage
 from cna_dist.capture.trim import LastLayerTrim
 from cna_dist.model import arch
@@ -36,10 +36,8 @@ __all__ = [
     "Capturer",
     "LastTokenRows",
     "Pending",
-    "capture",
     "capture_with",
     "to_store",
-    "to_store_dtype",
 ]
 
 
@@ -114,8 +112,8 @@ class Capturer:
     def submit(self, batch: Batch, dtype: str, overflow: torch.Tensor) -> Pending:
         """Queue one batch without waiting for it: forward, store-dtype conversion, one copy to the host.
 
-        Values beyond float16's range saturate and are added to `overflow` (a device counter) exactly as
-        `to_store_dtype` would count them. On CUDA the result lands in a pinned slot that the next-but-one
+        Values beyond float16's range saturate and are added to `overflow` (a device counter,
+        `cna_dist.capture.plumbing.to_store`). On CUDA the result lands in a pinned slot that the next-but-one
         submit reuses, so read it (Pending.result) before then.
         """
         values = to_store(self._run(batch), dtype, overflow)
@@ -138,22 +136,6 @@ class Capturer:
         event.record(torch.cuda.current_stream(self.device))
         event.synchronize()
         return int(host.numpy())
-
-    def forward(self, batch: Batch) -> torch.Tensor:
-        """Activations [rows, layers, neurons] on the host, in the model's dtype (synchronous convenience)."""
-        return self._run(batch).to("cpu")
-
-
-def to_store_dtype(acts: torch.Tensor, dtype: str) -> tuple[np.ndarray, int]:
-    """Convert to the stored dtype; values beyond float16's range saturate and are counted, never inf."""
-    values = acts.float().numpy()
-    overflow = 0
-    if dtype == "float16":
-        over = np.abs(values) > FLOAT16_MAX
-        overflow = int(over.sum())
-        if overflow:
-            values = np.clip(values, -FLOAT16_MAX, FLOAT16_MAX)
-    return values.astype(STORE_DTYPES[dtype]), overflow
 
 
 def capture_with(
@@ -190,11 +172,3 @@ def capture_with(
     if pending is not None:
         file(pending)
     return out, capturer.read_count(overflow)
-
-
-def capture(
-    model: torch.nn.Module, token_ids: Sequence[Sequence[int]], pad_id: int, **kwargs: Any
-) -> tuple[np.ndarray, int]:
-    """capture_with on hooks registered for this call only; replicas keep one Capturer for their lifetime."""
-    with Capturer(model) as capturer:
-        return capture_with(capturer, token_ids, pad_id, **kwargs)

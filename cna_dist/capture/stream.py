@@ -19,7 +19,6 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from pathlib import Path
@@ -28,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cna_dist.capture.backend import CAAVectors, Part, Prompts
+from cna_dist.capture.backend import Advice, Part, Prompts
 from cna_dist.capture.engines import compute_bound_tokens
 from cna_dist.capture.plumbing import STORE_DTYPES, check_store_dtype, devices, made_by, to_store
 from cna_dist.capture.plumbing import event as _event
@@ -92,13 +91,14 @@ class _Filer:
 
 
 class StreamBackend:
-    """A `CaptureBackend` that streams layers through one device; capture only (eval generates on another engine).
+    """A `CaptureEngine` that streams layers through one device. It captures only: eval of a stream manifest
+    generates on the single engine.
 
     `hidden_budget_bytes`: the most the shard's hidden states may take on the device (None: no limit); beyond it
     they are spilled to host memory. `peak_live_layers` is the most layers ever loaded and not yet released.
     """
 
-    name = "hf"
+    name = "stream"
     concurrent = False  # one shard streams at a time: the replica serialises calls
 
     def __init__(
@@ -128,7 +128,7 @@ class StreamBackend:
         )
 
     def made_by(self) -> dict[str, str]:
-        return made_by(self.name, "stream")
+        return made_by("hf", self.name)
 
     def capture_parts(self, token_ids: Prompts, dtype: str, limits: Limits) -> tuple[list[Part], int]:
         """Every prompt's rows as one part [prompt, layer, neuron] covering all layers, and the float16 overflow."""
@@ -236,7 +236,7 @@ class StreamBackend:
             recorder.close()
         return to_store(rows, dtype, overflow)
 
-    def advise(self, mean_tokens: float, limits: Limits) -> dict[str, Any]:
+    def advise(self, mean_tokens: float, limits: Limits) -> Advice:
         """How many prompts a shard needs to keep the device compute-bound, measured here: one layer's load time
         (the real path: safetensors to the device) against its compute speed on batches of `mean_tokens` tokens."""
         layer = self.n_layers // 2  # a plain decoder layer (layer 0 also loads the embedding)
@@ -277,12 +277,6 @@ class StreamBackend:
     def _sync(self) -> None:
         if self._side is not None:
             torch.cuda.synchronize(self.device)
-
-    def generate(self, token_ids: Prompts, condition: dict[str, Any], max_new_tokens: int, limits: Limits) -> list[str]:
-        raise NotImplementedError("the stream engine captures only; eval generates on the single or device_map engine")
-
-    def caa_vectors(self, pos_ids: Prompts, neg_ids: Prompts, layers: Sequence[int], limits: Limits) -> CAAVectors:
-        raise NotImplementedError("the stream engine captures only; eval runs CAA on the single or device_map engine")
 
     def close(self) -> None:
         self._loader.shutdown(wait=True)

@@ -30,7 +30,7 @@ from cna_dist.manifest import Manifest, manifest_tasks
 from cna_dist.model import checkpoint
 from cna_dist.prompts import sets as promptsmod
 from cna_dist.prompts.categories import categories_of
-from cna_dist.runtime.calls import replica_map
+from cna_dist.runtime.calls import ReplicaCalls
 from cna_dist.runtime.executor import Executor
 from cna_dist.runtime.replica import ReplicaSpec
 from cna_dist.runtime.scheduler import Report
@@ -153,7 +153,7 @@ def caa_layer_for(m: Manifest, circuit: Circuit) -> int:
 
 
 def generate_all(
-    executor: Executor,
+    calls: ReplicaCalls,
     spec: ReplicaSpec,
     token_ids: list[list[int]],
     specs: list[dict[str, Any]],
@@ -163,14 +163,14 @@ def generate_all(
 ) -> tuple[list[list[str]], Report]:
     """Every prompt under every distinct steering spec, in chunks spread over the replicas; texts per spec."""
     parts = chunks(len(token_ids), batch)
-    calls = [(k, [token_ids[i] for i in part]) for k in range(len(specs)) for part in parts]
+    items = [(k, [token_ids[i] for i in part]) for k in range(len(specs)) for part in parts]
 
     def call(replica: Any, item: tuple[int, list[list[int]]]) -> Any:
         return replica.generate.remote(item[1], specs[item[0]], max_new_tokens, batch)
 
-    texts, report = replica_map(executor, spec, call, calls, progress="eval" if progress else None)
+    texts, report = calls.map(spec, call, items, progress="eval" if progress else None)
     by_spec: list[list[str]] = [[] for _ in specs]
-    for (k, _), t in zip(calls, texts, strict=True):
+    for (k, _), t in zip(items, texts, strict=True):
         by_spec[k].extend(t)
     return by_spec, report
 
@@ -233,34 +233,32 @@ def run_eval(
     inputs = prepare(m, circuit, out, settings.caa, tasks, field)
     spec = replace(ReplicaSpec.from_manifest(m), fingerprint=inputs.fingerprint).for_generation()
     caa_vectors = None
-    if settings.caa:
-        settings.caa_layer = caa_layer_for(m, circuit)
-        pos, neg = inputs.sets["positive"].token_ids, inputs.sets["negative"].token_ids
-        (caa_vectors,), _ = replica_map(
-            executor, spec, lambda replica, layers: replica.caa_vectors.remote(pos, neg, layers), [[settings.caa_layer]]
-        )
-    conds, control = conditions(circuit, settings.multipliers, m.eval.random_seed, caa_vectors)
-    specs, spec_of = distinct_specs(conds)
     prompts = inputs.sets["eval"]
-    try:
+    with ReplicaCalls(executor) as calls:  # one set of replicas for every call below, released at the end
+        if settings.caa:
+            settings.caa_layer = caa_layer_for(m, circuit)
+            pos, neg = inputs.sets["positive"].token_ids, inputs.sets["negative"].token_ids
+            (caa_vectors,), _ = calls.map(
+                spec, lambda replica, layers: replica.caa_vectors.remote(pos, neg, layers), [[settings.caa_layer]]
+            )
+        conds, control = conditions(circuit, settings.multipliers, m.eval.random_seed, caa_vectors)
+        specs, spec_of = distinct_specs(conds)
         texts, report = generate_all(
-            executor, spec, prompts.token_ids, specs, settings.max_new_tokens, m.eval.max_batch_size, progress
+            calls, spec, prompts.token_ids, specs, settings.max_new_tokens, m.eval.max_batch_size, progress
         )
         run = {
             "generations": len(specs) * len(prompts.token_ids),
             "retries": report.retries,
             "replica_deaths": report.replica_deaths,
         }
-        extras = measure(m, executor, spec, inputs, specs, texts, run)
-    finally:
-        executor.release_replicas()
+        extras = measure(m, calls, spec, inputs, specs, texts, run)
     results, samples = score_all(m, conds, texts, spec_of, prompts.prompts.texts, extras)
     return write_outputs(m, circuit, out, settings, inputs, control, results, samples, run)
 
 
 def measure(
     m: Manifest,
-    executor: Executor,
+    calls: ReplicaCalls,
     spec: ReplicaSpec,
     inputs: EvalInputs,
     specs: list[dict[str, Any]],
@@ -277,14 +275,14 @@ def measure(
     counts: dict[str, int] = {}
     if inputs.tasks is not None:
         extras["capability"], counts = capability_all(
-            executor, spec, inputs.tokenizer, specs, inputs.tasks, m.eval.max_batch_size
+            calls, spec, inputs.tokenizer, specs, inputs.tasks, m.eval.max_batch_size
         )
         run["loglikelihoods"] = counts.pop("requests")
         _add(run, counts)
     if inputs.judge is not None and m.eval.judge is not None:
         prompts = inputs.sets["eval"].prompts.texts
         extras["judge"], counts = eval_judge.judge_all(
-            executor, inputs.judge, m.eval.judge, prompts, texts, m.eval.samples
+            calls, inputs.judge, m.eval.judge, prompts, texts, m.eval.samples
         )
         run["judgements"] = counts.pop("judgements")
         _add(run, counts)

@@ -11,8 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from cna_dist.eval import capability
-from cna_dist.runtime.calls import replica_map
-from cna_dist.runtime.executor import Executor
+from cna_dist.runtime.calls import ReplicaCalls
 from cna_dist.runtime.replica import ReplicaSpec
 
 CHUNK = 64  # (context, continuation) pairs per replica call
@@ -21,7 +20,7 @@ Pairs = list[tuple[list[int], list[int]]]
 
 
 def scorer(
-    executor: Executor, spec: ReplicaSpec, condition: dict[str, Any], batch: int, counts: dict[str, int]
+    calls: ReplicaCalls, spec: ReplicaSpec, condition: dict[str, Any], batch: int, counts: dict[str, int]
 ) -> Callable[[Pairs], list[tuple[float, bool]]]:
     """The harness's scoring function for one condition: chunks of pairs over the replicas, results in order."""
 
@@ -31,7 +30,7 @@ def scorer(
         def call(replica: Any, item: Pairs) -> Any:
             return replica.loglikelihoods.remote(item, condition, batch)
 
-        parts, report = replica_map(executor, spec, call, items)
+        parts, report = calls.map(spec, call, items)
         counts["requests"] += len(pairs)
         counts["retries"] += report.retries
         counts["replica_deaths"] += report.replica_deaths
@@ -41,7 +40,7 @@ def scorer(
 
 
 def capability_all(
-    executor: Executor,
+    calls: ReplicaCalls,
     spec: ReplicaSpec,
     tokenizer: Any,
     conditions: list[dict[str, Any]],
@@ -50,5 +49,5 @@ def capability_all(
 ) -> tuple[list[list[dict[str, Any]]], dict[str, int]]:
     """Every task's accuracy under every distinct steering condition, and how many pairs were scored."""
     counts = {"requests": 0, "retries": 0, "replica_deaths": 0}
-    out = [capability.evaluate(tasks, tokenizer, scorer(executor, spec, cond, batch, counts)) for cond in conditions]
+    out = [capability.evaluate(tasks, tokenizer, scorer(calls, spec, cond, batch, counts)) for cond in conditions]
     return out, counts

@@ -14,8 +14,7 @@ from cna_dist.eval import judge as judgemod
 from cna_dist.manifest import Judge
 from cna_dist.model import checkpoint
 from cna_dist.prompts import sets as promptsmod
-from cna_dist.runtime.calls import replica_map
-from cna_dist.runtime.executor import Executor
+from cna_dist.runtime.calls import ReplicaCalls
 from cna_dist.runtime.replica import ReplicaSpec
 
 FIELD = "eval.judge.uri"
@@ -54,7 +53,7 @@ def rubric_ids(inputs: JudgeInputs, prompts: list[str], texts: list[str]) -> lis
 
 
 def judge_all(
-    executor: Executor, inputs: JudgeInputs, j: Judge, prompts: list[str], texts: list[list[str]], keep: int
+    calls: ReplicaCalls, inputs: JudgeInputs, j: Judge, prompts: list[str], texts: list[list[str]], keep: int
 ) -> tuple[list[dict[str, Any]], dict[str, int]]:
     """Per distinct steering condition, the judge's summary of its generations, and what the judging cost."""
     items = [(k, lo) for k in range(len(texts)) for lo in range(0, len(prompts), j.max_batch_size)]
@@ -64,7 +63,7 @@ def judge_all(
         k, lo = item
         return replica.generate.remote(encoded[k][lo : lo + j.max_batch_size], {}, j.max_new_tokens, j.max_batch_size)
 
-    outputs, report = replica_map(executor, inputs.spec, call, items, progress=None)
+    outputs, report = calls.map(inputs.spec, call, items, progress=None)
     by_spec: list[list[str]] = [[] for _ in texts]
     for (k, _), out in zip(items, outputs, strict=True):
         by_spec[k].extend(out)

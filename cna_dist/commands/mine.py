@@ -12,7 +12,6 @@ from typing import Any
 import numpy as np
 
 from cna_dist import manifest as manifestmod
-from cna_dist.capture import engines
 from cna_dist.circuit import file as circuitmod
 from cna_dist.circuit import registry
 from cna_dist.manifest import Manifest
@@ -20,7 +19,7 @@ from cna_dist.model import checkpoint
 from cna_dist.prompts import sets as promptsmod
 from cna_dist.reduce import streamed
 from cna_dist.reduce.cna import Reduction
-from cna_dist.runtime.calls import CaptureReport, capture_shards, replica_map
+from cna_dist.runtime.calls import CaptureReport, ReplicaCalls, capture_shards
 from cna_dist.runtime.executor import Executor
 from cna_dist.runtime.replica import ReplicaSpec
 from cna_dist.store import uri as urimod
@@ -174,14 +173,13 @@ def build_circuit(m: Manifest, p: Prepared, run: Run, red: Reduction, overflow: 
     )
 
 
-def shard_advice(executor: Executor, spec: ReplicaSpec, p: Prepared) -> dict[str, Any] | None:
+def shard_advice(calls: ReplicaCalls, spec: ReplicaSpec, p: Prepared) -> dict[str, Any] | None:
     """For a new run without `capture.shard_rows`, the engine's measured shard size (the stream engine needs shards
-    big enough for compute to cover each layer's load); printed with its reason. Other engines keep the default."""
-    if engines.resolve(spec.engine, spec.gpus) != "stream":
-        return None
+    big enough for compute to cover each layer's load); printed with its reason. None: the engine keeps the default
+    (asked of a replica that then captures: the same replicas stay up for the capture)."""
     lengths = [len(ids) for ids in p.token_ids().values()]
     mean = sum(lengths) / max(1, len(lengths))
-    (advice,), _ = replica_map(executor, spec, lambda replica, tokens: replica.advise.remote(tokens), [mean])
+    (advice,), _ = calls.map(spec, lambda replica, tokens: replica.advise.remote(tokens), [mean])
     if advice is not None:
         print(f"shard size: {advice['rows']} prompts: {advice['reason']}", file=sys.stderr)
     return advice
@@ -198,9 +196,10 @@ def mine(m: Manifest, executor: Executor, *, progress: bool = True, checked: Che
     store.check_writable()
     spec = replace(ReplicaSpec.from_manifest(m), fingerprint=p.fingerprint)
     advice = None
-    with store.lease(run_id(p.meta), echo=lambda text: print(text, file=sys.stderr)) as lease:
+    lease_of = store.lease(run_id(p.meta), echo=lambda text: print(text, file=sys.stderr))
+    with lease_of as lease, ReplicaCalls(executor) as calls:  # replicas that advised capture too
         if m.capture.shard_rows is None and store.load_meta(run_id(p.meta)) is None:
-            advice = shard_advice(executor, spec, p)
+            advice = shard_advice(calls, spec, p)
         run = store.open_run(p.meta if advice is None else replace(p.meta, shard_rows=advice["rows"]))
         token_ids = p.token_ids()
         plans = run.plan(list(token_ids))

@@ -9,7 +9,6 @@ from cna_dist.circuit import file as circuitmod
 from cna_dist.errors import BadInput
 from cna_dist.eval.metrics import is_refusal
 from cna_dist.model import checkpoint, weights
-from cna_dist.model.generate import generate
 from cna_dist.prompts import sets as promptsmod
 from cna_dist.prompts.batching import Limits
 
@@ -27,13 +26,17 @@ def side_by_side(
     circuitmod.check_fits(c, info.n_layers, info.intermediate_size, circuit_uri)
     local = checkpoint.localize(model_uri)
     weights.check(str(local), config, field="--model")
-    backend = hf.HFBackend.load(local, dtype=dtype, trust_remote_code=False)  # steer has no manifest to allow it
-    tokenizer = backend.tokenizer
+    tokenizer = checkpoint.load_tokenizer(local)  # the prompt is rendered here, as eval's driver renders its own
     chat = promptsmod.use_chat_template(tokenizer, None)
     ids = [promptsmod.encode(tokenizer, promptsmod.render(tokenizer, prompt, chat), chat)]
-    (plain,) = generate(backend.model, tokenizer, ids, max_new_tokens=max_new_tokens)
-    condition = {"pairs": [list(p) for p in c.pairs()], "multiplier": multiplier}
-    (steered,) = backend.generate(ids, condition, max_new_tokens, Limits(max_batch_size=1))
+    generator = hf.HFBackend.load(local, dtype=dtype, trust_remote_code=False)  # steer has no manifest to allow it
+    try:
+        limits = Limits(max_batch_size=1)
+        (plain,) = generator.generate(ids, {}, max_new_tokens, limits)  # no condition: no hooks, m = 1 exactly
+        condition = {"pairs": [list(p) for p in c.pairs()], "multiplier": multiplier}
+        (steered,) = generator.generate(ids, condition, max_new_tokens, limits)
+    finally:
+        generator.close()
     return (
         f"prompt: {prompt}\n"
         f"--- m=1 (no intervention){' [refusal]' if is_refusal(plain) else ''}\n{plain.strip()}\n"

@@ -1,6 +1,9 @@
 """The driver's two kinds of replica work, over any executor: capture shards, and map a call over items.
 
 Each is a scheduler run with a progress bar; what the calls do lives in `Replica`, where they run in the executor.
+Both release the replicas when they are done, so their CPUs and GPUs go to what comes next (the reduce tasks, or
+another model's replicas); several maps that should share one set of replicas (eval's CAA, generations,
+capability scores) run inside one `ReplicaCalls` block, which releases them once, at its end.
 """
 
 from __future__ import annotations
@@ -82,6 +85,44 @@ def capture_shards(
     return report
 
 
+class ReplicaCalls:
+    """Maps over an executor's replicas that share them: each spec's replicas start at its first map and stay up for
+    the next (another spec's replace them), and all are released when the block ends, also when a call failed."""
+
+    def __init__(self, executor: Executor):
+        self.executor = executor
+
+    def __enter__(self) -> ReplicaCalls:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.executor.release_replicas()
+
+    def map(
+        self,
+        spec: ReplicaSpec,
+        fn: Callable[[Any, Any], Hashable],
+        items: Sequence[Any],
+        *,
+        progress: str | None = None,
+    ) -> tuple[list[Any], Report]:
+        """`fn(replica, item)` for each item on `spec`'s replicas, results in item order, with capture's retries."""
+        results: list[Any] = [None] * len(items)
+        bar = tqdm(total=len(items), desc=progress or "", disable=progress is None)
+
+        def done(i: int, result: Any) -> None:
+            results[i] = result
+            bar.update(1)
+
+        try:
+            report = Scheduler(self.executor.replicas(spec), fn, self.executor.settings).run(
+                items, done, [f"call #{i}" for i in range(len(items))]
+            )
+        finally:
+            bar.close()
+        return results, report
+
+
 def replica_map(
     executor: Executor,
     spec: ReplicaSpec,
@@ -90,21 +131,6 @@ def replica_map(
     *,
     progress: str | None = None,
 ) -> tuple[list[Any], Report]:
-    """`fn(replica, item)` for each item on the replicas, results in item order, with capture's retries.
-
-    The replicas stay up for the next call (eval makes several); the caller releases them.
-    """
-    results: list[Any] = [None] * len(items)
-    bar = tqdm(total=len(items), desc=progress or "", disable=progress is None)
-
-    def done(i: int, result: Any) -> None:
-        results[i] = result
-        bar.update(1)
-
-    try:
-        report = Scheduler(executor.replicas(spec), fn, executor.settings).run(
-            items, done, [f"call #{i}" for i in range(len(items))]
-        )
-    finally:
-        bar.close()
-    return results, report
+    """One `ReplicaCalls.map` on its own: the replicas are released afterwards, as `capture_shards` releases its."""
+    with ReplicaCalls(executor) as calls:
+        return calls.map(spec, fn, items, progress=progress)

@@ -1,5 +1,8 @@
 """A model replica: loads once, captures shards and writes them straight into the store; generates for eval.
 
+Its model comes from the engine registry as a capture engine and, where the engine can generate, a generator
+(`cna_dist.capture.backend`); generation, CAA and log-likelihood calls go to the generator and nothing else.
+
 The same class runs in this process (InProcessExecutor) and as a Ray actor (RayExecutor), always with two
 concurrent calls. A lock covers the compute part of `capture_shard` only, so while one call writes its shard
 (data, then its commit marker) the other call already computes the next one: the devices do not sit idle during
@@ -16,8 +19,10 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from cna_dist.capture.backend import CaptureBackend
-from cna_dist.capture.registry import load_backend
+from cna_dist.capture import engines
+from cna_dist.capture import registry as engine_registry
+from cna_dist.capture.backend import Advice, CaptureEngine, Generator
+from cna_dist.errors import BadInput
 from cna_dist.manifest import Manifest
 from cna_dist.model import checkpoint
 from cna_dist.prompts.batching import Limits
@@ -40,7 +45,7 @@ class ReplicaSpec:
     token_budget: int = 8192
     max_batch_size: int = 64
     backend: str = "hf"
-    engine: str = "auto"  # auto | device_map | pipeline | stream (cna_dist.capture.engines)
+    engine: str = "auto"  # auto | device_map | pipeline | stream, or a resolved single (cna_dist.capture.engines)
     stages: int | tuple[tuple[int, int], ...] | None = None  # the pipeline's split; None: one stage per GPU
     hidden_budget: int | None = None  # stream: a shard's hidden states beyond this wait in host memory
     fingerprint: str | None = None  # the driver's: a replica copies that very checkpoint, or fails naming it
@@ -66,8 +71,8 @@ class ReplicaSpec:
         )
 
     def for_generation(self) -> ReplicaSpec:
-        """The same replica for eval: generation runs on the device_map engine, whatever captures."""
-        return replace(self, engine="device_map", stages=None, hidden_budget=None)
+        """The same replica for eval, on the engine that generates for this one (`engines.generator_engine`)."""
+        return replace(self, engine=engines.generator_engine(self.engine, self.gpus), stages=None, hidden_budget=None)
 
 
 @dataclass(frozen=True)
@@ -93,12 +98,16 @@ class ShardResult:
 
 
 class Replica:
-    def __init__(self, spec: ReplicaSpec, backend: CaptureBackend | None = None):
-        """Loads `spec`'s model (copied to this node first if remote), unless a loaded `backend` is given."""
+    def __init__(self, spec: ReplicaSpec, engine: CaptureEngine | None = None, generator: Generator | None = None):
+        """Loads `spec`'s model (copied to this node first if remote), unless a loaded `engine` (and `generator`, if
+        it generates) is given."""
         self.spec = spec
-        if backend is None:
-            backend = load_backend(spec, checkpoint.localize(spec.model_uri, spec.storage_options, fp=spec.fingerprint))
-        self.backend = backend
+        if engine is None:
+            loaded = engine_registry.load(
+                spec, checkpoint.localize(spec.model_uri, spec.storage_options, fp=spec.fingerprint)
+            )
+            engine, generator = loaded.engine, loaded.generator
+        self.engine, self.generator = engine, generator
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         self._compute_lock = threading.Lock()  # one computation at a time on this replica's devices
         self._compute_end: float | None = None  # when the last capture released the lock
@@ -107,16 +116,16 @@ class Replica:
         return os.getpid()
 
     def close(self) -> None:
-        self.backend.close()
+        self.engine.close()
 
     def capture_shard(self, run: Run, plan: ShardPlan, token_ids: list[list[int]]) -> ShardResult:
         """Capture under the compute lock, then write and commit outside it (overlapping the next compute)."""
         t0 = time.perf_counter()
-        with nullcontext() if self.backend.concurrent else self._compute_lock:
+        with nullcontext() if self.engine.concurrent else self._compute_lock:
             start = time.perf_counter()
             idle = 0.0 if self._compute_end is None else max(0.0, start - self._compute_end)
             try:
-                parts, overflow = self.backend.capture_parts(token_ids, self.spec.capture_dtype, self.spec.limits())
+                parts, overflow = self.engine.capture_parts(token_ids, self.spec.capture_dtype, self.spec.limits())
             finally:
                 self._compute_end = end = time.perf_counter()
         meta = run.meta
@@ -124,7 +133,7 @@ class Replica:
             run.write_rows(plan, acts, slice(lo, hi))
             for lo, hi, acts in chunk_aligned(parts, meta.layers_per_chunk, meta.n_layers)
         ]
-        run.commit(plan, written, writer=self.name, made_by=self.backend.made_by())
+        run.commit(plan, written, writer=self.name, made_by=self.engine.made_by())
         done = time.perf_counter()
         return ShardResult(
             plan.shard,
@@ -139,40 +148,41 @@ class Replica:
             sum(part.nbytes for part in written),
         )
 
-    def advise(self, mean_tokens: float) -> dict[str, Any] | None:
+    def advise(self, mean_tokens: float) -> Advice | None:
         """The engine's advice on shard size (`rows`, `tokens`, `reason`), measured on this replica; None if it has
         no preference (single, device_map and pipeline keep the store's default)."""
-        advise = getattr(self.backend, "advise", None)
-        if advise is None:
-            return None
         with self._compute_lock:
-            return advise(mean_tokens, self.spec.limits())
+            return self.engine.advise(mean_tokens, self.spec.limits())
+
+    def _generator(self) -> Generator:
+        """This replica's generator; a replica whose engine captures only has none, which is the spec's fault."""
+        if self.generator is None:
+            raise BadInput(
+                f"{self.spec.engine!r} captures only (engine {self.engine.name}): generation, CAA and log-likelihoods "
+                f"run on one of {', '.join(engines.GENERATES)} (ReplicaSpec.for_generation picks it)",
+                field="model.engine",
+            )
+        return self.generator
 
     def generate(
         self, token_ids: list[list[int]], condition: dict[str, Any], max_new_tokens: int, max_batch_size: int
     ) -> list[str]:
         """Greedy completions under `condition`: {"pairs", "multiplier"} scales neurons, {"caa", "alpha"} adds."""
+        generator = self._generator()
         with self._compute_lock:
-            return self.backend.generate(token_ids, condition, max_new_tokens, self.spec.limits(max_batch_size))
+            return generator.generate(token_ids, condition, max_new_tokens, self.spec.limits(max_batch_size))
 
     def caa_vectors(self, pos_ids: list[list[int]], neg_ids: list[list[int]], layers: list[int]) -> dict[int, list]:
         """CAA's mean MLP-output difference per layer, as lists so they travel as plain data."""
+        generator = self._generator()
         with self._compute_lock:
-            return self.backend.caa_vectors(pos_ids, neg_ids, layers, self.spec.limits())
+            return generator.caa_vectors(pos_ids, neg_ids, layers, self.spec.limits())
 
     def loglikelihoods(
         self, requests: list[tuple[list[int], list[int]]], condition: dict[str, Any], max_batch_size: int
     ) -> list[tuple[float, bool]]:
         """(log-probability, is-greedy) of each (context, continuation) pair under `condition`: what capability
-        tasks score. Generation runs on the device_map engine, whose backend holds the whole HF model."""
-        from dataclasses import asdict
-
-        from cna_dist.model import loglik
-        from cna_dist.steer import hooks as steer
-
-        model = getattr(self.backend, "model", None)
-        if model is None:
-            raise RuntimeError(f"the {self.backend.name} backend holds no whole model to score log-likelihoods with")
-        with self._compute_lock, steer.condition(model, condition):
-            pad = self.backend.tokenizer.pad_token_id
-            return loglik.loglikelihoods(model, requests, pad, **asdict(self.spec.limits(max_batch_size)))
+        tasks score."""
+        generator = self._generator()
+        with self._compute_lock:
+            return generator.loglikelihoods(requests, condition, self.spec.limits(max_batch_size))

@@ -315,10 +315,6 @@ class Run:
             uri = f"{self.root}/commits/{plan.shard:08d}.json"
             raise RunFailure(f"cannot write the commit marker {uri}: {type(exc).__name__}: {exc}") from exc
 
-    def write_shard(self, plan: ShardPlan, acts: np.ndarray, writer: str = "") -> None:
-        """One writer for the whole shard: all its layers, then the marker."""
-        self.commit(plan, [self.write_rows(plan, acts, slice(0, self.meta.n_layers))], writer)
-
     # -- reading blocks --------------------------------------------------------------------------------------
     def read_rows(self, rows: np.ndarray, layers: slice, prefetch: int = 1) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Yield (positions in `rows`, activations [n, layer block, neuron]) one row chunk at a time."""
