@@ -23,7 +23,7 @@ from pathlib import Path
 
 LOADERS = {
     "cna-dist": (
-        "from cna_dist.manifest import PromptSet; from cna_dist.model import prompts;"
+        "from cna_dist.manifest import PromptSet; from cna_dist.prompts import sets as prompts;"
         "n = len(prompts.load('positive', PromptSet(uri=PATH, field='Goal', category_field='Category')).texts)"
     ),
     "parquet-baseline": "import pyarrow.parquet as pq; n = len(pq.read_table(PATH).column('Goal').to_pylist())",
@@ -34,7 +34,7 @@ MEASURE = (
     "rss = next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM:'));"
     "print(n, t, rss / 1024)"
 )
-BASELINE_IMPORTS = "import pyarrow.parquet, pyarrow.csv; from cna_dist.model import prompts; n = 0"
+BASELINE_IMPORTS = "import pyarrow.parquet, pyarrow.csv; from cna_dist.prompts import sets as prompts; n = 0"
 
 
 def write_tables(folder: Path, rows: int, wide: int) -> tuple[Path, Path]:

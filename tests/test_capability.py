@@ -21,8 +21,8 @@ import cna_dist.eval
 from cna_dist.capture import hf
 from cna_dist.circuit.file import load as load_circuit
 from cna_dist.cli import main
-from cna_dist.commands.eval import conditions
 from cna_dist.demo.words import demo_prompts
+from cna_dist.eval.conditions import conditions
 from cna_dist.model import loglik
 from cna_dist.steer import hooks as steer
 

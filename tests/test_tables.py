@@ -166,7 +166,7 @@ def test_million_row_csv_streams(tmp_path: Path) -> None:
         for i in range(1_000_000):
             f.write(f"goal number {i},target {i}\n")
     script = (
-        "import resource, sys; from cna_dist.manifest import PromptSet; from cna_dist.model import prompts as p;"
+        "import resource, sys; from cna_dist.manifest import PromptSet; from cna_dist.prompts import sets as p;"
         f"got = p.load('positive', PromptSet(uri={str(path)!r}, field='Goal'));"
         "print(len(got.texts), got.texts[-1], got.sha256)"
     )
