@@ -90,8 +90,12 @@ def zarr_write(run: Run, acts: np.ndarray) -> Callable[[], None]:
     return go
 
 
-def plain_write(put_for: Callable[[], chunks.Put], acts: np.ndarray, chunk: tuple[int, int], threads: int) -> Callable:
-    """Each chunk copied out contiguous once and written as one object: the least a chunked writer does."""
+def plain_write(
+    put_for: Callable[[], chunks.Put], acts: np.ndarray, chunk: tuple[int, int], threads: int, copy: bool = True
+) -> Callable:
+    """Each chunk written as one object with no check and no checksum, the same number of threads: `copy`: copied
+    out contiguous once and written (`plain`); else its rows written straight from the block with one writev
+    (`plainv`, local disk only: what a writer that copies nothing does)."""
     rows, layers = chunk
     work = [(r, lo) for r in range(0, acts.shape[0], rows) for lo in range(0, acts.shape[1], layers)]
 
@@ -100,7 +104,8 @@ def plain_write(put_for: Callable[[], chunks.Put], acts: np.ndarray, chunk: tupl
 
         def one(item: tuple[int, int]) -> None:
             r, lo = item
-            put(f"{r // rows}.{lo // layers}", memoryview(np.ascontiguousarray(acts[r : r + rows, lo : lo + layers])))
+            part = acts[r : r + rows, lo : lo + layers]
+            put(f"{r // rows}.{lo // layers}", iter([[np.ascontiguousarray(part)] if copy else list(part)]))
 
         with cf.ThreadPoolExecutor(threads) as pool:
             list(pool.map(one, work))
@@ -151,6 +156,8 @@ def measure_target(kind: str, acts: np.ndarray, args: argparse.Namespace, fs: An
         for threads in args.threads:
             methods[f"store-{threads}"] = store_write(run, acts, threads)
             methods[f"plain-{threads}"] = plain_write(put_for, acts, chunk, threads)
+            if kind == "local":
+                methods[f"plainv-{threads}"] = plain_write(put_for, acts, chunk, threads, copy=False)
         for fn in methods.values():  # warm-up: connections, folders
             fn()
             clean(kind, run, plain, fs)
@@ -235,21 +242,28 @@ def idle_fraction(acts: np.ndarray, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
+    """Store against plain writes (copy, then write) and, locally, against plainv (no copy: rows written in place)."""
     print(
         f"{'target':<6} {'threads':>7} {'store GB/s':>10} {'plain GB/s':>10} {'ratio':>6} "
-        f"{'store CPU s/GB':>14} {'plain CPU s/GB':>14} {'CPU ratio':>9}"
+        f"{'store CPU s/GB':>14} {'plain CPU s/GB':>14} {'CPU ratio':>9} {'plainv GB/s':>11} {'ratio':>6} "
+        f"{'CPU ratio':>9}"
     )
     by = {(r["target"], r["method"], r["threads"]): r for r in rows}
     for (kind, method, threads), store in by.items():
         if method != "store":
             continue
-        plain = by[(kind, "plain", threads)]
-        print(
-            f"{kind:<6} {threads:>7} {store['gb_s']:>10.2f} {plain['gb_s']:>10.2f} "
-            f"{store['gb_s'] / plain['gb_s']:>6.2f} "
-            f"{store['cpu_s_per_gb']:>14.2f} {plain['cpu_s_per_gb']:>14.2f} "
-            f"{store['cpu_s_per_gb'] / plain['cpu_s_per_gb']:>9.2f}"
-        )
+        text = f"{kind:<6} {threads:>7} {store['gb_s']:>10.2f}"
+        for name in ("plain", "plainv"):
+            plain = by.get((kind, name, threads))
+            if plain is None:
+                continue
+            ratio, cpu = store["gb_s"] / plain["gb_s"], store["cpu_s_per_gb"] / plain["cpu_s_per_gb"]
+            if name == "plain":
+                text += f" {plain['gb_s']:>10.2f} {ratio:>6.2f} {store['cpu_s_per_gb']:>14.2f}"
+                text += f" {plain['cpu_s_per_gb']:>14.2f} {cpu:>9.2f}"
+            else:
+                text += f" {plain['gb_s']:>11.2f} {ratio:>6.2f} {cpu:>9.2f}"
+        print(text)
     for (kind, method, _), r in by.items():
         if method == "zarr":
             print(

@@ -18,13 +18,20 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import os
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import google_crc32c
 import numpy as np
 
-Put = Callable[[str, memoryview], None]
+# A chunk object's bytes as C-contiguous buffers in order, produced lazily: each is checked (NaN) and hashed (crc32c)
+# just before it is handed out, so a Put that writes each buffer as it comes reads it while it is still in the cache.
+Pieces = Iterator[list[Any]]
+Put = Callable[[str, Pieces], None]
+BLOCK_BYTES = 1 << 20  # bytes checked, hashed and written per step: about a core's L2 cache
+_pools: dict[int, cf.ThreadPoolExecutor] = {}
+_pools_lock = threading.Lock()
 
 
 def direct_layout(arr: Any) -> bool:
@@ -51,8 +58,51 @@ def encode(block: np.ndarray, chunk_shape: tuple[int, ...], fill: Any) -> memory
     if block.shape != chunk_shape:
         values[...] = fill
     values[tuple(slice(0, n) for n in block.shape)] = block
-    out[nbytes:] = np.frombuffer(np.uint32(google_crc32c.value(out[:nbytes])).astype("<u4").tobytes(), np.uint8)
+    out[nbytes:] = np.frombuffer(_crc_bytes(google_crc32c.value(out[:nbytes])), np.uint8)
     return memoryview(out)
+
+
+def _crc_bytes(crc: int) -> bytes:
+    return int(crc).to_bytes(4, "little")
+
+
+def in_place(part: np.ndarray, chunk_shape: tuple[int, ...]) -> bool:
+    """True when a chunk's values can be stored straight from `part`, without a copy: it fills the whole chunk,
+    is little-endian, and each of its rows (its first axis) is C-contiguous (a block of whole rows sliced by layer
+    range, as the store's shards are)."""
+    little = part.dtype == part.dtype.newbyteorder("<")
+    return part.shape == chunk_shape and little and (part.flags.c_contiguous or part[0].flags.c_contiguous)
+
+
+def pieces(part: np.ndarray, row: int) -> Pieces:
+    """A whole chunk's values straight from `part` in blocks of about BLOCK_BYTES, then its crc32c.
+
+    Each block is checked for NaN (raising NaNRows with its array row; `row` is part's first) and hashed just
+    before it is handed out: one read of the values from memory, and the writer's read comes from the cache.
+    """
+    crc = 0
+    step = max(1, BLOCK_BYTES // max(1, part[0].nbytes))
+    whole = part.flags.c_contiguous
+    for lo in range(0, len(part), step):
+        block = part[lo : lo + step]
+        bad = first_nan_row(block)
+        if bad is not None:
+            raise NaNRows(row + lo + bad)
+        buffers = [block] if whole else list(block)
+        for buffer in buffers:
+            crc = google_crc32c.extend(crc, buffer)
+        yield buffers
+    yield [_crc_bytes(crc)]
+
+
+def encoded(part: np.ndarray, chunk_shape: tuple[int, ...], fill: Any, row: int) -> Pieces:
+    """A chunk that `part` fills only in part (an edge chunk) or cannot be stored from in place: one padded copy."""
+    data = encode(part, chunk_shape, fill)
+    values = np.frombuffer(data, dtype=part.dtype, count=int(np.prod(chunk_shape)))
+    bad = first_nan_row(values.reshape(chunk_shape)[: part.shape[0]])  # the copy just made, still in cache
+    if bad is not None:
+        raise NaNRows(row + bad)
+    yield [data]
 
 
 def regions(
@@ -71,50 +121,80 @@ def regions(
     return out
 
 
-def write_block(arr: Any, block: np.ndarray, start: tuple[int, ...], put: Put, threads: int) -> int:
-    """Encode and store every chunk `block` covers (placed at `start`), `threads` at a time; returns the bytes put.
+def pool(threads: int) -> cf.ThreadPoolExecutor:
+    """A writer pool per thread count, kept for the process: starting threads for every shard cost milliseconds."""
+    with _pools_lock:
+        if threads not in _pools:
+            _pools[threads] = cf.ThreadPoolExecutor(threads, thread_name_prefix=f"cna-write{threads}")
+        return _pools[threads]
 
-    A chunk holding NaN (the array's fill: stored, it would read as missing data) is not stored and raises NaNRows
-    with its first such row; chunks of the block already stored stay, uncommitted, as after an interrupted write.
+
+def write_block(arr: Any, block: np.ndarray, start: tuple[int, ...], put: Put, threads: int) -> int:
+    """Check, hash and store every chunk `block` covers (placed at `start`), `threads` at a time; returns the bytes.
+
+    A chunk holding NaN (the array's fill: stored, it would read as missing data) is not stored (a file begun is
+    removed) and raises NaNRows with its first such row; chunks of the block already stored stay, uncommitted, as
+    after an interrupted write.
     """
     chunk_shape = tuple(arr.metadata.chunk_grid.chunk_shape)
     fill = arr.metadata.fill_value
     work = regions(block.shape, chunk_shape, start)
+    nbytes = int(np.prod(chunk_shape)) * block.dtype.itemsize + 4
 
     def one(item: tuple[tuple[int, ...], tuple[slice, ...]]) -> int:
         coords, where = item
-        part = block[where]
-        data = encode(part, chunk_shape, fill)
-        values = np.frombuffer(data, dtype=part.dtype, count=int(np.prod(chunk_shape)))
-        bad = first_nan_row(values.reshape(chunk_shape)[: part.shape[0]])  # the copy just made, still in cache
-        if bad is not None:
-            raise NaNRows(start[0] + where[0].start + bad)
+        part, row = block[where], start[0] + where[0].start
+        data = pieces(part, row) if in_place(part, chunk_shape) else encoded(part, chunk_shape, fill, row)
         put(arr.metadata.encode_chunk_key(coords), data)
-        return len(data)
+        return nbytes
 
     if threads <= 1 or len(work) == 1:
         return sum(map(one, work))
-    with cf.ThreadPoolExecutor(min(threads, len(work)), thread_name_prefix="cna-write") as pool:
-        return sum(pool.map(one, work))
+    futures = [pool(threads).submit(one, item) for item in work]
+    cf.wait(futures)  # every chunk finished or failed before this returns, as with a pool of its own
+    return sum(f.result() for f in futures)
 
 
 def local_put(folder: str) -> Put:
-    """Store a chunk object as a file under `folder` (the array's folder), creating its parent folders."""
+    """Store a chunk object as a file under `folder` (the array's folder), each block written as it is produced.
 
-    def put(key: str, data: memoryview) -> None:
+    If producing a block fails (NaN found), the file begun is removed: a chunk is stored whole or not at all, unless
+    the process dies mid-write, which leaves its shard uncommitted like any interrupted write.
+    """
+
+    def put(key: str, data: Pieces) -> None:
         path = os.path.join(folder, *key.split("/"))
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "wb") as f:
-            f.write(data)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            for buffers in data:
+                _write_all(fd, buffers)
+        except BaseException:
+            os.close(fd)
+            os.unlink(path)
+            raise
+        os.close(fd)
 
     return put
 
 
-def fs_put(fs: Any, folder: str) -> Put:
-    """Store a chunk object through an fsspec filesystem (one PUT per object on an object store)."""
+def _write_all(fd: int, buffers: list[Any]) -> None:
+    """os.writev until every byte is written (a short write continues where it stopped), IOV_MAX buffers a call."""
+    views = [memoryview(b).cast("B") for b in buffers]
+    while views:
+        done = os.writev(fd, views[:1024])
+        while views and done >= len(views[0]):
+            done -= len(views[0])
+            views.pop(0)
+        if done:
+            views[0] = views[0][done:]
 
-    def put(key: str, data: memoryview) -> None:
-        fs.pipe_file(f"{folder.rstrip('/')}/{key}", bytes(data) if not isinstance(data, bytes) else data)
+
+def fs_put(fs: Any, folder: str) -> Put:
+    """Store a chunk object through an fsspec filesystem: one PUT per object, its blocks joined (the one copy)."""
+
+    def put(key: str, data: Pieces) -> None:
+        fs.pipe_file(f"{folder.rstrip('/')}/{key}", b"".join(b for buffers in data for b in buffers))
 
     return put
 
