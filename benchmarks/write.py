@@ -13,10 +13,10 @@ GB/s (wall) and CPU seconds per GB (this process: moto's server is a separate pr
 `--repeats`, the methods alternating. Targets: local disk (`--dir`, a temporary folder by default) and S3 (moto's
 server on 127.0.0.1, started here, as benchmarks/download.py does).
 
-Then `idle`: a replica (cna_dist.runtime.replica.Replica, two calls at once, as the driver runs it) whose engine
-is a fixture emitting a shard's rows at a set rate (it sleeps as a GPU computes: the host is free meanwhile)
-writes `--idle-shards` shards to local disk; the idle fraction is the time the engine waited between shards
-(for a free call, i.e. for writes) over its compute time.
+Then `idle`: a replica (cna_dist.runtime.replica.Replica, with CONCURRENCY calls in flight as the driver runs it,
+against two, the previous depth) whose engine is a fixture emitting a shard's rows at a set rate (it sleeps as a
+GPU computes: the host is free meanwhile) writes `--idle-shards` shards to local disk; the idle fraction is the
+time the engine waited between shards (for a free call, i.e. for writes) over its compute time.
 
     python benchmarks/write.py [--rows 64] [--threads 1,2,4,8] [--targets local,s3] [--rate 200] [--json out.json]
 """
@@ -44,7 +44,7 @@ from download import start_moto  # benchmarks/download.py, beside this script
 from cna_dist.io import chunks
 from cna_dist.io.store import ActivationStore, Run, RunMeta, WrittenPart
 from cna_dist.model.batching import Limits
-from cna_dist.runtime.replica import Replica, ReplicaSpec
+from cna_dist.runtime.replica import CONCURRENCY, Replica, ReplicaSpec
 
 
 def meta(layers: int, width: int, shard_rows: int) -> RunMeta:
@@ -205,8 +205,9 @@ class RateEngine:
         pass
 
 
-def idle_fraction(acts: np.ndarray, args: argparse.Namespace) -> dict[str, Any]:
-    """A replica with two calls in flight (as the driver runs it) writing `idle_shards` shards at `rate` rows/s."""
+def idle_fraction(acts: np.ndarray, args: argparse.Namespace, calls: int) -> dict[str, Any]:
+    """A replica with `calls` calls in flight (the driver runs CONCURRENCY) writing `idle_shards` shards at `rate`
+    rows/s."""
     folder = Path(tempfile.mkdtemp(dir=args.dir))
     try:
         run = ActivationStore(str(folder / "store")).open_run(meta(acts.shape[1], acts.shape[2], len(acts)))
@@ -222,7 +223,7 @@ def idle_fraction(acts: np.ndarray, args: argparse.Namespace) -> dict[str, Any]:
                 results.append(result)
 
         start = time.perf_counter()
-        with cf.ThreadPoolExecutor(2) as pool:
+        with cf.ThreadPoolExecutor(calls) as pool:
             list(pool.map(call, plans))
         wall = time.perf_counter() - start
     finally:
@@ -231,6 +232,7 @@ def idle_fraction(acts: np.ndarray, args: argparse.Namespace) -> dict[str, Any]:
     idle = sum(r.idle_seconds for r in results)
     rows = sum(r.rows for r in results)
     return {
+        "calls": calls,
         "rate_rows_s": args.rate,
         "gb_s_offered": args.rate * acts[0].nbytes / 1e9,
         "shards": len(results),
@@ -282,11 +284,14 @@ def main() -> None:
     parser.add_argument("--targets", default="local,s3")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--rate", type=float, default=200.0, help="rows/s the engine fixture emits")
-    parser.add_argument("--idle-shards", type=int, default=8)
+    parser.add_argument("--idle-shards", type=int, default=12)
+    parser.add_argument("--calls", default=f"2,{CONCURRENCY}", help="calls in flight on the idle replica, compared")
+    parser.add_argument("--idle-runs", type=int, default=3, help="idle runs per calls-in-flight count (median)")
     parser.add_argument("--dir", default=None, help="local folder to write in (default: a temporary one)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     args.threads = [int(t) for t in args.threads.split(",")]
+    args.calls = [int(c) for c in args.calls.split(",")]
     rng = np.random.default_rng(0)
     acts = rng.standard_normal((args.rows, args.layers, args.width), dtype=np.float32).astype(np.float16)
     print(
@@ -311,13 +316,21 @@ def main() -> None:
             moto.terminate()
             moto.wait()
     print_table(results)
-    idle = idle_fraction(acts[: min(len(acts), 32)], args)
-    print(
-        f"idle: engine fixture at {idle['rate_rows_s']:.0f} rows/s ({idle['gb_s_offered']:.2f} GB/s offered), "
-        f"{idle['shards']} shards of {min(len(acts), 32)} rows to local disk, writer threads {max(args.threads)}: "
-        f"achieved {idle['achieved_rows_s']:.0f} rows/s, idle fraction {idle['idle_fraction']:.3f} "
-        f"(median write {idle['write_s_median']:.2f} s vs compute {idle['compute_s_median']:.2f} s per shard)"
-    )
+    idle = [  # the calls-in-flight counts alternate, so load on the machine falls on each alike
+        idle_fraction(acts[: min(len(acts), 32)], args, calls) for _ in range(args.idle_runs) for calls in args.calls
+    ]
+    for calls in args.calls:
+        runs = [r for r in idle if r["calls"] == calls]
+        r = runs[0]
+        fractions = sorted(x["idle_fraction"] for x in runs)
+        print(
+            f"idle: {calls} calls in flight, engine fixture at {r['rate_rows_s']:.0f} rows/s "
+            f"({r['gb_s_offered']:.2f} GB/s offered), {r['shards']} shards of {min(len(acts), 32)} rows to local disk, "
+            f"writer threads {max(args.threads)}: achieved rows/s {sorted(round(x['achieved_rows_s']) for x in runs)}, "
+            f"idle fraction median {statistics.median(fractions):.3f} of {fractions} "
+            f"(median write {statistics.median(x['write_s_median'] for x in runs):.2f} s vs compute "
+            f"{statistics.median(x['compute_s_median'] for x in runs):.2f} s per shard)"
+        )
     if args.json is not None:
         args.json.write_text(json.dumps({"writes": results, "idle": idle}, indent=2))
         print(f"wrote {args.json}")

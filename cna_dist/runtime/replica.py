@@ -1,9 +1,13 @@
 """A model replica: loads once, captures shards and writes them straight into the store; generates for eval.
 
-The same class runs in this process (InProcessExecutor) and as a Ray actor (RayExecutor), always with two
-concurrent calls. A lock covers the compute part of `capture_shard` only, so while one call writes its shard
-(data, then its commit marker) the other call already computes the next one: the devices do not sit idle during
-store writes, and a call still returns only after its marker is written.
+The same class runs in this process (InProcessExecutor) and as a Ray actor (RayExecutor), always with CONCURRENCY
+(three) concurrent calls. A lock covers the compute part of `capture_shard` only, so while calls write their shards
+(data, then the commit marker) another call already computes the next one, and a call waiting at the lock is
+there the moment a compute ends: the devices do not sit idle during store writes, and a call still returns only
+after its marker is written. Two calls, as before, left the devices waiting whenever one shard's write (plus the
+driver's turnaround) took longer than the next shard's compute, which at GPU rates is most of the time on a
+busy host (benchmarks/write.py, `idle`); with three, writes may lag by a whole shard before compute waits.
+Bounded: at most CONCURRENCY - 1 shards' rows wait in host memory for their writes (2 x 1.2 GB at 72B).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from cna_dist.model.backend import CaptureBackend
 from cna_dist.model.batching import Limits
 from cna_dist.model.engine_registry import load_backend
 
-CONCURRENCY = 2  # calls a replica runs at once: one computes while the other writes its shard
+CONCURRENCY = 3  # calls a replica runs at once: one computes while up to two write their shards
 
 
 @dataclass(frozen=True)
