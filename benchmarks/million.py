@@ -39,6 +39,7 @@ from download import start_moto  # benchmarks/download.py, beside this script
 from cna_dist.io import stream
 from cna_dist.io.store import ActivationStore, Run, RunMeta
 from cna_dist.model.batching import Limits
+from cna_dist.model.packed import PackedIds
 from cna_dist.runtime.calls import capture_shards
 from cna_dist.runtime.pool import LocalActor, LocalPool
 from cna_dist.runtime.replica import CONCURRENCY, Replica, ReplicaSpec
@@ -152,7 +153,9 @@ def measure(where: str, uri: str, n: int, replicas: int, args: argparse.Namespac
     run = ActivationStore(uri).open_run(meta)
     counts = Counting(run)
     hashes = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(n)]
-    token_ids = {h: [i, 1, 2] for i, h in enumerate(hashes)}
+    # the prompts' token ids as the driver holds them: packed (three ids a prompt), indexed by the plans' positions
+    ids = np.stack([np.arange(n), np.ones(n, np.int64), np.full(n, 2, np.int64)], axis=1)
+    token_ids = PackedIds(ids.ravel(), np.arange(n + 1, dtype=np.int64) * 3)
     spec = ReplicaSpec(model_uri="/sim")
     pool = SimPool([Replica(spec, backend=TinyRows(args.layers, args.width, args.rate)) for _ in range(replicas)])
     cpu, wall = time.thread_time(), time.perf_counter()

@@ -26,6 +26,7 @@ from cna_dist.model import checkpoint
 from cna_dist.model.backend import CaptureBackend
 from cna_dist.model.batching import Limits
 from cna_dist.model.engine_registry import load_backend
+from cna_dist.model.packed import PackedIds
 
 CONCURRENCY = 3  # calls a replica runs at once: one computes while up to two write their shards
 
@@ -113,9 +114,11 @@ class Replica:
     def close(self) -> None:
         self.backend.close()
 
-    def capture_shard(self, run: Run, plan: ShardPlan, token_ids: list[list[int]]) -> ShardResult:
+    def capture_shard(self, run: Run, plan: ShardPlan, token_ids: list[list[int]] | PackedIds) -> ShardResult:
         """Capture under the compute lock, then write and commit outside it (overlapping the next compute)."""
         t0 = time.perf_counter()
+        if isinstance(token_ids, PackedIds):  # unpacked here, on the replica: the driver never makes the lists
+            token_ids = token_ids.to_lists()
         with nullcontext() if self.backend.concurrent else self._compute_lock:
             start = time.perf_counter()
             idle = 0.0 if self._compute_end is None else max(0.0, start - self._compute_end)
