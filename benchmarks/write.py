@@ -105,7 +105,7 @@ def plain_write(
         def one(item: tuple[int, int]) -> None:
             r, lo = item
             part = acts[r : r + rows, lo : lo + layers]
-            put(f"{r // rows}.{lo // layers}", iter([[np.ascontiguousarray(part)] if copy else list(part)]))
+            put(f"{r // rows}.{lo // layers}", [np.ascontiguousarray(part)] if copy else list(part))
 
         with cf.ThreadPoolExecutor(threads) as pool:
             list(pool.map(one, work))

@@ -110,7 +110,7 @@ def test_chunks_stored_in_place_block_by_block_are_zarrs_bytes(
 
 
 def test_a_nan_found_mid_chunk_leaves_no_file_of_that_chunk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(chunks, "BLOCK_BYTES", 1)  # one row per block: rows 0..2 are written before row 3 is seen
+    monkeypatch.setattr(chunks, "BLOCK_BYTES", 1)  # one row per block: rows 0..2 are checked before row 3
     block = np.ones((4, 4, 6), "float32")
     block[3, 3, 5] = np.nan  # chunk (0, 1): layers 2:4
     arr = make(tmp_path, "a", (4, 4, 6), (4, 2, 6), "float32")
