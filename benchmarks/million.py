@@ -17,7 +17,10 @@ driver thread's CPU seconds (time.thread_time of the thread running plan and sch
 threads), the objects listed and read by a plan, the driver's peak memory (VmHWM over the run; the replicas'
 tiny rows included), and the reduce's wall time.
 
-    python benchmarks/million.py [--n 10000,100000,1000000] [--replicas 16,64] [--s3-n 10000,100000]
+    python benchmarks/million.py [--n 10000,100000,1000000] [--replicas 16,64] [--s3-n 10000,100000] [--ids dict]
+
+The driver holds the prompts' token ids packed (cna_dist.model.packed) and gathers a shard's by the plan's
+positions, as `cna-dist mine` does; `--ids dict` runs the previous driver (a dict of every prompt's id list).
 """
 
 from __future__ import annotations
@@ -155,7 +158,9 @@ def measure(where: str, uri: str, n: int, replicas: int, args: argparse.Namespac
     hashes = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(n)]
     # the prompts' token ids as the driver holds them: packed (three ids a prompt), indexed by the plans' positions
     ids = np.stack([np.arange(n), np.ones(n, np.int64), np.full(n, 2, np.int64)], axis=1)
-    token_ids = PackedIds(ids.ravel(), np.arange(n + 1, dtype=np.int64) * 3)
+    token_ids: PackedIds | dict[str, list[int]] = PackedIds(ids.ravel(), np.arange(n + 1, dtype=np.int64) * 3)
+    if args.ids == "dict":  # the previous driver: a dict of every prompt's id list, a lookup per row
+        token_ids = {h: [i, 1, 2] for i, h in enumerate(hashes)}
     spec = ReplicaSpec(model_uri="/sim")
     pool = SimPool([Replica(spec, backend=TinyRows(args.layers, args.width, args.rate)) for _ in range(replicas)])
     cpu, wall = time.thread_time(), time.perf_counter()
@@ -244,6 +249,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--width", type=int, default=8)
     parser.add_argument("--shard-rows", type=int, default=256, help="rows per shard (the store's default at 72B)")
+    parser.add_argument("--ids", choices=("packed", "dict"), default="packed", help="how the driver holds token ids")
     parser.add_argument("--dir", default=None)
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # WHERE,N,R,URI: one case, in this process
@@ -262,7 +268,7 @@ def main() -> None:
         return one_case(args)
     targets = [("local", int(n)) for n in args.n.split(",") if n] + [("s3", int(n)) for n in args.s3_n.split(",") if n]
     passed = ["--rate", str(args.rate), "--layers", str(args.layers), "--width", str(args.width)]
-    passed += ["--shard-rows", str(args.shard_rows)]
+    passed += ["--shard-rows", str(args.shard_rows), "--ids", args.ids]
     rows: list[dict[str, Any]] = []
     moto: subprocess.Popen | None = None
     print(HEADER)
