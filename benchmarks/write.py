@@ -325,7 +325,8 @@ def main() -> None:
         fractions = sorted(x["idle_fraction"] for x in runs)
         print(
             f"idle: {calls} calls in flight, engine fixture at {r['rate_rows_s']:.0f} rows/s "
-            f"({r['gb_s_offered']:.2f} GB/s offered), {r['shards']} shards of {min(len(acts), 32)} rows to local disk, "
+            f"({r['gb_s_offered']:.2f} GB/s offered), {r['shards']} shards of {min(len(acts), 32)} rows into "
+            f"{args.dir or 'a temporary folder'}, "
             f"writer threads {max(args.threads)}: achieved rows/s {sorted(round(x['achieved_rows_s']) for x in runs)}, "
             f"idle fraction median {statistics.median(fractions):.3f} of {fractions} "
             f"(median write {statistics.median(x['write_s_median'] for x in runs):.2f} s vs compute "
