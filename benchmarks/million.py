@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -240,6 +241,23 @@ def flatness(rows: list[dict[str, Any]]) -> list[str]:
     return out
 
 
+def cases(targets: list[tuple[str, int]], args: argparse.Namespace) -> list[tuple[str, int, int, int]]:
+    """(where, N, R, run) for every case, the runs of all cases interleaved so load on the machine falls alike."""
+    replicas = [int(r) for r in args.replicas.split(",")]
+    return [(where, n, r, attempt) for attempt in range(args.runs) for where, n in targets for r in replicas]
+
+
+def medians(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (where, N, R): the median of every figure over the runs."""
+    out = []
+    for key in dict.fromkeys((r["where"], r["n"], r["replicas"]) for r in rows):
+        group = [r for r in rows if (r["where"], r["n"], r["replicas"]) == key]
+        out.append(
+            {k: v if isinstance(v, str) else statistics.median(g[k] for g in group) for k, v in group[0].items()}
+        )
+    return out
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", default="10000,100000,1000000", help="prompt counts on local disk")
@@ -249,6 +267,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--width", type=int, default=8)
     parser.add_argument("--shard-rows", type=int, default=256, help="rows per shard (the store's default at 72B)")
+    parser.add_argument("--runs", type=int, default=1, help="runs of every case; medians printed after")
     parser.add_argument("--ids", choices=("packed", "dict"), default="packed", help="how the driver holds token ids")
     parser.add_argument("--dir", default=None)
     parser.add_argument("--json", type=Path, default=None)
@@ -274,22 +293,27 @@ def main() -> None:
     print(HEADER)
     try:
         with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
-            for where, n in targets:
-                for replicas in (int(r) for r in args.replicas.split(",")):
-                    if where == "s3" and moto is None:
-                        moto, endpoint = start_moto()
-                        import s3fs
+            for where, n, replicas, attempt in cases(targets, args):
+                if where == "s3" and moto is None:
+                    moto, endpoint = start_moto()
+                    import s3fs
 
-                        s3fs.S3FileSystem(endpoint_url=endpoint).mkdir("cna")
-                    uri = f"{tmp}/{n}-{replicas}" if where == "local" else f"s3://cna/million-{n}-{replicas}"
-                    case = [sys.executable, __file__, "--one", f"{where},{n},{replicas},{uri}", *passed]
-                    out = subprocess.run(case, check=True, capture_output=True, text=True).stdout
-                    rows.append(json.loads(out.strip().splitlines()[-1]))
-                    print(line(rows[-1]), flush=True)
+                    s3fs.S3FileSystem(endpoint_url=endpoint).mkdir("cna")
+                name = f"{n}-{replicas}-{attempt}"
+                uri = f"{tmp}/{name}" if where == "local" else f"s3://cna/million-{name}"
+                case = [sys.executable, __file__, "--one", f"{where},{n},{replicas},{uri}", *passed]
+                out = subprocess.run(case, check=True, capture_output=True, text=True).stdout
+                rows.append(json.loads(out.strip().splitlines()[-1]))
+                print(line(rows[-1]), flush=True)
     finally:
         if moto is not None:
             moto.terminate()
             moto.wait()
+    if args.runs > 1:
+        rows = medians(rows)
+        print(f"medians of {args.runs} runs:\n{HEADER}")
+        for row in rows:
+            print(line(row))
     for text in flatness(rows):
         print(text)
     if args.json is not None:
