@@ -35,6 +35,7 @@ import tempfile
 import time
 from collections.abc import Hashable
 from pathlib import Path
+from statistics import median
 from typing import Any
 
 import numpy as np
@@ -252,9 +253,13 @@ def medians(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for key in dict.fromkeys((r["where"], r["n"], r["replicas"]) for r in rows):
         group = [r for r in rows if (r["where"], r["n"], r["replicas"]) == key]
-        out.append(
-            {k: v if isinstance(v, str) else statistics.median(g[k] for g in group) for k, v in group[0].items()}
-        )
+        row: dict[str, Any] = {}
+        for k, v in group[0].items():
+            values = [g[k] for g in group]  # whole numbers (counts) stay whole: the lower median
+            row[k] = (
+                v if isinstance(v, str) else statistics.median_low(values) if isinstance(v, int) else median(values)
+            )
+        out.append(row)
     return out
 
 
