@@ -17,7 +17,10 @@ driver thread's CPU seconds (time.thread_time of the thread running plan and sch
 threads), the objects listed and read by a plan, the driver's peak memory (VmHWM over the run; the replicas'
 tiny rows included), and the reduce's wall time.
 
-    python benchmarks/million.py [--n 10000,100000,1000000] [--replicas 16,64] [--s3-n 10000,100000]
+    python benchmarks/million.py [--n 10000,100000,1000000] [--replicas 16,64] [--s3-n 10000,100000] [--ids dict]
+
+The driver holds the prompts' token ids packed (cna_dist.prompts.packed) and gathers a shard's by the plan's
+positions, as `cna-dist mine` does; `--ids dict` runs the previous driver (a dict of every prompt's id list).
 """
 
 from __future__ import annotations
@@ -25,18 +28,21 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Hashable
 from pathlib import Path
+from statistics import median
 from typing import Any
 
 import numpy as np
 from download import start_moto  # benchmarks/download.py, beside this script
 
 from cna_dist.prompts.batching import Limits
+from cna_dist.prompts.packed import PackedIds
 from cna_dist.reduce import streamed
 from cna_dist.runtime.calls import capture_shards
 from cna_dist.runtime.pool import LocalActor, LocalPool
@@ -152,7 +158,11 @@ def measure(where: str, uri: str, n: int, replicas: int, args: argparse.Namespac
     run = ActivationStore(uri).open_run(meta)
     counts = Counting(run)
     hashes = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(n)]
-    token_ids = {h: [i, 1, 2] for i, h in enumerate(hashes)}
+    # the prompts' token ids as the driver holds them: packed (three ids a prompt), indexed by the plans' positions
+    ids = np.stack([np.arange(n), np.ones(n, np.int64), np.full(n, 2, np.int64)], axis=1)
+    token_ids: PackedIds | dict[str, list[int]] = PackedIds(ids.ravel(), np.arange(n + 1, dtype=np.int64) * 3)
+    if args.ids == "dict":  # the previous driver: a dict of every prompt's id list, a lookup per row
+        token_ids = {h: [i, 1, 2] for i, h in enumerate(hashes)}
     spec = ReplicaSpec(model_uri="/sim")
     pool = SimPool([Replica(spec, engine=TinyRows(args.layers, args.width, args.rate)) for _ in range(replicas)])
     cpu, wall = time.thread_time(), time.perf_counter()
@@ -232,6 +242,27 @@ def flatness(rows: list[dict[str, Any]]) -> list[str]:
     return out
 
 
+def cases(targets: list[tuple[str, int]], args: argparse.Namespace) -> list[tuple[str, int, int, int]]:
+    """(where, N, R, run) for every case, the runs of all cases interleaved so load on the machine falls alike."""
+    replicas = [int(r) for r in args.replicas.split(",")]
+    return [(where, n, r, attempt) for attempt in range(args.runs) for where, n in targets for r in replicas]
+
+
+def medians(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (where, N, R): the median of every figure over the runs."""
+    out = []
+    for key in dict.fromkeys((r["where"], r["n"], r["replicas"]) for r in rows):
+        group = [r for r in rows if (r["where"], r["n"], r["replicas"]) == key]
+        row: dict[str, Any] = {}
+        for k, v in group[0].items():
+            values = [g[k] for g in group]  # whole numbers (counts) stay whole: the lower median
+            row[k] = (
+                v if isinstance(v, str) else statistics.median_low(values) if isinstance(v, int) else median(values)
+            )
+        out.append(row)
+    return out
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", default="10000,100000,1000000", help="prompt counts on local disk")
@@ -241,6 +272,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--width", type=int, default=8)
     parser.add_argument("--shard-rows", type=int, default=256, help="rows per shard (the store's default at 72B)")
+    parser.add_argument("--runs", type=int, default=1, help="runs of every case; medians printed after")
+    parser.add_argument("--ids", choices=("packed", "dict"), default="packed", help="how the driver holds token ids")
     parser.add_argument("--dir", default=None)
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # WHERE,N,R,URI: one case, in this process
@@ -259,28 +292,33 @@ def main() -> None:
         return one_case(args)
     targets = [("local", int(n)) for n in args.n.split(",") if n] + [("s3", int(n)) for n in args.s3_n.split(",") if n]
     passed = ["--rate", str(args.rate), "--layers", str(args.layers), "--width", str(args.width)]
-    passed += ["--shard-rows", str(args.shard_rows)]
+    passed += ["--shard-rows", str(args.shard_rows), "--ids", args.ids]
     rows: list[dict[str, Any]] = []
     moto: subprocess.Popen | None = None
     print(HEADER)
     try:
         with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
-            for where, n in targets:
-                for replicas in (int(r) for r in args.replicas.split(",")):
-                    if where == "s3" and moto is None:
-                        moto, endpoint = start_moto()
-                        import s3fs
+            for where, n, replicas, attempt in cases(targets, args):
+                if where == "s3" and moto is None:
+                    moto, endpoint = start_moto()
+                    import s3fs
 
-                        s3fs.S3FileSystem(endpoint_url=endpoint).mkdir("cna")
-                    uri = f"{tmp}/{n}-{replicas}" if where == "local" else f"s3://cna/million-{n}-{replicas}"
-                    case = [sys.executable, __file__, "--one", f"{where},{n},{replicas},{uri}", *passed]
-                    out = subprocess.run(case, check=True, capture_output=True, text=True).stdout
-                    rows.append(json.loads(out.strip().splitlines()[-1]))
-                    print(line(rows[-1]), flush=True)
+                    s3fs.S3FileSystem(endpoint_url=endpoint).mkdir("cna")
+                name = f"{n}-{replicas}-{attempt}"
+                uri = f"{tmp}/{name}" if where == "local" else f"s3://cna/million-{name}"
+                case = [sys.executable, __file__, "--one", f"{where},{n},{replicas},{uri}", *passed]
+                out = subprocess.run(case, check=True, capture_output=True, text=True).stdout
+                rows.append(json.loads(out.strip().splitlines()[-1]))
+                print(line(rows[-1]), flush=True)
     finally:
         if moto is not None:
             moto.terminate()
             moto.wait()
+    if args.runs > 1:
+        rows = medians(rows)
+        print(f"medians of {args.runs} runs:\n{HEADER}")
+        for row in rows:
+            print(line(row))
     for text in flatness(rows):
         print(text)
     if args.json is not None:

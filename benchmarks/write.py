@@ -13,10 +13,10 @@ GB/s (wall) and CPU seconds per GB (this process: moto's server is a separate pr
 `--repeats`, the methods alternating. Targets: local disk (`--dir`, a temporary folder by default) and S3 (moto's
 server on 127.0.0.1, started here, as benchmarks/download.py does).
 
-Then `idle`: a replica (cna_dist.runtime.replica.Replica, two calls at once, as the driver runs it) whose engine
-is a fixture emitting a shard's rows at a set rate (it sleeps as a GPU computes: the host is free meanwhile)
-writes `--idle-shards` shards to local disk; the idle fraction is the time the engine waited between shards
-(for a free call, i.e. for writes) over its compute time.
+Then `idle`: a replica (cna_dist.runtime.replica.Replica, with CONCURRENCY calls in flight as the driver runs it,
+against two, the previous depth) whose engine is a fixture emitting a shard's rows at a set rate (it sleeps as a
+GPU computes: the host is free meanwhile) writes `--idle-shards` shards to local disk; the idle fraction is the
+time the engine waited between shards (for a free call, i.e. for writes) over its compute time.
 
     python benchmarks/write.py [--rows 64] [--threads 1,2,4,8] [--targets local,s3] [--rate 200] [--json out.json]
 """
@@ -42,7 +42,7 @@ import numpy as np
 from download import start_moto  # benchmarks/download.py, beside this script
 
 from cna_dist.prompts.batching import Limits
-from cna_dist.runtime.replica import Replica, ReplicaSpec
+from cna_dist.runtime.replica import CONCURRENCY, Replica, ReplicaSpec
 from cna_dist.store import chunks
 from cna_dist.store.activations import ActivationStore, Run, RunMeta, WrittenPart
 
@@ -90,8 +90,12 @@ def zarr_write(run: Run, acts: np.ndarray) -> Callable[[], None]:
     return go
 
 
-def plain_write(put_for: Callable[[], chunks.Put], acts: np.ndarray, chunk: tuple[int, int], threads: int) -> Callable:
-    """Each chunk copied out contiguous once and written as one object: the least a chunked writer does."""
+def plain_write(
+    put_for: Callable[[], chunks.Put], acts: np.ndarray, chunk: tuple[int, int], threads: int, copy: bool = True
+) -> Callable:
+    """Each chunk written as one object with no check and no checksum, the same number of threads: `copy`: copied
+    out contiguous once and written (`plain`); else its rows written straight from the block with one writev
+    (`plainv`, local disk only: what a writer that copies nothing does)."""
     rows, layers = chunk
     work = [(r, lo) for r in range(0, acts.shape[0], rows) for lo in range(0, acts.shape[1], layers)]
 
@@ -100,7 +104,8 @@ def plain_write(put_for: Callable[[], chunks.Put], acts: np.ndarray, chunk: tupl
 
         def one(item: tuple[int, int]) -> None:
             r, lo = item
-            put(f"{r // rows}.{lo // layers}", memoryview(np.ascontiguousarray(acts[r : r + rows, lo : lo + layers])))
+            part = acts[r : r + rows, lo : lo + layers]
+            put(f"{r // rows}.{lo // layers}", [np.ascontiguousarray(part)] if copy else list(part))
 
         with cf.ThreadPoolExecutor(threads) as pool:
             list(pool.map(one, work))
@@ -151,6 +156,8 @@ def measure_target(kind: str, acts: np.ndarray, args: argparse.Namespace, fs: An
         for threads in args.threads:
             methods[f"store-{threads}"] = store_write(run, acts, threads)
             methods[f"plain-{threads}"] = plain_write(put_for, acts, chunk, threads)
+            if kind == "local":
+                methods[f"plainv-{threads}"] = plain_write(put_for, acts, chunk, threads, copy=False)
         for fn in methods.values():  # warm-up: connections, folders
             fn()
             clean(kind, run, plain, fs)
@@ -198,8 +205,9 @@ class RateEngine:
         pass
 
 
-def idle_fraction(acts: np.ndarray, args: argparse.Namespace) -> dict[str, Any]:
-    """A replica with two calls in flight (as the driver runs it) writing `idle_shards` shards at `rate` rows/s."""
+def idle_fraction(acts: np.ndarray, args: argparse.Namespace, calls: int) -> dict[str, Any]:
+    """A replica with `calls` calls in flight (the driver runs CONCURRENCY) writing `idle_shards` shards at `rate`
+    rows/s."""
     folder = Path(tempfile.mkdtemp(dir=args.dir))
     try:
         run = ActivationStore(str(folder / "store")).open_run(meta(acts.shape[1], acts.shape[2], len(acts)))
@@ -215,7 +223,7 @@ def idle_fraction(acts: np.ndarray, args: argparse.Namespace) -> dict[str, Any]:
                 results.append(result)
 
         start = time.perf_counter()
-        with cf.ThreadPoolExecutor(2) as pool:
+        with cf.ThreadPoolExecutor(calls) as pool:
             list(pool.map(call, plans))
         wall = time.perf_counter() - start
     finally:
@@ -224,6 +232,7 @@ def idle_fraction(acts: np.ndarray, args: argparse.Namespace) -> dict[str, Any]:
     idle = sum(r.idle_seconds for r in results)
     rows = sum(r.rows for r in results)
     return {
+        "calls": calls,
         "rate_rows_s": args.rate,
         "gb_s_offered": args.rate * acts[0].nbytes / 1e9,
         "shards": len(results),
@@ -235,21 +244,28 @@ def idle_fraction(acts: np.ndarray, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
+    """Store against plain writes (copy, then write) and, locally, against plainv (no copy: rows written in place)."""
     print(
         f"{'target':<6} {'threads':>7} {'store GB/s':>10} {'plain GB/s':>10} {'ratio':>6} "
-        f"{'store CPU s/GB':>14} {'plain CPU s/GB':>14} {'CPU ratio':>9}"
+        f"{'store CPU s/GB':>14} {'plain CPU s/GB':>14} {'CPU ratio':>9} {'plainv GB/s':>11} {'ratio':>6} "
+        f"{'CPU ratio':>9}"
     )
     by = {(r["target"], r["method"], r["threads"]): r for r in rows}
     for (kind, method, threads), store in by.items():
         if method != "store":
             continue
-        plain = by[(kind, "plain", threads)]
-        print(
-            f"{kind:<6} {threads:>7} {store['gb_s']:>10.2f} {plain['gb_s']:>10.2f} "
-            f"{store['gb_s'] / plain['gb_s']:>6.2f} "
-            f"{store['cpu_s_per_gb']:>14.2f} {plain['cpu_s_per_gb']:>14.2f} "
-            f"{store['cpu_s_per_gb'] / plain['cpu_s_per_gb']:>9.2f}"
-        )
+        text = f"{kind:<6} {threads:>7} {store['gb_s']:>10.2f}"
+        for name in ("plain", "plainv"):
+            plain = by.get((kind, name, threads))
+            if plain is None:
+                continue
+            ratio, cpu = store["gb_s"] / plain["gb_s"], store["cpu_s_per_gb"] / plain["cpu_s_per_gb"]
+            if name == "plain":
+                text += f" {plain['gb_s']:>10.2f} {ratio:>6.2f} {store['cpu_s_per_gb']:>14.2f}"
+                text += f" {plain['cpu_s_per_gb']:>14.2f} {cpu:>9.2f}"
+            else:
+                text += f" {plain['gb_s']:>11.2f} {ratio:>6.2f} {cpu:>9.2f}"
+        print(text)
     for (kind, method, _), r in by.items():
         if method == "zarr":
             print(
@@ -268,11 +284,14 @@ def main() -> None:
     parser.add_argument("--targets", default="local,s3")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--rate", type=float, default=200.0, help="rows/s the engine fixture emits")
-    parser.add_argument("--idle-shards", type=int, default=8)
+    parser.add_argument("--idle-shards", type=int, default=12)
+    parser.add_argument("--calls", default=f"2,{CONCURRENCY}", help="calls in flight on the idle replica, compared")
+    parser.add_argument("--idle-runs", type=int, default=3, help="idle runs per calls-in-flight count (median)")
     parser.add_argument("--dir", default=None, help="local folder to write in (default: a temporary one)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     args.threads = [int(t) for t in args.threads.split(",")]
+    args.calls = [int(c) for c in args.calls.split(",")]
     rng = np.random.default_rng(0)
     acts = rng.standard_normal((args.rows, args.layers, args.width), dtype=np.float32).astype(np.float16)
     print(
@@ -297,13 +316,22 @@ def main() -> None:
             moto.terminate()
             moto.wait()
     print_table(results)
-    idle = idle_fraction(acts[: min(len(acts), 32)], args)
-    print(
-        f"idle: engine fixture at {idle['rate_rows_s']:.0f} rows/s ({idle['gb_s_offered']:.2f} GB/s offered), "
-        f"{idle['shards']} shards of {min(len(acts), 32)} rows to local disk, writer threads {max(args.threads)}: "
-        f"achieved {idle['achieved_rows_s']:.0f} rows/s, idle fraction {idle['idle_fraction']:.3f} "
-        f"(median write {idle['write_s_median']:.2f} s vs compute {idle['compute_s_median']:.2f} s per shard)"
-    )
+    idle = [  # the calls-in-flight counts alternate, so load on the machine falls on each alike
+        idle_fraction(acts[: min(len(acts), 32)], args, calls) for _ in range(args.idle_runs) for calls in args.calls
+    ]
+    for calls in args.calls:
+        runs = [r for r in idle if r["calls"] == calls]
+        r = runs[0]
+        fractions = sorted(x["idle_fraction"] for x in runs)
+        print(
+            f"idle: {calls} calls in flight, engine fixture at {r['rate_rows_s']:.0f} rows/s "
+            f"({r['gb_s_offered']:.2f} GB/s offered), {r['shards']} shards of {min(len(acts), 32)} rows into "
+            f"{args.dir or 'a temporary folder'}, "
+            f"writer threads {max(args.threads)}: achieved rows/s {sorted(round(x['achieved_rows_s']) for x in runs)}, "
+            f"idle fraction median {statistics.median(fractions):.3f} of {fractions} "
+            f"(median write {statistics.median(x['write_s_median'] for x in runs):.2f} s vs compute "
+            f"{statistics.median(x['compute_s_median'] for x in runs):.2f} s per shard)"
+        )
     if args.json is not None:
         args.json.write_text(json.dumps({"writes": results, "idle": idle}, indent=2))
         print(f"wrote {args.json}")

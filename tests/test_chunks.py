@@ -109,3 +109,30 @@ def test_first_nan_row_on_every_float16_bit_pattern() -> None:
     assert chunks.first_nan_row(numbers.reshape(-1, 1)) is None
     for nan in patterns[np.isnan(patterns)]:
         assert chunks.first_nan_row(np.append(numbers, nan).reshape(-1, 1)) == len(numbers)
+
+
+@pytest.mark.parametrize("block_bytes", [1, 100, 1 << 20])  # a row per block, two rows, the whole chunk
+def test_chunks_stored_in_place_block_by_block_are_zarrs_bytes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, block_bytes: int
+) -> None:
+    monkeypatch.setattr(chunks, "BLOCK_BYTES", block_bytes)
+    block = np.random.default_rng(2).standard_normal((8, 4, 6)).astype("float16")
+    ours, theirs = (make(tmp_path, name, (8, 4, 6), (4, 2, 6), "float16") for name in ("ours", "theirs"))
+    assert chunks.in_place(block[:4, 2:4], (4, 2, 6)) and not chunks.in_place(block[:3, 2:4], (4, 2, 6))
+    chunks.write_block(ours, block, (0, 0, 0), chunks.local_put(str(tmp_path / "ours")), 2)
+    theirs[:] = block
+    files = sorted(p.relative_to(tmp_path / "theirs") for p in (tmp_path / "theirs").rglob("c/**/*") if p.is_file())
+    assert len(files) == 4
+    for f in files:
+        assert (tmp_path / "ours" / f).read_bytes() == (tmp_path / "theirs" / f).read_bytes(), f
+
+
+def test_a_nan_found_mid_chunk_leaves_no_file_of_that_chunk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(chunks, "BLOCK_BYTES", 1)  # one row per block: rows 0..2 are checked before row 3
+    block = np.ones((4, 4, 6), "float32")
+    block[3, 3, 5] = np.nan  # chunk (0, 1): layers 2:4
+    arr = make(tmp_path, "a", (4, 4, 6), (4, 2, 6), "float32")
+    with pytest.raises(chunks.NaNRows, match="row 3 holds NaN"):
+        chunks.write_block(arr, block, (0, 0, 0), chunks.local_put(str(tmp_path / "a")), 1)
+    assert (tmp_path / "a" / "c" / "0" / "0" / "0").is_file()  # the chunk before it: stored, uncommitted
+    assert not (tmp_path / "a" / "c" / "0" / "1" / "0").exists()

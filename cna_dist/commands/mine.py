@@ -17,6 +17,7 @@ from cna_dist.circuit import registry
 from cna_dist.manifest import Manifest
 from cna_dist.model import checkpoint
 from cna_dist.prompts import sets as promptsmod
+from cna_dist.prompts.packed import PackedIds
 from cna_dist.reduce import streamed
 from cna_dist.reduce.cna import Reduction
 from cna_dist.runtime.calls import CaptureReport, ReplicaCalls, capture_shards
@@ -39,6 +40,14 @@ class Prepared:
 
     def token_ids(self) -> dict[str, list[int]]:
         return {h: ids for e in self.sets.values() for h, ids in zip(e.row_hashes, e.token_ids, strict=True)}
+
+    def row_hashes(self) -> list[str]:
+        """Every set's row hashes, set after set (a prompt in two sets appears twice: plans keep the first)."""
+        return [h for e in self.sets.values() for h in e.row_hashes]
+
+    def packed_ids(self) -> PackedIds:
+        """Every set's token ids packed in `row_hashes` order: what the plans' positions index."""
+        return PackedIds.from_lists([ids for e in self.sets.values() for ids in e.token_ids])
 
 
 @dataclass
@@ -201,12 +210,11 @@ def mine(m: Manifest, executor: Executor, *, progress: bool = True, checked: Che
         if m.capture.shard_rows is None and store.load_meta(run_id(p.meta)) is None:
             advice = shard_advice(calls, spec, p)
         run = store.open_run(p.meta if advice is None else replace(p.meta, shard_rows=advice["rows"]))
-        token_ids = p.token_ids()
-        plans = run.plan(list(token_ids))
+        plans = run.plan(p.row_hashes())
         reused = len(run.committed())
         timings["prepare"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        report = capture_shards(executor, spec, run, plans, token_ids, progress=progress)
+        report = capture_shards(executor, spec, run, plans, p.packed_ids(), progress=progress)
         lease.check()
     timings["capture"] = time.perf_counter() - t0
     t0 = time.perf_counter()

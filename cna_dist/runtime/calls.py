@@ -14,6 +14,8 @@ from typing import Any
 
 from tqdm import tqdm
 
+from cna_dist.errors import RunFailure
+from cna_dist.prompts.packed import PackedIds
 from cna_dist.runtime.executor import Executor
 from cna_dist.runtime.replica import ReplicaSpec, ShardResult
 from cna_dist.runtime.scheduler import Report, Scheduler
@@ -51,12 +53,14 @@ def capture_shards(
     spec: ReplicaSpec,
     run: Run,
     plans: list[ShardPlan],
-    token_ids: dict[str, list[int]],
+    token_ids: dict[str, list[int]] | PackedIds,
     *,
     progress: bool = True,
 ) -> CaptureReport:
     """Each shard goes to a replica, which captures, writes and commits it; only a ShardResult comes back.
 
+    `token_ids`: by row hash, or packed in the order of the hash list the plans were made from (each plan's
+    `positions` index it: a shard's ids are gathered with array operations and travel as two arrays).
     The replicas are released afterwards, so their CPUs and GPUs go to the reduce tasks.
     """
     report = CaptureReport()
@@ -65,7 +69,7 @@ def capture_shards(
         return report
 
     def call(replica: Any, plan: ShardPlan) -> Hashable:
-        return replica.capture_shard.remote(run, plan, [token_ids[h] for h in plan.hashes])
+        return replica.capture_shard.remote(run, plan, shard_ids(token_ids, plan))
 
     bar = tqdm(total=sum(len(p.hashes) for p in plans), desc="capture", unit="prompt", disable=not progress)
     scheduler = Scheduler(executor.replicas(spec), call, executor.settings)
@@ -121,6 +125,15 @@ class ReplicaCalls:
         finally:
             bar.close()
         return results, report
+
+
+def shard_ids(token_ids: dict[str, list[int]] | PackedIds, plan: ShardPlan) -> list[list[int]] | PackedIds:
+    """A shard's token ids, in its rows' order."""
+    if not isinstance(token_ids, PackedIds):
+        return [token_ids[h] for h in plan.hashes]
+    if plan.positions is None or len(plan.positions) != len(plan.hashes):
+        raise RunFailure(f"shard {plan.shard}: packed token ids need the plan's positions, and it has none")
+    return token_ids.take(plan.positions)
 
 
 def replica_map(

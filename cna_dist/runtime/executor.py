@@ -93,7 +93,7 @@ class RayExecutor:
         address: str | None = None,
         *,
         replicas: int | None = None,
-        max_in_flight: int = 2,
+        max_in_flight: int = CONCURRENCY,
         call_retries: int = 3,
         backoff_s: float = 0.5,
         num_cpus: int | None = None,

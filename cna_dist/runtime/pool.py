@@ -2,7 +2,7 @@
 
 A call is written once, `fn(replica, item) -> handle`, as against a Ray actor: `replica.capture_shard.remote(...)`.
 In this process `LocalActor` gives a plain `Replica` that shape, each call running on a small thread pool, so
-both pools run the same replica code with the same concurrency (two calls per replica: a write overlaps the next
+both pools run the same replica code with the same concurrency (CONCURRENCY calls per replica: writes overlap the next
 compute).
 """
 

@@ -3,10 +3,14 @@
 Its model comes from the engine registry as a capture engine and, where the engine can generate, a generator
 (`cna_dist.capture.backend`); generation, CAA and log-likelihood calls go to the generator and nothing else.
 
-The same class runs in this process (InProcessExecutor) and as a Ray actor (RayExecutor), always with two
-concurrent calls. A lock covers the compute part of `capture_shard` only, so while one call writes its shard
-(data, then its commit marker) the other call already computes the next one: the devices do not sit idle during
-store writes, and a call still returns only after its marker is written.
+The same class runs in this process (InProcessExecutor) and as a Ray actor (RayExecutor), always with CONCURRENCY
+(three) concurrent calls. A lock covers the compute part of `capture_shard` only, so while calls write their shards
+(data, then the commit marker) another call already computes the next one, and a call waiting at the lock is
+there the moment a compute ends: the devices do not sit idle during store writes, and a call still returns only
+after its marker is written. With two calls the devices would wait whenever one shard's write (plus the driver's
+turnaround) took longer than the next shard's compute, which at GPU rates is most of the time on a busy host
+(benchmarks/write.py, `idle`); with three, writes may lag by a whole shard before compute waits.
+Bounded: at most CONCURRENCY - 1 shards' rows wait in host memory for their writes (2 x 1.2 GB at 72B).
 """
 
 from __future__ import annotations
@@ -26,9 +30,10 @@ from cna_dist.errors import BadInput
 from cna_dist.manifest import Manifest
 from cna_dist.model import checkpoint
 from cna_dist.prompts.batching import Limits
+from cna_dist.prompts.packed import PackedIds
 from cna_dist.store.activations import Run, ShardPlan, chunk_aligned
 
-CONCURRENCY = 2  # calls a replica runs at once: one computes while the other writes its shard
+CONCURRENCY = 3  # calls a replica runs at once: one computes while up to two write their shards
 
 
 @dataclass(frozen=True)
@@ -118,9 +123,11 @@ class Replica:
     def close(self) -> None:
         self.engine.close()
 
-    def capture_shard(self, run: Run, plan: ShardPlan, token_ids: list[list[int]]) -> ShardResult:
+    def capture_shard(self, run: Run, plan: ShardPlan, token_ids: list[list[int]] | PackedIds) -> ShardResult:
         """Capture under the compute lock, then write and commit outside it (overlapping the next compute)."""
         t0 = time.perf_counter()
+        if isinstance(token_ids, PackedIds):  # unpacked here, on the replica: the driver never makes the lists
+            token_ids = token_ids.to_lists()
         with nullcontext() if self.engine.concurrent else self._compute_lock:
             start = time.perf_counter()
             idle = 0.0 if self._compute_end is None else max(0.0, start - self._compute_end)

@@ -44,7 +44,7 @@ class Pool(Protocol):
 
 @dataclass(frozen=True)
 class Settings:
-    max_in_flight: int = 2  # calls per replica: 2 lets a replica write one shard while it computes the next
+    max_in_flight: int = 3  # calls per replica (replica.CONCURRENCY): up to two shards written while the next computes
     call_retries: int = 3  # a failed call (shard, eval chunk) is tried again this many times, with backoff
     backoff_s: float = 0.5
     restart_timeout_s: float = 1800.0  # a replica restarting longer than this is given up (a 145 GB copy fits)

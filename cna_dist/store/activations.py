@@ -24,7 +24,7 @@ import json
 import os
 from collections import deque
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -131,9 +131,13 @@ class WrittenPart:
 
 @dataclass(frozen=True)
 class ShardPlan:
+    """Shard `shard` holds rows [start, start + len(hashes)). `positions`: where each of its hashes stands in the
+    list `Run.plan` was given (its first occurrence), so the caller gathers their token ids by position."""
+
     shard: int
     start: int
     hashes: list[str]
+    positions: np.ndarray | None = field(default=None, compare=False, repr=False)
 
 
 class Run:
@@ -227,14 +231,18 @@ class Run:
         """Shards for the prompts not yet committed, in free shard slots; grows the array to hold them."""
         committed = self.committed()
         have = self.row_index(committed)
-        missing = list(dict.fromkeys(h for h in hashes if h not in have))
+        first: dict[str, int] = {}
+        for i, h in enumerate(hashes):
+            if h not in have:
+                first.setdefault(h, i)
+        missing, where = list(first), np.fromiter(first.values(), dtype=np.int64, count=len(first))
         size = self.meta.shard_rows
         plans: list[ShardPlan] = []
         slot = 0
         for i in range(0, len(missing), size):
             while slot in committed:
                 slot += 1
-            plans.append(ShardPlan(slot, slot * size, missing[i : i + size]))
+            plans.append(ShardPlan(slot, slot * size, missing[i : i + size], where[i : i + size].copy()))
             slot += 1
         if plans:
             arr = self.array()
