@@ -20,7 +20,7 @@ tiny rows included), and the reduce's wall time.
     python benchmarks/million.py [--n 10000,100000,1000000] [--replicas 16,64] [--s3-n 10000,100000] [--ids dict]
 
 The driver holds the prompts' token ids packed (cna_dist.prompts.packed) and gathers a shard's by the plan's
-positions, as `cna-dist mine` does; `--ids dict` runs the previous driver (a dict of every prompt's id list).
+positions, as `cna-dist mine` does; `--ids dict` runs a driver that keeps a dict of every prompt's id list instead.
 """
 
 from __future__ import annotations
@@ -161,7 +161,7 @@ def measure(where: str, uri: str, n: int, replicas: int, args: argparse.Namespac
     # the prompts' token ids as the driver holds them: packed (three ids a prompt), indexed by the plans' positions
     ids = np.stack([np.arange(n), np.ones(n, np.int64), np.full(n, 2, np.int64)], axis=1)
     token_ids: PackedIds | dict[str, list[int]] = PackedIds(ids.ravel(), np.arange(n + 1, dtype=np.int64) * 3)
-    if args.ids == "dict":  # the previous driver: a dict of every prompt's id list, a lookup per row
+    if args.ids == "dict":  # the dict driver: every prompt's id list in a dict, a lookup per row
         token_ids = {h: [i, 1, 2] for i, h in enumerate(hashes)}
     spec = ReplicaSpec(model_uri="/sim")
     pool = SimPool([Replica(spec, engine=TinyRows(args.layers, args.width, args.rate)) for _ in range(replicas)])

@@ -14,7 +14,7 @@ GB/s (wall) and CPU seconds per GB (this process: moto's server is a separate pr
 server on 127.0.0.1, started here, as benchmarks/download.py does).
 
 Then `idle`: a replica (cna_dist.runtime.replica.Replica, with CONCURRENCY calls in flight as the driver runs it,
-against two, the previous depth) whose engine is a fixture emitting a shard's rows at a set rate (it sleeps as a
+against two) whose engine is a fixture emitting a shard's rows at a set rate (it sleeps as a
 GPU computes: the host is free meanwhile) writes `--idle-shards` shards to local disk; the idle fraction is the
 time the engine waited between shards (for a free call, i.e. for writes) over its compute time.
 
@@ -268,10 +268,7 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         print(text)
     for (kind, method, _), r in by.items():
         if method == "zarr":
-            print(
-                f"{kind:<6} zarr's own arr[rows] = values (the previous path): {r['gb_s']:.2f} GB/s, "
-                f"{r['cpu_s_per_gb']:.2f} CPU s/GB"
-            )
+            print(f"{kind:<6} zarr's own arr[rows] = values: {r['gb_s']:.2f} GB/s, {r['cpu_s_per_gb']:.2f} CPU s/GB")
 
 
 def main() -> None:
