@@ -26,20 +26,21 @@ from cna_dist.demo.scale import MOE_SHAPES
 from cna_dist.model import moe
 
 
-def build(n_layers: int) -> torch.nn.Module:
-    _, n_experts, width, top_k = MOE_SHAPES["qwen3_moe"]
+def build(n_layers: int, hidden: int = 8, width: int | None = None, std: float = 0.15) -> torch.nn.Module:
+    """A random Qwen3-MoE of the 235B model's expert count and top-k (and its expert width unless `width` is given)."""
+    _, n_experts, real_width, top_k = MOE_SHAPES["qwen3_moe"]
     config = transformers.Qwen3MoeConfig(
         vocab_size=512,
-        hidden_size=8,
-        intermediate_size=32,
-        moe_intermediate_size=width,
+        hidden_size=hidden,
+        intermediate_size=4 * hidden,
+        moe_intermediate_size=real_width if width is None else width,
         num_hidden_layers=n_layers,
         num_experts=n_experts,
         num_experts_per_tok=top_k,
         norm_topk_prob=True,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=4,
+        num_attention_heads=2 if hidden <= 8 else 4,
+        num_key_value_heads=1 if hidden <= 8 else 2,
+        head_dim=hidden // (2 if hidden <= 8 else 4),
         pad_token_id=0,
         eos_token_id=1,
     )
@@ -48,7 +49,7 @@ def build(n_layers: int) -> torch.nn.Module:
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "norm" not in name:
-                param.normal_(0, 0.15)
+                param.normal_(0, std)
     return model
 
 

@@ -22,35 +22,10 @@ import time
 from pathlib import Path
 
 import torch
-import transformers
+from moe_rows import build  # benchmarks/moe_rows.py, beside this script
 
 from cna_dist.capture.stage import load_stage
 from cna_dist.demo.scale import MOE_SHAPES
-
-
-def build(hidden: int, width: int) -> torch.nn.Module:
-    _, n_experts, _, top_k = MOE_SHAPES["qwen3_moe"]
-    config = transformers.Qwen3MoeConfig(
-        vocab_size=512,
-        hidden_size=hidden,
-        intermediate_size=4 * hidden,
-        moe_intermediate_size=width,
-        num_hidden_layers=2,
-        num_experts=n_experts,
-        num_experts_per_tok=top_k,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=hidden // 4,
-        pad_token_id=0,
-        eos_token_id=1,
-    )
-    torch.manual_seed(0)
-    model = transformers.Qwen3MoeForCausalLM(config).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" not in name:
-                param.normal_(0, 0.02)
-    return model.to(torch.bfloat16)
 
 
 def timed(path: Path) -> float:
@@ -67,7 +42,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    model = build(args.hidden, args.width)
+    model = build(2, hidden=args.hidden, width=args.width, std=0.02).to(torch.bfloat16)
     with tempfile.TemporaryDirectory() as tmp:
         per_expert, fused = Path(tmp) / "per-expert", Path(tmp) / "fused"
         model.save_pretrained(per_expert)
