@@ -30,6 +30,7 @@ from cna_dist.io.store import ActivationStore
 from cna_dist.runtime.calls import capture_shards
 from cna_dist.runtime.executor import RayExecutor
 from cna_dist.runtime.replica import ReplicaSpec
+from tests.conftest import start_local_ray, stop_local_ray
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -82,21 +83,9 @@ def kill_and_wait(pid: int) -> None:
 
 
 @pytest.fixture(scope="class")
-def local_ray() -> Iterator[None]:
-    """One local Ray (2 CPUs) for a class of tests: a RayExecutor joins the Ray it finds running and leaves it up,
-    so the class pays for one start-up instead of one per test."""
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        yield
-    finally:
-        ray.shutdown()
-
-
-@pytest.fixture(scope="class")
-def fault_free(local_ray: None, tmp_path_factory: pytest.TempPathFactory) -> circuitmod.Circuit:
+def fault_free(_local_ray_session: None, tmp_path_factory: pytest.TempPathFactory) -> circuitmod.Circuit:
     """The demo's circuit mined on two Ray replicas with no fault: what every engine's faulty run must give."""
+    start_local_ray()
     # The reference runs on Ray replicas too: they use one BLAS thread, and float32 sums depend on that.
     manifest = manifestmod.load(demo_manifest(tmp_path_factory.mktemp("reference")))
     with RayExecutor(replicas=2, max_in_flight=4, backoff_s=0.1, num_cpus=2) as executor:
@@ -186,6 +175,7 @@ def ray_head() -> Iterator[dict[str, str]]:
     """`ray start --head` on 127.0.0.1 with RAY_AUTH_MODE=token; yields the env a client needs."""
     if shutil.which("ray", path=str(BIN)) is None:
         pytest.skip("the `ray` CLI is not installed beside this Python")
+    stop_local_ray()  # the head has the machine to itself: its job agent is slow to start beside another Ray
     token = secrets.token_hex(16)
     temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     port, dash = free_port(), free_port()
