@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ import pytest
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
 # Test tiers (markers registered in pyproject.toml): a test that uses one of these fixtures gets the marker.
-FIXTURE_MARKERS = {"s3_server": "s3", "ray_head": "ray"}
+FIXTURE_MARKERS = {"s3_server": "s3", "ray_head": "ray", "local_ray": "ray"}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -95,6 +96,40 @@ def s3_server():
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def _local_ray_session() -> Iterator[None]:
+    """Ends the shared local Ray (if it is still up) when the session ends."""
+    yield
+    stop_local_ray()
+
+
+@pytest.fixture
+def local_ray(_local_ray_session: None) -> None:
+    """A local Ray (2 CPUs) kept up from one test to the next, started by the first test that asks for it.
+
+    A RayExecutor joins the Ray it finds initialized and leaves it up, so the tests that only need a local Ray
+    (replicas, tasks, an actor killed) pay for one start-up between them instead of one each. Its workers see the
+    environment of the moment it started: a test that sets variables for its workers must not use it. Fixtures
+    that need the machine to themselves (a `ray start` head, a multi-node cluster) call stop_local_ray first.
+    """
+    start_local_ray()
+
+
+def start_local_ray() -> None:
+    """The shared local Ray of `local_ray`, for a fixture of a wider scope (which cannot request a test's fixture)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+
+
+def stop_local_ray() -> None:
+    """Shut down the Ray this process is connected to, if any (never imports Ray: unit tests stay without it)."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
 
 
 HARMFUL = [

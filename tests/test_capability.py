@@ -182,6 +182,7 @@ def test_capability_batched_equals_one_at_a_time(mined: tuple[Path, str], task: 
 
 @pytest.mark.ray
 @pytest.mark.slow
+@pytest.mark.usefixtures("local_ray")  # the suite's shared local Ray
 def test_capability_on_two_ray_replicas_equals_in_process(mined: tuple[Path, str], task: dict, tmp_path: Path) -> None:
     manifest, circuit_uri = mined
     args = ("--no-caa", "--capability", str(task["path"]))

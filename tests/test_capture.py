@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from cna_dist.capture import hf, plumbing
+from cna_dist.capture.single import Capturer
 from cna_dist.model import checkpoint as modelmod
 from cna_dist.prompts import sets as promptsmod
-from cna_dist.prompts.batching import plan_batches
+from cna_dist.prompts.batching import collate, plan_batches
 from tests.helpers import capture
 
 
@@ -40,6 +41,16 @@ def random_prompts(vocab: int, n: int, seed: int) -> list[list[int]]:
     return [rng.integers(4, vocab, size=int(length)).tolist() for length in lengths]
 
 
+def distinct_plans(lengths: list[int], max_batch_sizes: range) -> dict[tuple, list[int]]:
+    """Each distinct batch plan the planner makes over these row limits -> the limits that give it. Capture at two
+    limits with the same plan runs the same forwards on the same padded batches, so one run checks them all."""
+    plans: dict[tuple, list[int]] = {}
+    for batch_size in max_batch_sizes:
+        plan = tuple(map(tuple, plan_batches(lengths, token_budget=10**9, max_batch_size=batch_size)))
+        plans.setdefault(plan, []).append(batch_size)
+    return plans
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("which", ["tiny_llama", "tiny_qwen"])
 def test_batched_equals_single_for_every_batch_size(which: str, request: pytest.FixtureRequest) -> None:
@@ -48,13 +59,21 @@ def test_batched_equals_single_for_every_batch_size(which: str, request: pytest.
     token_ids = random_prompts(model.config.vocab_size, 64, seed=len(which))
     expected = np.stack([reference_capture(model, t) for t in token_ids])
     scale = np.abs(expected).max(axis=2, keepdims=True)  # relative to each layer's magnitude for this prompt
-    for batch_size in range(1, 65):
+    plans = distinct_plans([len(t) for t in token_ids], range(1, 65))
+    assert sorted(b for sizes in plans.values() for b in sizes) == list(range(1, 65))
+    for sizes in plans.values():  # every batch size 1..64, each distinct plan run once
         got, overflow = capture(
-            model, token_ids, tokenizer.pad_token_id, dtype="float32", token_budget=10**9, max_batch_size=batch_size
+            model, token_ids, tokenizer.pad_token_id, dtype="float32", token_budget=10**9, max_batch_size=sizes[0]
         )
         assert overflow == 0
         err = np.abs(got - expected) / scale
-        assert err.max() < 1e-5, (batch_size, float(err.max()))
+        assert err.max() < 1e-5, (sizes, float(err.max()))
+    # and all 64 prompts in one batch (lengths 1 to 250): the most padding a row can get, which the planner avoids
+    with Capturer(model) as capturer:
+        overflow = torch.zeros((), dtype=torch.int64)
+        whole = capturer.submit(collate(token_ids, list(range(64)), tokenizer.pad_token_id), "float32", overflow)
+        err = np.abs(whole.result() - expected) / scale
+    assert int(overflow) == 0 and err.max() < 1e-5, float(err.max())
 
 
 def test_token_budget_bounds_padded_batch_size() -> None:

@@ -41,6 +41,7 @@ def test_demo_recovers_the_planted_gate(tmp_path: Path) -> None:
 
 @pytest.mark.ray
 @pytest.mark.slow
+@pytest.mark.usefixtures("local_ray")  # the suite's shared local Ray
 def test_ray_two_replicas_equal_in_process(tmp_path: Path) -> None:
     from cna_dist.commands.demo import write_inputs
 

@@ -73,6 +73,7 @@ def test_eval_in_process_writes_results_controls_and_plots(mined: tuple[Path, st
 
 @pytest.mark.ray
 @pytest.mark.slow
+@pytest.mark.usefixtures("local_ray")  # the suite's shared local Ray
 def test_eval_on_two_ray_replicas_equals_in_process(mined: tuple[Path, str], tmp_path: Path) -> None:
     manifest, circuit_uri = mined
     local = run_eval(manifest, circuit_uri, tmp_path / "local", "--in-process")

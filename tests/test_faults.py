@@ -16,7 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psutil
@@ -30,6 +30,7 @@ from cna_dist.runtime.calls import capture_shards
 from cna_dist.runtime.executor import RayExecutor
 from cna_dist.runtime.replica import ReplicaSpec
 from cna_dist.store.activations import ActivationStore
+from tests.conftest import start_local_ray, stop_local_ray
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -81,31 +82,68 @@ def kill_and_wait(pid: int) -> None:
     raise AssertionError(f"process {pid} survived SIGKILL")
 
 
-@pytest.mark.parametrize("engine", ["auto", "pipeline", "stream"])
-def test_killed_replica_mid_capture_gives_the_fault_free_circuit(tmp_path: Path, engine: str) -> None:
+@pytest.fixture(scope="class")
+def fault_free(_local_ray_session: None, tmp_path_factory: pytest.TempPathFactory) -> circuitmod.Circuit:
+    """The demo's circuit mined on two Ray replicas with no fault: what every engine's faulty run must give."""
+    start_local_ray()
     # The reference runs on Ray replicas too: they use one BLAS thread, and float32 sums depend on that.
-    manifest = demo_manifest(tmp_path / "faulty", engine=engine)
-    killed: list[int] = []
-
-    def kill_first_writer(result: dict) -> None:
-        # The driver loop waits here, so the victim still has queued shards when it dies.
-        if not killed:
-            killed.append(int(result.replica.rsplit(":", 1)[1]))
-            kill_and_wait(killed[0])
-
+    manifest = manifestmod.load(demo_manifest(tmp_path_factory.mktemp("reference")))
     with RayExecutor(replicas=2, max_in_flight=4, backoff_s=0.1, num_cpus=2) as executor:
-        expected = mine(manifestmod.load(demo_manifest(tmp_path / "reference")), executor, progress=False).circuit
-        executor.on_shard = kill_first_writer
-        result = mine(manifestmod.load(manifest), executor, progress=False)
-    s = result.summary
-    assert killed and s.capture.retries >= 1 and s.capture.replica_deaths >= 1
-    assert len(s.capture.replicas) >= 2  # the victim committed one shard before it died; the others did the rest
-    assert sum(s.capture.replicas.values()) == s.shards_captured == 18
-    assert_same_circuit(result.circuit, expected)
-    assert_each_row_once(manifest)
-    store = ActivationStore(manifestmod.load(manifest).output.store)
-    markers = store.open_run(store.load_meta(store.runs()[0]), create=False).markers().values()
-    assert {m["made_by"]["engine"] for m in markers} == {"single" if engine == "auto" else engine}
+        return mine(manifest, executor, progress=False).circuit
+
+
+@pytest.mark.usefixtures("local_ray")
+class TestOnOneLocalRay:
+    """Faults inside one run, on a local Ray shared by these tests (none of them kills a node)."""
+
+    @pytest.mark.parametrize("engine", ["auto", "pipeline", "stream"])
+    def test_killed_replica_mid_capture_gives_the_fault_free_circuit(
+        self, tmp_path: Path, engine: str, fault_free: circuitmod.Circuit
+    ) -> None:
+        manifest = demo_manifest(tmp_path / "faulty", engine=engine)
+        killed: list[int] = []
+
+        def kill_first_writer(result: dict) -> None:
+            # The driver loop waits here, so the victim still has queued shards when it dies.
+            if not killed:
+                killed.append(int(result.replica.rsplit(":", 1)[1]))
+                kill_and_wait(killed[0])
+
+        with RayExecutor(replicas=2, max_in_flight=4, backoff_s=0.1, num_cpus=2) as executor:
+            executor.on_shard = kill_first_writer
+            result = mine(manifestmod.load(manifest), executor, progress=False)
+        s = result.summary
+        assert killed and s.capture.retries >= 1 and s.capture.replica_deaths >= 1
+        assert len(s.capture.replicas) >= 2  # the victim committed one shard before it died; the others did the rest
+        assert sum(s.capture.replicas.values()) == s.shards_captured == 18
+        assert_same_circuit(result.circuit, fault_free)
+        assert_each_row_once(manifest)
+        store = ActivationStore(manifestmod.load(manifest).output.store)
+        markers = store.open_run(store.load_meta(store.runs()[0]), create=False).markers().values()
+        assert {m["made_by"]["engine"] for m in markers} == {"single" if engine == "auto" else engine}
+
+    def test_a_shard_that_keeps_failing_is_reported_by_name(self, tmp_path: Path) -> None:
+        from cna_dist.errors import RunFailure
+        from cna_dist.store.activations import RunMeta
+
+        m = manifestmod.load(demo_manifest(tmp_path / "bad"))
+        meta = RunMeta(
+            fingerprint="f" * 64,
+            model_uri=m.model.uri,
+            n_layers=8,
+            intermediate_size=256,
+            dtype="float32",
+            model_dtype="float32",
+            chat_template=True,
+            shard_rows=4,
+        )
+        run = ActivationStore(m.output.store).open_run(meta)
+        plans = run.plan(["a" * 64, "b" * 64])
+        token_ids = {"a" * 64: [10**6], "b" * 64: [1, 2]}  # an id beyond the vocabulary fails inside the replica
+        with RayExecutor(replicas=1, backoff_s=0.05, num_cpus=2) as executor:
+            with pytest.raises(RunFailure, match=r"shard 0 failed after 3 retries: RayTaskError.*IndexError"):
+                capture_shards(executor, ReplicaSpec.from_manifest(m), run, plans, token_ids, progress=False)
+        assert not run.committed()
 
 
 # -- a real head: `ray start --head` with token authentication ------------------------------------------------
@@ -137,6 +175,7 @@ def ray_head() -> Iterator[dict[str, str]]:
     """`ray start --head` on 127.0.0.1 with RAY_AUTH_MODE=token; yields the env a client needs."""
     if shutil.which("ray", path=str(BIN)) is None:
         pytest.skip("the `ray` CLI is not installed beside this Python")
+    stop_local_ray()  # the head has the machine to itself: its job agent is slow to start beside another Ray
     token = secrets.token_hex(16)
     temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     port, dash = free_port(), free_port()
@@ -241,8 +280,23 @@ def reference_circuit(env: dict[str, str], out: Path, max_batch_size: int = 64) 
     return circuitmod.load(done.stdout.strip().splitlines()[-1])
 
 
+@pytest.fixture(scope="module")
+def head_reference(
+    ray_head: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> Callable[[int], circuitmod.Circuit]:
+    """reference_circuit on the head, mined once per max_batch_size for all the tests that compare with it."""
+    made: dict[int, circuitmod.Circuit] = {}
+
+    def get(max_batch_size: int) -> circuitmod.Circuit:
+        if max_batch_size not in made:
+            made[max_batch_size] = reference_circuit(ray_head, tmp_path_factory.mktemp("reference"), max_batch_size)
+        return made[max_batch_size]
+
+    return get
+
+
 def test_job_submit_publishes_the_circuit_and_a_wrong_token_is_refused(
-    ray_head: dict[str, str], tmp_path: Path
+    ray_head: dict[str, str], head_reference: Callable[[int], circuitmod.Circuit], tmp_path: Path
 ) -> None:
     manifest = demo_manifest(tmp_path / "job")
     refused = submit({**ray_head, "RAY_AUTH_TOKEN": "not-the-token"}, manifest, timeout=120)
@@ -254,10 +308,12 @@ def test_job_submit_publishes_the_circuit_and_a_wrong_token_is_refused(
     uri = next(ln.strip() for ln in reversed(lines) if ln.strip().endswith(".json"))
     assert uri.endswith("/circuits/refusal-demo/model/v1.json")
     circuit = circuitmod.load(uri)
-    assert_same_circuit(circuit, reference_circuit(ray_head, tmp_path / "reference"))
+    assert_same_circuit(circuit, head_reference(64))
 
 
-def test_killed_driver_then_rerun_reuses_committed_shards(ray_head: dict[str, str], tmp_path: Path) -> None:
+def test_killed_driver_then_rerun_reuses_committed_shards(
+    ray_head: dict[str, str], head_reference: Callable[[int], circuitmod.Circuit], tmp_path: Path
+) -> None:
     # One prompt per forward pass and one replica, so capture runs long enough to be interrupted.
     manifest = demo_manifest(tmp_path / "driver", max_batch_size=1)
     commits = tmp_path / "driver" / "store"
@@ -287,10 +343,7 @@ def test_killed_driver_then_rerun_reuses_committed_shards(ray_head: dict[str, st
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     s = json.loads(summary.read_text())
     assert s["shards_reused"] >= committed and s["shards_reused"] + s["shards_captured"] == 18
-    assert_same_circuit(
-        circuitmod.load(rerun.stdout.strip().splitlines()[-1]),
-        reference_circuit(ray_head, tmp_path / "reference", max_batch_size=1),
-    )
+    assert_same_circuit(circuitmod.load(rerun.stdout.strip().splitlines()[-1]), head_reference(1))
     assert_each_row_once(manifest)
 
 
@@ -305,7 +358,7 @@ def job_driver(manifest: Path) -> psutil.Process | None:
 
 
 def test_a_job_whose_driver_dies_resubmitted_reuses_shards_and_takes_the_lease_at_once(
-    ray_head: dict[str, str], tmp_path: Path
+    ray_head: dict[str, str], head_reference: Callable[[int], circuitmod.Circuit], tmp_path: Path
 ) -> None:
     """The head's loss as a RayJob sees it: the driver SIGKILLed mid-capture, then the same job submitted again (what
     the RayJob's retry does). Its lease names a process that is gone from this host: taken over at once, not after
@@ -342,30 +395,6 @@ def test_a_job_whose_driver_dies_resubmitted_reuses_shards_and_takes_the_lease_a
     s = json.loads(summary.read_text())
     assert s["shards_reused"] >= committed and s["shards_reused"] + s["shards_captured"] == 18
     uri = next(ln.strip() for ln in reversed(again.stdout.splitlines()) if ln.strip().endswith(".json"))
-    assert_same_circuit(circuitmod.load(uri), reference_circuit(ray_head, tmp_path / "reference", max_batch_size=1))
+    assert_same_circuit(circuitmod.load(uri), head_reference(1))
     assert_each_row_once(manifest)
     assert not list(store.rglob("lease.json"))  # released by the run that finished
-
-
-def test_a_shard_that_keeps_failing_is_reported_by_name(tmp_path: Path) -> None:
-    from cna_dist.errors import RunFailure
-    from cna_dist.store.activations import RunMeta
-
-    m = manifestmod.load(demo_manifest(tmp_path / "bad"))
-    meta = RunMeta(
-        fingerprint="f" * 64,
-        model_uri=m.model.uri,
-        n_layers=8,
-        intermediate_size=256,
-        dtype="float32",
-        model_dtype="float32",
-        chat_template=True,
-        shard_rows=4,
-    )
-    run = ActivationStore(m.output.store).open_run(meta)
-    plans = run.plan(["a" * 64, "b" * 64])
-    token_ids = {"a" * 64: [10**6], "b" * 64: [1, 2]}  # an id beyond the vocabulary fails inside the replica
-    with RayExecutor(replicas=1, backoff_s=0.05, num_cpus=2) as executor:
-        with pytest.raises(RunFailure, match=r"shard 0 failed after 3 retries: RayTaskError.*IndexError"):
-            capture_shards(executor, ReplicaSpec.from_manifest(m), run, plans, token_ids, progress=False)
-    assert not run.committed()

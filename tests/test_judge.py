@@ -266,6 +266,7 @@ def test_bad_judge_and_categories_exit_2(mined: tuple[Path, str], tmp_path: Path
 
 @pytest.mark.ray
 @pytest.mark.slow
+@pytest.mark.usefixtures("local_ray")  # the suite's shared local Ray
 def test_judge_on_ray_replicas_equals_in_process(mined: tuple[Path, str], tmp_path: Path) -> None:
     """The judge's own replicas replace the model's on Ray as in process; its (unparseable) answers are the same."""
     manifest, circuit_uri = mined

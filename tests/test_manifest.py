@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from cna_dist import manifest as manifestmod
 from cna_dist.cli import main
-from tests.conftest import snapshot
+from tests.conftest import snapshot, stop_local_ray
 
 
 def run(*args: str):
@@ -60,6 +60,12 @@ BAD_MANIFESTS = [
     ("model-not-checkpoint", lambda d: d["model"].update(uri="./prompts"), ["prompts", "model.uri", "config.json"]),
     ("model-missing", lambda d: d["model"].update(uri="./models/absent"), ["absent", "does not exist"]),
 ]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_ray_up() -> None:
+    """These tests check that bad input starts no Ray, so the suite's shared local Ray (if up) is stopped first."""
+    stop_local_ray()
 
 
 @pytest.mark.parametrize("name,change,needles", BAD_MANIFESTS, ids=[b[0] for b in BAD_MANIFESTS])

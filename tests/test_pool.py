@@ -85,18 +85,15 @@ def test_in_process_executor_keeps_one_pool_per_spec() -> None:
 
 @pytest.mark.ray
 @pytest.mark.slow
+@pytest.mark.usefixtures("local_ray")  # the suite's shared local Ray
 def test_ray_pool_maps_a_dead_actor_to_replica_lost() -> None:
     import sys
 
-    import ray
     from ray import cloudpickle
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import the tests package
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    pool = RayPool(SPEC, 2, max_restarts=0, replica_cls=FakeReplica)
     try:
-        pool = RayPool(SPEC, 2, max_restarts=0, replica_cls=FakeReplica)
         assert len(pool) == 2
         assert pool.result(pool.replica(1).square.remote(7)) == 49
         with pytest.raises(ValueError, match="negative"):
@@ -106,8 +103,6 @@ def test_ray_pool_maps_a_dead_actor_to_replica_lost() -> None:
         with pytest.raises(ReplicaLost):  # no restarts left: the probe finds it gone
             pool.result(pool.probe(0))
         assert pool.result(pool.probe(1)) > 0
-        pool.close()
-        assert len(pool) == 0
     finally:
-        if started:
-            ray.shutdown()
+        pool.close()
+    assert len(pool) == 0

@@ -90,7 +90,7 @@ def test_72b_shaped_mine_on_s3_reads_only_weight_headers_and_equals_the_in_memor
     np.testing.assert_allclose(deltas, expected.delta.reshape(-1)[expected.selected], rtol=0, atol=1e-9)
 
 
-N_MOE_PROMPTS = 12  # 12 x 37 MB = 444 MB of rows, several row chunks
+N_MOE_PROMPTS = 6  # 6 x 37 MB = 222 MB of rows: 2 per set, 3 shards of 2 rows, each its own row chunk
 
 
 def mine_on_s3(
@@ -129,7 +129,7 @@ def test_235b_moe_shaped_mine_on_s3_equals_the_in_memory_reduce(
     base = f"s3://cna/{uuid.uuid4().hex}"
     fs, _ = urimod.filesystem(base)
     fs.put(str(save_moe_scale_model(tmp_path / "q235")), f"{base[5:]}/model", recursive=True)
-    capture = {"dtype": "float16", "max_batch_size": 4, "shard_rows": 4}
+    capture = {"dtype": "float16", "max_batch_size": 4, "shard_rows": 2}
     s, fetched, manifest = mine_on_s3(tmp_path, base, "scale235", N_MOE_PROMPTS, capture)
     only_headers(fetched, tmp_path / "q235")
     assert s["driver_peak_mib"] < 2048, s
