@@ -18,6 +18,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -42,6 +43,25 @@ def load_texts(n: int) -> tuple[list[str], str]:
     return texts, f"FALLBACK: {DATASET} absent, using cna_dist.demo_prompts() repeated to {n}"
 
 
+def llama_and_prompts(args: argparse.Namespace) -> tuple[torch.nn.Module, Any, list[list[int]], str]:
+    """The benchmark's random Llama (`--layers`, `--hidden`, `--intermediate`) and `--n` chat-rendered prompts."""
+    texts, source = load_texts(args.n)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = save_random_model(
+            Path(tmp) / "model",
+            arch="llama",
+            n_layers=args.layers,
+            hidden_size=args.hidden,
+            intermediate_size=args.intermediate,
+            n_heads=8,
+            n_kv_heads=4,
+            seed=0,
+        )
+        model, tokenizer = hf.load(path, dtype="float32")
+    token_ids = [prompts_mod.encode(tokenizer, prompts_mod.render(tokenizer, t, chat=True), chat=True) for t in texts]
+    return model, tokenizer, token_ids, source
+
+
 def project(model: torch.nn.Module, token_ids: list[list[int]], pad_id: int, args: argparse.Namespace) -> np.ndarray:
     with cap.Capturer(model) as capturer:
         out, _ = cap.capture_with(
@@ -62,20 +82,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None, help="write the figures as JSON here")
     args = parser.parse_args()
 
-    texts, source = load_texts(args.n)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = save_random_model(
-            Path(tmp) / "model",
-            arch="llama",
-            n_layers=args.layers,
-            hidden_size=args.hidden,
-            intermediate_size=args.intermediate,
-            n_heads=8,
-            n_kv_heads=4,
-            seed=0,
-        )
-        model, tokenizer = hf.load(path, dtype="float32")
-    token_ids = [prompts_mod.encode(tokenizer, prompts_mod.render(tokenizer, t, chat=True), chat=True) for t in texts]
+    model, tokenizer, token_ids, source = llama_and_prompts(args)
     pad_id = tokenizer.pad_token_id
     n_prompts = len(token_ids)
     n_tokens = sum(len(ids) for ids in token_ids)

@@ -16,20 +16,17 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from capture import load_texts  # benchmarks/capture.py, beside this script
+from capture import llama_and_prompts  # benchmarks/capture.py, beside this script
 
 from cna_dist.capture import hf
 from cna_dist.capture import single as cap
 from cna_dist.capture.plumbing import mask_maker, positions
-from cna_dist.demo.models import save_random_model
 from cna_dist.model.rows import LastTokenRows
-from cna_dist.prompts import sets as prompts_mod
 from cna_dist.prompts.batching import Batch
 
 
@@ -66,20 +63,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    texts, source = load_texts(args.n)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = save_random_model(
-            Path(tmp) / "model",
-            arch="llama",
-            n_layers=args.layers,
-            hidden_size=args.hidden,
-            intermediate_size=args.intermediate,
-            n_heads=8,
-            n_kv_heads=4,
-            seed=0,
-        )
-        model, tokenizer = hf.load(path, dtype="float32")
-    token_ids = [prompts_mod.encode(tokenizer, prompts_mod.render(tokenizer, t, chat=True), chat=True) for t in texts]
+    model, tokenizer, token_ids, source = llama_and_prompts(args)
     pad = tokenizer.pad_token_id
     paths = {"stage": cap.Capturer(model), "hf_decoder": HFDecoderCapturer(model)}
 
