@@ -12,7 +12,7 @@ import concurrent.futures as cf
 from collections.abc import Callable, Hashable
 from typing import Any
 
-from cna_dist.runtime.replica import Replica, ReplicaSpec
+from cna_dist.runtime.replica import CONCURRENCY, Replica, ReplicaSpec
 from cna_dist.runtime.scheduler import ReplicaLost, ReplicaRestarting
 
 
@@ -44,7 +44,9 @@ class LocalActor:
 class LocalPool:
     """One replica in this process. It cannot die without the driver, so it is never lost."""
 
-    def __init__(self, spec: ReplicaSpec, concurrency: int = 2, factory: Callable[[ReplicaSpec], Any] = Replica):
+    def __init__(
+        self, spec: ReplicaSpec, concurrency: int = CONCURRENCY, factory: Callable[[ReplicaSpec], Any] = Replica
+    ):
         self.spec = spec
         self.actor = LocalActor(factory(spec), concurrency)
 
@@ -77,7 +79,13 @@ class RayPool:
     """
 
     def __init__(
-        self, spec: ReplicaSpec, n: int, *, concurrency: int = 2, max_restarts: int = 3, replica_cls: type = Replica
+        self,
+        spec: ReplicaSpec,
+        n: int,
+        *,
+        concurrency: int = CONCURRENCY,
+        max_restarts: int = 3,
+        replica_cls: type = Replica,
     ):
         import ray
 
