@@ -45,7 +45,7 @@ from cna_dist.prompts.batching import Limits
 from cna_dist.prompts.packed import PackedIds
 from cna_dist.reduce import streamed
 from cna_dist.runtime.calls import capture_shards
-from cna_dist.runtime.pool import LocalActor, LocalPool
+from cna_dist.runtime.pool import Finished, LocalActor, LocalPool
 from cna_dist.runtime.replica import CONCURRENCY, Replica, ReplicaSpec
 from cna_dist.runtime.scheduler import Settings
 from cna_dist.store.activations import ActivationStore, Run, RunMeta
@@ -78,7 +78,8 @@ class SimPool(LocalPool):
     results are LocalPool's (futures); only the number of replicas differs."""
 
     def __init__(self, replicas: list[Replica]):
-        self.actors = [LocalActor(r, CONCURRENCY) for r in replicas]
+        self.finished = Finished()
+        self.actors = [LocalActor(r, CONCURRENCY, self.finished) for r in replicas]
 
     def __len__(self) -> int:
         return len(self.actors)

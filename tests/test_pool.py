@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import concurrent.futures as cf
+import gc
 import os
 import threading
 import time
@@ -9,7 +11,7 @@ import time
 import pytest
 
 from cna_dist.runtime.executor import InProcessExecutor
-from cna_dist.runtime.pool import LocalPool, RayPool
+from cna_dist.runtime.pool import Finished, LocalPool, RayPool
 from cna_dist.runtime.replica import ReplicaSpec
 from cna_dist.runtime.scheduler import ReplicaLost, Scheduler, Settings
 
@@ -106,3 +108,30 @@ def test_ray_pool_maps_a_dead_actor_to_replica_lost() -> None:
     finally:
         pool.close()
     assert len(pool) == 0
+
+
+def test_finished_returns_each_finished_handle_once_and_only_those_asked_for() -> None:
+    finished = Finished()
+    a, b, c = cf.Future(), cf.Future(), cf.Future()
+    for future in (a, b, c):
+        future.add_done_callback(finished.add)
+    assert finished.wait([a, b], timeout=0.01) == []  # nothing finished: the timeout ends the wait
+    c.set_result(3)
+    assert finished.wait([a, b], timeout=0.01) == []  # c finished but was not asked for
+    threading.Timer(0.05, lambda: b.set_exception(ValueError("b"))).start()
+    assert finished.wait([a, b], timeout=5) == [b]  # woken by b's end, not by the timeout
+    assert finished.wait([a, b], timeout=0.01) == []  # b was claimed once
+    assert finished.wait([a, c], timeout=0.01) == [c]  # c waited, unclaimed, until asked for
+    a.set_result(1)
+    assert finished.wait([a], timeout=0) == [a]
+
+
+def test_finished_drops_futures_nobody_holds() -> None:
+    finished = Finished()
+    future: cf.Future = cf.Future()
+    future.add_done_callback(finished.add)
+    future.set_result(1)
+    assert len(finished._done) == 1
+    del future
+    gc.collect()
+    assert len(finished._done) == 0
