@@ -19,8 +19,15 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 FIXTURE_MARKERS = {"s3_server": "s3", "ray_head": "ray", "local_ray": "ray"}
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Mark tests by the fixtures they request; a Ray test is always slow (starting Ray alone takes seconds)."""
+    """Mark tests by the fixtures they request; a Ray test is always slow (starting Ray alone takes seconds).
+
+    Under pytest-xdist (`-n 2 --dist loadgroup`, scripts/test.sh) every Ray test runs on one worker, one after
+    another, as without workers: the shared local Ray, a `ray start` head and the multi-node cluster stop each
+    other, and a head's job agent beside another Ray test's cluster on 2 cores took minutes to start. Every other
+    module runs on one worker, so its module fixtures are made once.
+    """
     for item in items:
         fixtures = getattr(item, "fixturenames", ())
         for fixture, marker in FIXTURE_MARKERS.items():
@@ -28,6 +35,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                 item.add_marker(marker)
         if item.get_closest_marker("ray") is not None and item.get_closest_marker("slow") is None:
             item.add_marker("slow")
+        group = "ray" if item.get_closest_marker("ray") is not None else item.module.__name__
+        item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.fixture(scope="session")

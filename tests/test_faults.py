@@ -175,10 +175,21 @@ def ray_head() -> Iterator[dict[str, str]]:
     """`ray start --head` on 127.0.0.1 with RAY_AUTH_MODE=token; yields the env a client needs."""
     if shutil.which("ray", path=str(BIN)) is None:
         pytest.skip("the `ray` CLI is not installed beside this Python")
-    stop_local_ray()  # the head has the machine to itself: its job agent is slow to start beside another Ray
+    stop_local_ray()  # one Ray per test process
     token = secrets.token_hex(16)
     temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     port, dash = free_port(), free_port()
+    # The agents' ports too: their defaults (52365 for the job agent) are taken by any other Ray on this machine,
+    # and a head whose job agent cannot bind refuses every `ray job submit` ("No available agent").
+    agents = [
+        (flag, str(free_port()))
+        for flag in (
+            "--dashboard-agent-listen-port",
+            "--dashboard-agent-grpc-port",
+            "--runtime-env-agent-port",
+            "--metrics-export-port",
+        )
+    ]
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
     starter = subprocess.Popen(
@@ -199,6 +210,7 @@ def ray_head() -> Iterator[dict[str, str]]:
             "--temp-dir",
             temp,
             "--disable-usage-stats",
+            *[part for pair in agents for part in pair],
         ],
         env=env,
         start_new_session=True,
@@ -219,8 +231,7 @@ def ray_head() -> Iterator[dict[str, str]]:
 
 
 def submit(env: dict[str, str], manifest: Path, *extra: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    """`ray job submit`, again while the head's job agent is still starting (a loaded machine takes a while: over
-    30 s was seen with another Ray beside it on 2 cores)."""
+    """`ray job submit`, again while the head's job agent is still starting (a loaded machine takes a while)."""
     for _ in range(24):
         done = _submit_once(env, manifest, *extra, timeout=timeout)
         if "No available agent to submit job" not in done.stderr + done.stdout:

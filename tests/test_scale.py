@@ -128,7 +128,7 @@ def test_235b_moe_shaped_mine_on_s3_equals_the_in_memory_reduce(
     monkeypatch.setenv("CNA_DIST_CACHE", str(tmp_path / "cache"))
     base = f"s3://cna/{uuid.uuid4().hex}"
     fs, _ = urimod.filesystem(base)
-    fs.put(str(save_moe_scale_model(tmp_path / "q235")), f"{base[5:]}/model", recursive=True)
+    fs.put(str(save_moe_scale_model(tmp_path / "q235", hidden_size=4)), f"{base[5:]}/model", recursive=True)
     capture = {"dtype": "float16", "max_batch_size": 4, "shard_rows": 2}
     s, fetched, manifest = mine_on_s3(tmp_path, base, "scale235", N_MOE_PROMPTS, capture)
     only_headers(fetched, tmp_path / "q235")
