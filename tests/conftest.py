@@ -25,8 +25,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
     Under pytest-xdist (`-n 2 --dist loadgroup`, scripts/test.sh) every Ray test runs on one worker, one after
     another, as without workers: the shared local Ray, a `ray start` head and the multi-node cluster stop each
-    other, and a head's job agent beside another Ray test's cluster on 2 cores took minutes to start. Every other
-    module runs on one worker, so its module fixtures are made once.
+    other. Every other module runs on one worker, so its module fixtures are made once. A module whose Ray runs
+    only in the commands it starts (tests/test_scale.py) names its own group and runs beside them.
     """
     for item in items:
         fixtures = getattr(item, "fixturenames", ())
@@ -35,8 +35,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                 item.add_marker(marker)
         if item.get_closest_marker("ray") is not None and item.get_closest_marker("slow") is None:
             item.add_marker("slow")
-        group = "ray" if item.get_closest_marker("ray") is not None else item.module.__name__
-        item.add_marker(pytest.mark.xdist_group(group))
+        if item.get_closest_marker("xdist_group") is None:  # a module may name its own group
+            group = "ray" if item.get_closest_marker("ray") is not None else item.module.__name__
+            item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.fixture(scope="session")

@@ -24,6 +24,9 @@ from cna_dist.store.activations import ActivationStore
 from cna_dist.validate import validate
 from tests.conftest import write_jsonl
 
+# Ray runs only in the `cna-dist mine` processes these tests start, on ports of its own: under pytest-xdist they
+# run beside the tests that start Ray in the test process (tests/conftest.py)
+pytestmark = pytest.mark.xdist_group("scale")
 ROOT = Path(__file__).resolve().parents[1]
 N_PROMPTS = 96  # 450 MB of rows at the real shape: enough for a multi-chunk store and a working universal filter
 
