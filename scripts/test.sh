@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Set up a virtualenv with the CPU build of torch (constraints.txt) and run lint, the format check and the whole
 # test suite (extra arguments go to pytest, e.g. -m "not ray and not s3 and not slow" for the unit tier; -n 0 for
-# one process). Two pytest-xdist workers: one runs every Ray test in turn, the other the rest, so one's waits on
-# services and subprocesses overlap the other's work (tests/conftest.py groups them).
+# one process). Two pytest-xdist workers, so one's waits on services and subprocesses overlap the other's work; the
+# Ray tests run in turn on one of them (tests/conftest.py groups the tests).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -x .venv/bin/python ] || python3 -m venv .venv

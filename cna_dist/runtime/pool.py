@@ -54,21 +54,20 @@ class Finished:
 
 
 class _LocalMethod:
-    def __init__(self, threads: cf.ThreadPoolExecutor, method: Callable[..., Any], finished: Finished | None):
+    def __init__(self, threads: cf.ThreadPoolExecutor, method: Callable[..., Any], finished: Finished):
         self.threads, self.method, self.finished = threads, method, finished
 
     def remote(self, *args: Any, **kwargs: Any) -> cf.Future:
         future = self.threads.submit(self.method, *args, **kwargs)
-        if self.finished is not None:
-            future.add_done_callback(self.finished.add)
+        future.add_done_callback(self.finished.add)
         return future
 
 
 class LocalActor:
-    """A replica object with Ray's call shape: `actor.method.remote(*args)` returns a future (told to `finished`
-    when it ends, if given)."""
+    """A replica object with Ray's call shape: `actor.method.remote(*args)` returns a future, told to `finished`
+    when it ends (the pool waits there)."""
 
-    def __init__(self, target: Any, concurrency: int, finished: Finished | None = None):
+    def __init__(self, target: Any, concurrency: int, finished: Finished):
         self.target, self.finished = target, finished
         self.threads = cf.ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="cna-replica")
 
