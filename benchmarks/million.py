@@ -18,9 +18,12 @@ threads), the objects listed and read by a plan, the driver's peak memory (VmHWM
 tiny rows included), and the reduce's wall time.
 
     python benchmarks/million.py [--n 10000,100000,1000000] [--replicas 16,64] [--s3-n 10000,100000] [--ids dict]
+                                 [--writes none]
 
 The driver holds the prompts' token ids packed (cna_dist.prompts.packed) and gathers a shard's by the plan's
 positions, as `cna-dist mine` does; `--ids dict` runs a driver that keeps a dict of every prompt's id list instead.
+`--writes none` gives replicas that write nothing (and skips the re-plan and the reduce): the driver's own cost
+without the simulated replicas' writes running in its process.
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ from cna_dist.prompts.packed import PackedIds
 from cna_dist.reduce import streamed
 from cna_dist.runtime.calls import capture_shards
 from cna_dist.runtime.pool import Finished, LocalActor, LocalPool
-from cna_dist.runtime.replica import CONCURRENCY, Replica, ReplicaSpec
+from cna_dist.runtime.replica import CONCURRENCY, Replica, ReplicaSpec, ShardResult
 from cna_dist.runtime.scheduler import Settings
 from cna_dist.store.activations import ActivationStore, Run, RunMeta
 
@@ -71,6 +74,20 @@ class TinyRows:
 
     def close(self) -> None:
         pass
+
+
+class Unwritten(Replica):
+    """`--writes none`: a replica that unpacks a shard's ids and sleeps as long as TinyRows would, writing nothing.
+
+    Why: the simulated replicas are threads of the driver's process (on Ray they are other processes); with
+    writes, up to 3R of them encode and PUT at once beside the driver thread. Without, the driver's CPU per shard
+    is its own code's alone: the plan, the scheduler, gathering ids, the results.
+    """
+
+    def capture_shard(self, run: Run, plan: Any, token_ids: Any) -> ShardResult:
+        rows = token_ids.to_lists() if isinstance(token_ids, PackedIds) else token_ids
+        time.sleep(len(rows) / self.engine.rate)
+        return ShardResult(plan.shard, self.name, len(rows), 0, 0.0, 0.0, 0.0, 0.0, 0.0, 0)
 
 
 class SimPool(LocalPool):
@@ -165,31 +182,40 @@ def measure(where: str, uri: str, n: int, replicas: int, args: argparse.Namespac
     if args.ids == "dict":  # the dict driver: every prompt's id list in a dict, a lookup per row
         token_ids = {h: [i, 1, 2] for i, h in enumerate(hashes)}
     spec = ReplicaSpec(model_uri="/sim")
-    pool = SimPool([Replica(spec, engine=TinyRows(args.layers, args.width, args.rate)) for _ in range(replicas)])
+    replica = Replica if args.writes == "store" else Unwritten
+    pool = SimPool([replica(spec, engine=TinyRows(args.layers, args.width, args.rate)) for _ in range(replicas)])
     cpu, wall = time.thread_time(), time.perf_counter()
     plans = run.plan(hashes)
     plan_io = counts.take()
     report = capture_shards(SimExecutor(pool), spec, run, plans, token_ids, progress=False)
     capture_cpu, capture_wall = time.thread_time() - cpu, time.perf_counter() - wall
     counts.take()
-    cpu = time.thread_time()
-    again = run.plan(hashes)  # then as `cna-dist mine` goes on: count the reused shards, index rows for the reduce
-    reused = len(run.committed())
-    index = run.row_index()
-    replan_cpu, replan_io = time.thread_time() - cpu, counts.take()
     pool.close()
-    assert not again and reused == len(plans), (len(again), reused, len(plans))
-    half = n // 2
-    rows = {
-        "positive": np.array([index[h] for h in hashes[:half]], dtype=np.int64),
-        "negative": np.array([index[h] for h in hashes[half:]], dtype=np.int64),
-        "diverse": np.array([index[h] for h in hashes[: max(1, n // 10)]], dtype=np.int64),
-    }
-    start = time.perf_counter()
-    streamed.reduce_store(
-        run, rows, k=8, exclude_layers=[], universal_fraction=0.01, universal_threshold=0.8, universal_scope="global"
-    )
-    reduce_s = time.perf_counter() - start
+    replan_cpu, replan_io, reduce_s = 0.0, (0, 0), 0.0
+    if args.writes == "store":  # then as `cna-dist mine` goes on: count the reused shards, index rows for the reduce
+        cpu = time.thread_time()
+        again = run.plan(hashes)
+        reused = len(run.committed())
+        index = run.row_index()
+        replan_cpu, replan_io = time.thread_time() - cpu, counts.take()
+        assert not again and reused == len(plans), (len(again), reused, len(plans))
+        half = n // 2
+        rows = {
+            "positive": np.array([index[h] for h in hashes[:half]], dtype=np.int64),
+            "negative": np.array([index[h] for h in hashes[half:]], dtype=np.int64),
+            "diverse": np.array([index[h] for h in hashes[: max(1, n // 10)]], dtype=np.int64),
+        }
+        start = time.perf_counter()
+        streamed.reduce_store(
+            run,
+            rows,
+            k=8,
+            exclude_layers=[],
+            universal_fraction=0.01,
+            universal_threshold=0.8,
+            universal_scope="global",
+        )
+        reduce_s = time.perf_counter() - start
     shards = len(plans)
     return {
         "where": where,
@@ -275,6 +301,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--shard-rows", type=int, default=256, help="rows per shard (the store's default at 72B)")
     parser.add_argument("--runs", type=int, default=1, help="runs of every case; medians printed after")
     parser.add_argument("--ids", choices=("packed", "dict"), default="packed", help="how the driver holds token ids")
+    parser.add_argument(
+        "--writes",
+        choices=("store", "none"),
+        default="store",
+        help="store: replicas write and commit through the store; none: they write nothing (no re-plan, no reduce)",
+    )
     parser.add_argument("--dir", default=None)
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # WHERE,N,R,URI: one case, in this process
@@ -293,7 +325,7 @@ def main() -> None:
         return one_case(args)
     targets = [("local", int(n)) for n in args.n.split(",") if n] + [("s3", int(n)) for n in args.s3_n.split(",") if n]
     passed = ["--rate", str(args.rate), "--layers", str(args.layers), "--width", str(args.width)]
-    passed += ["--shard-rows", str(args.shard_rows), "--ids", args.ids]
+    passed += ["--shard-rows", str(args.shard_rows), "--ids", args.ids, "--writes", args.writes]
     rows: list[dict[str, Any]] = []
     moto: subprocess.Popen | None = None
     print(HEADER)

@@ -92,6 +92,16 @@ def test_a_failing_call_is_retried_with_exponential_backoff() -> None:
     assert pool.started == [(0, "a")] * 3
 
 
+def test_a_call_in_backoff_lets_the_calls_behind_it_start_in_queue_order() -> None:
+    # "a" fails once and waits 1 s; the clock never reaches it until the other five are done, so they start first,
+    # in their queue order, each on the first replica with room, and "a" keeps its place at the queue's head
+    clock = FakeClock()
+    pool = FakePool(2, lambda r, item, attempt: ValueError("flaky") if item == "a" and attempt == 0 else item)
+    results, report = run(pool, list("abcdef"), Settings(max_in_flight=1, backoff_s=1.0), clock)
+    assert results == {i: item for i, item in enumerate("abcdef")} and report.retries == 1
+    assert pool.started == [(0, "a"), (1, "b"), (0, "c"), (1, "d"), (0, "e"), (1, "f"), (0, "a")]
+
+
 def test_a_call_that_always_fails_is_reported_by_name_after_call_retries() -> None:
     pool = FakePool(2, lambda r, item, attempt: IndexError("index out of range") if item == "bad" else item)
     with pytest.raises(RunFailure, match=r"item bad failed after 2 retries: IndexError: index out of range"):

@@ -123,18 +123,27 @@ class Scheduler:
         return self.report
 
     def _dispatch(self, items: Sequence[Any]) -> None:
-        """Fill every ready replica up to max_in_flight with calls whose backoff has ended, in queue order."""
-        now = self.clock.monotonic()
+        """Fill every ready replica up to max_in_flight with calls whose backoff has ended, in queue order.
+
+        Runs once per finished call, so a replica with no room is passed over at the cost of a comparison and the
+        walk stops as soon as the queue is empty.
+        """
+        limit, now = self.settings.max_in_flight, self.clock.monotonic()
         for r, slot in enumerate(self.slots):
-            waiting: deque[_Call] = deque()
-            while slot.ready and self.queue and slot.load < self.settings.max_in_flight:
+            if not self.queue:
+                return
+            if not slot.ready or slot.load >= limit:
+                continue
+            waiting: list[_Call] = []
+            while self.queue and slot.load < limit:
                 call = self.queue.popleft()
                 if call.not_before > now:
                     waiting.append(call)
                     continue
                 self.in_flight[self.fn(self.pool.replica(r), items[call.index])] = (r, call)
                 slot.load += 1
-            self.queue.extendleft(reversed(waiting))
+            if waiting:
+                self.queue.extendleft(reversed(waiting))
 
     def _sleep_until_due(self) -> None:
         """Nothing to wait on but backoffs: sleep until the first queued call is due (not a busy loop)."""
