@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,9 +51,9 @@ class FakePool:
         self.started.append((r, item))
         return Handle(r, item, self.script(r, item, attempt))
 
-    def wait(self, handles: list[Handle], timeout: float) -> list[Handle]:
+    def wait(self, handles: Collection[Handle], timeout: float) -> list[Handle]:
         self.waits.append(len(handles))
-        return handles[:1]
+        return [next(iter(handles))]
 
     def result(self, handle: Handle) -> Any:
         if isinstance(handle.outcome, Exception):

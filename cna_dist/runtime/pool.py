@@ -12,7 +12,7 @@ import concurrent.futures as cf
 import threading
 import time
 import weakref
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Collection, Hashable
 from typing import Any
 
 from cna_dist.runtime.replica import CONCURRENCY, Replica, ReplicaSpec
@@ -37,14 +37,14 @@ class Finished:
             self._done.add(future)
             self._changed.notify_all()
 
-    def wait(self, handles: list[Hashable], timeout: float) -> list[Hashable]:
+    def wait(self, handles: Collection[Hashable], timeout: float) -> list[Hashable]:
         """The handles among `handles` that finished, waiting up to `timeout` seconds for the first; each is
-        returned once. Every handle must come from a method of an actor that reports here."""
-        wanted = set(handles)
+        returned once. Every handle must come from a method of an actor that reports here. `handles` is only
+        asked whether it holds a finished one (a dict's keys answer at once, whatever their number)."""
         deadline = time.monotonic() + timeout
         with self._changed:
             while True:
-                ready = [f for f in self._done if f in wanted]
+                ready = [f for f in self._done if f in handles]
                 left = deadline - time.monotonic()
                 if ready or left <= 0:
                     for future in ready:
@@ -97,7 +97,7 @@ class LocalPool:
     def replica(self, r: int) -> LocalActor:
         return self.actor
 
-    def wait(self, handles: list[Hashable], timeout: float) -> list[Hashable]:
+    def wait(self, handles: Collection[Hashable], timeout: float) -> list[Hashable]:
         return self.finished.wait(handles, timeout)
 
     def result(self, handle: Hashable) -> Any:
@@ -158,8 +158,8 @@ class RayPool:
     def replica(self, r: int) -> Any:
         return self.actors[r]
 
-    def wait(self, handles: list[Hashable], timeout: float) -> list[Hashable]:
-        finished, _ = self.ray.wait(handles, num_returns=1, timeout=timeout)
+    def wait(self, handles: Collection[Hashable], timeout: float) -> list[Hashable]:
+        finished, _ = self.ray.wait(list(handles), num_returns=1, timeout=timeout)
         return finished
 
     def result(self, handle: Hashable) -> Any:

@@ -11,8 +11,9 @@ lost their nodes fails instead of waiting forever; while any replica works, the 
 
 from __future__ import annotations
 
+import heapq
 from collections import deque
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Collection, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -35,7 +36,10 @@ class Pool(Protocol):
 
     def replica(self, r: int) -> Any: ...
 
-    def wait(self, handles: list[Hashable], timeout: float) -> list[Hashable]: ...
+    def wait(self, handles: Collection[Hashable], timeout: float) -> list[Hashable]:
+        """The handles that finished, waiting up to `timeout` for one. `handles`: those started and not yet
+        returned, in the order they started (a dict's keys, or a list)."""
+        ...
 
     def result(self, handle: Hashable) -> Any: ...
 
@@ -78,6 +82,7 @@ class _Slot:
     ready: bool = True
     dead: bool = False
     lost_at: float = 0.0  # clock.monotonic() when it was found lost
+    listed: bool = True  # in the scheduler's heap of replicas that may have room
 
 
 class Scheduler:
@@ -92,6 +97,7 @@ class Scheduler:
     ):
         self.pool, self.fn, self.settings, self.clock = pool, fn, settings, clock
         self.slots = [_Slot() for _ in range(len(pool))]
+        self.room = list(range(len(pool)))  # a heap: replicas that may have room, lowest first (see _dispatch)
         self.queue: deque[_Call] = deque()
         self.in_flight: dict[Hashable, tuple[int, _Call]] = {}
         self.probes: dict[Hashable, int] = {}
@@ -110,7 +116,8 @@ class Scheduler:
                     )
                 self._sleep_until_due()
                 continue
-            for handle in self.pool.wait([*self.in_flight, *self.probes], self.settings.backoff_s):
+            waiting_on = [*self.in_flight, *self.probes] if self.probes else self.in_flight.keys()
+            for handle in self.pool.wait(waiting_on, self.settings.backoff_s):
                 if handle in self.probes:
                     self._settle_probe(handle)
                 else:
@@ -123,15 +130,18 @@ class Scheduler:
         return self.report
 
     def _dispatch(self, items: Sequence[Any]) -> None:
-        """Fill every ready replica up to max_in_flight with calls whose backoff has ended, in queue order.
+        """Fill every ready replica up to max_in_flight with calls whose backoff has ended, in queue order, the
+        lowest-numbered replica first.
 
-        Runs once per finished call, so a replica with no room is passed over at the cost of a comparison and the
-        walk stops as soon as the queue is empty.
+        Runs once per finished call, so it visits only replicas that may have room: a heap of them, to which a
+        replica returns when a call of its own ends or its probe answers (a lost or full one popped is dropped).
         """
         limit, now = self.settings.max_in_flight, self.clock.monotonic()
-        for r, slot in enumerate(self.slots):
-            if not self.queue:
-                return
+        passed: list[int] = []  # replicas with room left after their turn: only calls in backoff remained
+        while self.queue and self.room:
+            r = heapq.heappop(self.room)
+            slot = self.slots[r]
+            slot.listed = False
             if not slot.ready or slot.load >= limit:
                 continue
             waiting: list[_Call] = []
@@ -144,6 +154,17 @@ class Scheduler:
                 slot.load += 1
             if waiting:
                 self.queue.extendleft(reversed(waiting))
+            if slot.load < limit:
+                passed.append(r)
+        for r in passed:
+            self._list(r)
+
+    def _list(self, r: int) -> None:
+        """Back in the heap of replicas that may have room, if it is ready, has room and is not there yet."""
+        slot = self.slots[r]
+        if not slot.listed and slot.ready and slot.load < self.settings.max_in_flight:
+            slot.listed = True
+            heapq.heappush(self.room, r)
 
     def _sleep_until_due(self) -> None:
         """Nothing to wait on but backoffs: sleep until the first queued call is due (not a busy loop)."""
@@ -164,6 +185,7 @@ class Scheduler:
         try:
             self.pool.result(handle)
             self.slots[r].ready = True
+            self._list(r)
         except ReplicaRestarting:
             self.clock.sleep(self.settings.backoff_s)
             self.probes[self.pool.probe(r)] = r
@@ -174,6 +196,7 @@ class Scheduler:
         r, call = self.in_flight.pop(handle)
         slot = self.slots[r]
         slot.load -= 1
+        self._list(r)
         try:
             result = self.pool.result(handle)
         except Exception as exc:  # noqa: BLE001 - every failure is retried, then reported by name
