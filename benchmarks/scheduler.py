@@ -7,15 +7,17 @@ wait returns the oldest call in flight) and the clock is a fake, so what is time
 this thread's CPU seconds per call, the median of `--repeats`, for each R and number of calls. The baseline is the
 smallest R in the same process: the ratio says how the cost grows with R.
 
-    python benchmarks/scheduler.py [--replicas 1,16,64,256] [--calls 2000,20000] [--repeats 7]
+    python benchmarks/scheduler.py [--replicas 1,16,64,256] [--calls 2000,20000] [--repeats 7] [--json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 from collections.abc import Collection
+from pathlib import Path
 from typing import Any
 
 from cna_dist.runtime.scheduler import Scheduler, Settings
@@ -78,10 +80,12 @@ def main() -> None:
     parser.add_argument("--replicas", default="1,16,64,256")
     parser.add_argument("--calls", default="2000,20000")
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     replicas = [int(r) for r in args.replicas.split(",")]
     calls = [int(c) for c in args.calls.split(",")]
     print(f"{'replicas':>8} {'calls':>7} {'us/call':>8} {'spread':>15} {'x smallest R':>12}")
+    rows = []
     for n in calls:
         base = None
         for r in replicas:
@@ -90,6 +94,10 @@ def main() -> None:
             base = base or median
             spread = f"{min(samples):.1f}-{max(samples):.1f}"
             print(f"{r:>8} {n:>7} {median:>8.1f} {spread:>15} {median / base:>12.2f}")
+            rows.append({"replicas": r, "calls": n, "us_per_call": median, "samples_us": samples})
+    if args.json is not None:
+        args.json.write_text(json.dumps(rows, indent=2))
+        print(f"wrote {args.json}")
 
 
 if __name__ == "__main__":
