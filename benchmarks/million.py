@@ -186,7 +186,7 @@ def measure(where: str, uri: str, n: int, replicas: int, args: argparse.Namespac
     pool = SimPool([replica(spec, engine=TinyRows(args.layers, args.width, args.rate)) for _ in range(replicas)])
     cpu, wall = time.thread_time(), time.perf_counter()
     plans = run.plan(hashes)
-    plan_io = counts.take()
+    plan_cpu, plan_io = time.thread_time() - cpu, counts.take()
     report = capture_shards(SimExecutor(pool), spec, run, plans, token_ids, progress=False)
     capture_cpu, capture_wall = time.thread_time() - cpu, time.perf_counter() - wall
     counts.take()
@@ -225,6 +225,8 @@ def measure(where: str, uri: str, n: int, replicas: int, args: argparse.Namespac
         "capture_wall_s": capture_wall,
         "driver_cpu_ms_per_shard": 1e3 * capture_cpu / shards,
         "driver_cpu_us_per_prompt": 1e6 * capture_cpu / n,
+        "plan_cpu_us_per_prompt": 1e6 * plan_cpu / n,  # the first plan alone: part of the driver's CPU
+        "schedule_cpu_ms_per_shard": 1e3 * (capture_cpu - plan_cpu) / shards,  # capture_shards: the rest of it
         "first_plan_listed_per_shard": plan_io[0] / shards,
         "first_plan_read_per_shard": plan_io[1] / shards,
         "replan_listed": replan_io[0],  # the re-plan, the reused count and the row index together
@@ -240,6 +242,7 @@ def measure(where: str, uri: str, n: int, replicas: int, args: argparse.Namespac
 
 HEADER = (
     f"{'where':<6} {'N':>8} {'R':>3} {'shards':>6} {'wall s':>7} {'drv ms/shard':>12} {'drv us/prompt':>13} "
+    f"{'plan us/prompt':>14} {'sched ms/shard':>14} "
     f"{'plan ls+read/shard':>18} {'re-plan ls/read':>15} {'peak MB':>8} {'B/prompt':>8} {'reduce s':>8} "
     f"{'reduce us/prompt':>16}"
 )
@@ -249,7 +252,8 @@ def line(r: dict[str, Any]) -> str:
     io = f"{r['first_plan_listed_per_shard']:.3f}+{r['first_plan_read_per_shard']:.3f}"
     return (
         f"{r['where']:<6} {r['n']:>8} {r['replicas']:>3} {r['shards']:>6} {r['capture_wall_s']:>7.1f} "
-        f"{r['driver_cpu_ms_per_shard']:>12.2f} {r['driver_cpu_us_per_prompt']:>13.1f} {io:>18} "
+        f"{r['driver_cpu_ms_per_shard']:>12.2f} {r['driver_cpu_us_per_prompt']:>13.1f} "
+        f"{r['plan_cpu_us_per_prompt']:>14.2f} {r['schedule_cpu_ms_per_shard']:>14.2f} {io:>18} "
         f"{r['replan_listed']:>7}/{r['replan_read']:<7} {r['driver_peak_mb']:>8.0f} "
         f"{r['driver_peak_bytes_per_prompt']:>8.0f} {r['reduce_s']:>8.1f} {r['reduce_us_per_prompt']:>16.1f}"
     )
@@ -258,7 +262,13 @@ def line(r: dict[str, Any]) -> str:
 def flatness(rows: list[dict[str, Any]]) -> list[str]:
     """Per-prompt figures at the largest N over the smallest, per target and replica count."""
     out = []
-    keys = ("driver_cpu_us_per_prompt", "driver_peak_bytes_per_prompt", "reduce_us_per_prompt")
+    keys = (
+        "driver_cpu_us_per_prompt",
+        "plan_cpu_us_per_prompt",
+        "schedule_cpu_ms_per_shard",
+        "driver_peak_bytes_per_prompt",
+        "reduce_us_per_prompt",
+    )
     for where, replicas in sorted({(r["where"], r["replicas"]) for r in rows}):
         group = sorted((r for r in rows if r["where"] == where and r["replicas"] == replicas), key=lambda r: r["n"])
         if len(group) < 2:
