@@ -4,7 +4,8 @@ Why: a 4-GPU 72B replica at 200 prompts/s produces about 0.95 GB/s of rows (80 x
 If the store cannot take them that fast the writer, not the GPUs, caps the replica. This script measures, in
 one process, for each writer thread count:
 
-- `store`: rows from memory through `Run.write_rows` + `Run.commit` (the replica's path) into a run of that shape;
+- `store`: rows from memory through `Run.write_rows` + `Run.commit` (the replica's path) into a run of that shape,
+  the shard planned beforehand, untimed (the driver plans; benchmarks/million.py times it);
 - `plain`: the same bytes in the same chunk-sized objects, each chunk copied out once and written as a file (or
   PUT), the same number of threads: what any writer must at least do;
 - `zarr` (once): the array's own `arr[rows] = values`, the path `write_rows` took before.
@@ -65,34 +66,46 @@ def fresh(n: int) -> list[str]:
     return [uuid.uuid4().hex * 2 for _ in range(n)]
 
 
-def timed(fn: Callable[[], Any]) -> tuple[float, float]:
-    """(wall seconds, this process's CPU seconds, all threads) of one call."""
+# A method: called untimed, it prepares one write (a store write's shard plan: the driver's work, not the
+# replica's) and returns the write itself, which is timed.
+Method = Callable[[], Callable[[], None]]
+
+
+def timed(method: Method) -> tuple[float, float]:
+    """(wall seconds, this process's CPU seconds, all threads) of one write, its preparation untimed."""
+    write = method()
     wall, cpu = time.perf_counter(), time.process_time()
-    fn()
+    write()
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
-def store_write(run: Run, acts: np.ndarray, threads: int) -> Callable[[], None]:
-    def go() -> None:
+def store_write(run: Run, acts: np.ndarray, threads: int) -> Method:
+    """The replica's path: `write_rows` and `commit` of a shard the driver planned."""
+
+    def prepare() -> Callable[[], None]:
         (plan,) = run.plan(fresh(len(acts)))
         run.write_threads = threads
-        run.commit(plan, [run.write_rows(plan, acts, slice(0, run.meta.n_layers))], writer="bench")
+        return lambda: run.commit(plan, [run.write_rows(plan, acts, slice(0, run.meta.n_layers))], writer="bench")
 
-    return go
+    return prepare
 
 
-def zarr_write(run: Run, acts: np.ndarray) -> Callable[[], None]:
-    def go() -> None:
+def zarr_write(run: Run, acts: np.ndarray) -> Method:
+    def prepare() -> Callable[[], None]:
         (plan,) = run.plan(fresh(len(acts)))
-        run.array()[plan.start : plan.start + len(acts)] = acts
-        run.commit(plan, [WrittenPart(plan.shard, 0, run.meta.n_layers, int(acts.nbytes))], writer="bench")
 
-    return go
+        def write() -> None:
+            run.array()[plan.start : plan.start + len(acts)] = acts
+            run.commit(plan, [WrittenPart(plan.shard, 0, run.meta.n_layers, int(acts.nbytes))], writer="bench")
+
+        return write
+
+    return prepare
 
 
 def plain_write(
     put_for: Callable[[], chunks.Put], acts: np.ndarray, chunk: tuple[int, int], threads: int, copy: bool = True
-) -> Callable:
+) -> Method:
     """Each chunk written as one object with no check and no checksum, the same number of threads: `copy`: copied
     out contiguous once and written (`plain`); else its rows written straight from the block with one writev
     (`plainv`, local disk only: what a writer that copies nothing does)."""
@@ -110,7 +123,7 @@ def plain_write(
         with cf.ThreadPoolExecutor(threads) as pool:
             list(pool.map(one, work))
 
-    return go
+    return lambda: go
 
 
 def target(kind: str, folder: Path, fs: Any) -> tuple[str, Callable[[], chunks.Put], Callable[[], None], str]:
@@ -158,8 +171,8 @@ def measure_target(kind: str, acts: np.ndarray, args: argparse.Namespace, fs: An
             methods[f"plain-{threads}"] = plain_write(put_for, acts, chunk, threads)
             if kind == "local":
                 methods[f"plainv-{threads}"] = plain_write(put_for, acts, chunk, threads, copy=False)
-        for fn in methods.values():  # warm-up: connections, folders
-            fn()
+        for method in methods.values():  # warm-up: connections, folders
+            method()()
             clean(kind, run, plain, fs)
         names = list(methods)
         samples: dict[str, list[tuple[float, float]]] = {name: [] for name in methods}
