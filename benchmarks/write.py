@@ -39,13 +39,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import google_crc32c
 import numpy as np
 from download import start_moto  # benchmarks/download.py, beside this script
 
 from cna_dist.prompts.batching import Limits
 from cna_dist.runtime.replica import CONCURRENCY, Replica, ReplicaSpec
 from cna_dist.store import chunks
-from cna_dist.store.activations import ActivationStore, Run, RunMeta, WrittenPart
+from cna_dist.store.activations import ActivationStore, Run, RunMeta, WrittenPart, chunking
 
 
 def meta(layers: int, width: int, shard_rows: int) -> RunMeta:
@@ -155,6 +156,39 @@ def clean(kind: str, run: Run, plain: str, fs: Any) -> None:
             fs.rm(path, recursive=True)
     fs.invalidate_cache()
     run.fs.invalidate_cache()
+
+
+def checks(acts: np.ndarray, repeats: int) -> dict[str, float]:
+    """Milliseconds per write for the store's two checks alone, over the same chunks as a write (no I/O): crc32c of
+    every chunk's rows, on one thread and split over two; the NaN check, block by block as `chunks.pieces` runs it."""
+    rows, layers, _ = chunking(acts.shape[1], acts.shape[2], acts.itemsize, len(acts))
+    starts = [(r, lo) for r in range(0, len(acts), rows) for lo in range(0, acts.shape[1], layers)]
+    parts = [acts[r : r + rows, lo : lo + layers] for r, lo in starts]
+    step = max(1, chunks.BLOCK_BYTES // parts[0][0].nbytes)
+
+    def crc(some: list[np.ndarray]) -> None:
+        for part in some:
+            value = 0
+            for row in part:
+                value = google_crc32c.extend(value, row)
+
+    def crc_two_threads() -> None:
+        with cf.ThreadPoolExecutor(2) as pool:
+            list(pool.map(crc, [parts[0::2], parts[1::2]]))
+
+    def nan() -> None:
+        for part in parts:
+            for lo in range(0, len(part), step):
+                chunks.first_nan_row(part[lo : lo + step])
+
+    steps = {"crc32c": lambda: crc(parts), "crc32c 2 threads": crc_two_threads, "NaN check": nan}
+    samples: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, fn in steps.items():
+            start = time.perf_counter()
+            fn()
+            samples[name].append(1e3 * (time.perf_counter() - start))
+    return {name: statistics.median(values) for name, values in samples.items()}
 
 
 def measure_target(kind: str, acts: np.ndarray, args: argparse.Namespace, fs: Any) -> list[dict[str, Any]]:
@@ -326,6 +360,11 @@ def main() -> None:
             moto.terminate()
             moto.wait()
     print_table(results)
+    parts = checks(acts, args.repeats)
+    print(
+        f"checks alone, ms per {acts.nbytes / 1e9:.2f} GB write (no I/O, medians of {args.repeats}): "
+        + ", ".join(f"{name} {ms:.1f}" for name, ms in parts.items())
+    )
     idle = [  # the calls-in-flight counts alternate, so load on the machine falls on each alike
         idle_fraction(acts[: min(len(acts), 32)], args, calls) for _ in range(args.idle_runs) for calls in args.calls
     ]
@@ -343,7 +382,7 @@ def main() -> None:
             f"{statistics.median(x['compute_s_median'] for x in runs):.2f} s per shard)"
         )
     if args.json is not None:
-        args.json.write_text(json.dumps({"writes": results, "idle": idle}, indent=2))
+        args.json.write_text(json.dumps({"writes": results, "checks_ms": parts, "idle": idle}, indent=2))
         print(f"wrote {args.json}")
 
 

@@ -6,7 +6,7 @@ of rows; on a few cores that path, not the GPUs, would cap it. Here each worker 
 the block covers whole is not copied at all; its rows are checked for NaN and hashed (crc32c) block by block while
 in cache, then written with one writev (or joined once for a PUT). An edge chunk is copied once, padded, into a
 buffer with room for its checksum. Chunks are checked and stored side by side (numpy's reductions and the writes
-release the GIL; google-crc32c's hashing holds it, at about 26 GB/s).
+release the GIL; google-crc32c's hashing holds it, at about 11 GB/s from memory).
 
 Only the plain layout the activation store creates is written this way: C order, little-endian bytes,
 crc32c, no other codec; `direct_layout` says whether an array has it, and other arrays go through zarr. The
