@@ -102,6 +102,36 @@ def test_a_call_in_backoff_lets_the_calls_behind_it_start_in_queue_order() -> No
     assert pool.started == [(0, "a"), (1, "b"), (0, "c"), (1, "d"), (0, "e"), (1, "f"), (0, "a")]
 
 
+def test_no_replica_holds_more_than_max_in_flight_while_replicas_die_and_return() -> None:
+    # replica 1 dies on its first call and answers its second probe; replica 2 fails every third call: through all
+    # of it no replica ever holds more than two calls, the returned replica works again, and every item is done
+    outstanding = [0, 0, 0]
+    most = [0, 0, 0]
+
+    class Counted(FakePool):
+        def start(self, r: int, item: Any) -> Handle:
+            outstanding[r] += 1
+            most[r] = max(most[r], outstanding[r])
+            return super().start(r, item)
+
+        def result(self, handle: Handle) -> Any:
+            if handle.item != "probe":
+                outstanding[handle.replica] -= 1
+            return super().result(handle)
+
+    def script(r: int, item: Any, attempt: int) -> Any:
+        calls = sum(1 for replica, _ in pool.started if replica == r)
+        if r == 1 and calls == 1:
+            return ReplicaLost("actor died")
+        return ValueError("flaky") if r == 2 and calls % 3 == 0 else item
+
+    pool = Counted(3, script, lambda r, attempt: ReplicaRestarting("loading") if attempt < 1 else r)
+    results, report = run(pool, list(range(40)), Settings(max_in_flight=2, backoff_s=0.1), FakeClock())
+    assert results == {i: i for i in range(40)} and report.replica_deaths == 1
+    assert most == [2, 2, 2] and outstanding == [0, 0, 0]
+    assert sum(1 for r, _ in pool.started if r == 1) > 1  # back at work after its probe answered
+
+
 def test_a_call_that_always_fails_is_reported_by_name_after_call_retries() -> None:
     pool = FakePool(2, lambda r, item, attempt: IndexError("index out of range") if item == "bad" else item)
     with pytest.raises(RunFailure, match=r"item bad failed after 2 retries: IndexError: index out of range"):
