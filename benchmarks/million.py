@@ -77,7 +77,8 @@ class TinyRows:
 
 
 class Unwritten(Replica):
-    """`--writes none`: a replica that unpacks a shard's ids and sleeps as long as TinyRows would, writing nothing.
+    """`--writes none`: a replica that unpacks a shard's ids and sleeps as long as TinyRows would, one shard at a time
+    under the replica's compute lock as `Replica.capture_shard` computes, writing nothing.
 
     Why: the simulated replicas are threads of the driver's process (on Ray they are other processes); with
     writes, up to 3R of them encode and PUT at once beside the driver thread. Without, the driver's CPU per shard
@@ -86,7 +87,8 @@ class Unwritten(Replica):
 
     def capture_shard(self, run: Run, plan: Any, token_ids: Any) -> ShardResult:
         rows = token_ids.to_lists() if isinstance(token_ids, PackedIds) else token_ids
-        time.sleep(len(rows) / self.engine.rate)
+        with self._compute_lock:  # the same pace as a writing replica: its compute is one shard at a time
+            time.sleep(len(rows) / self.engine.rate)
         return ShardResult(plan.shard, self.name, len(rows), 0, 0.0, 0.0, 0.0, 0.0, 0.0, 0)
 
 
