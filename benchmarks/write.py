@@ -158,30 +158,43 @@ def clean(kind: str, run: Run, plain: str, fs: Any) -> None:
     run.fs.invalidate_cache()
 
 
+def crc(parts: list[np.ndarray], extend: Callable[[int, Any], int]) -> None:
+    """Each chunk's crc32c, chained row by row as the store hashes it."""
+    for part in parts:
+        value = 0
+        for row in part:
+            value = extend(value, row)
+
+
+def store_crc(value: int, row: Any) -> int:
+    return chunks.crc32c(row, value)
+
+
 def checks(acts: np.ndarray, repeats: int) -> dict[str, float]:
     """Milliseconds per write for the store's two checks alone, over the same chunks as a write (no I/O): crc32c of
-    every chunk's rows, on one thread and split over two; the NaN check, block by block as `chunks.pieces` runs it."""
+    every chunk's rows, on one thread and split over two, with the store's awscrt and with google-crc32c (zarr's);
+    the NaN check, block by block as `chunks.pieces` runs it."""
     rows, layers, _ = chunking(acts.shape[1], acts.shape[2], acts.itemsize, len(acts))
     starts = [(r, lo) for r in range(0, len(acts), rows) for lo in range(0, acts.shape[1], layers)]
     parts = [acts[r : r + rows, lo : lo + layers] for r, lo in starts]
     step = max(1, chunks.BLOCK_BYTES // parts[0][0].nbytes)
 
-    def crc(some: list[np.ndarray]) -> None:
-        for part in some:
-            value = 0
-            for row in part:
-                value = google_crc32c.extend(value, row)
-
-    def crc_two_threads() -> None:
+    def two_threads(extend: Callable[[int, Any], int]) -> None:
         with cf.ThreadPoolExecutor(2) as pool:
-            list(pool.map(crc, [parts[0::2], parts[1::2]]))
+            list(pool.map(crc, [parts[0::2], parts[1::2]], [extend, extend]))
 
     def nan() -> None:
         for part in parts:
             for lo in range(0, len(part), step):
                 chunks.first_nan_row(part[lo : lo + step])
 
-    steps = {"crc32c": lambda: crc(parts), "crc32c 2 threads": crc_two_threads, "NaN check": nan}
+    steps = {
+        "crc32c": lambda: crc(parts, store_crc),
+        "crc32c 2 threads": lambda: two_threads(store_crc),
+        "google-crc32c": lambda: crc(parts, google_crc32c.extend),
+        "google-crc32c 2 threads": lambda: two_threads(google_crc32c.extend),
+        "NaN check": nan,
+    }
     samples: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(repeats):
         for name, fn in steps.items():
