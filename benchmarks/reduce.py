@@ -5,10 +5,11 @@ script writes a synthetic float16 store (random activations of a 7B-like width, 
 contrastive neurons) straight through ``Run.write_rows`` and ``Run.commit``, sized to at least 10x the per-task
 memory budget, then:
 
-* times, in this process and alternating, a plain zarr read of every chunk and the whole ``reduce_store``
-  (moments, global-scope universal counting over a diverse set, top-k), one core each; it reports GB/s of store
-  bytes and the ratio reduce / plain read (medians of ``--repeats``; pages are cached after the write, so both
-  measure decode + compute, not disk);
+* times, in this process and alternating, a plain read of every chunk as the reduce reads it (``Run.read_blocks``:
+  the bytes and their checksum, nothing computed), a read of every chunk through zarr, and the whole
+  ``reduce_store`` (moments, global-scope universal counting over a diverse set, top-k), one core each; it reports
+  GB/s of store bytes and the ratios reduce / plain read and reduce / zarr read (medians of ``--repeats``; pages
+  are cached after the write, so all measure decode + compute, not disk);
 * runs the reduce once more with every task (``block_moments``, ``group_top_counts``) in a
   fresh spawned process and reports each task's peak RSS increase: VmHWM after the step minus VmRSS before it,
   with VmHWM reset through /proc/self/clear_refs first, and its tracemalloc peak. RSS is what a worker pays: it
@@ -25,9 +26,11 @@ array, P = diverse prompts):
 
     live      L = 8 C + 4 A + T + 64 B x R   checked against each task's tracemalloc peak. Read path
                                              (store.read_blocks): the chunk the step works on, the next one already
-                                             read, and the one after in the reader thread (raw bytes,
-                                             checksum-stripped copy and output) (5 C); a float16 chunk widened to
-                                             float32 for the sums (2 C); the step's accumulators and float64
+                                             read, and the one after in the reader thread (through zarr: raw
+                                             bytes, checksum-stripped copy and output; read straight into the
+                                             block, as the store reads its own layout: the block only) (5 C); a
+                                             float16 chunk widened to float32 for the sums (2 C); the step's
+                                             accumulators and float64
                                              temporaries of one row; row ids, their sort and labels (the only per-row
                                              state).
     per task  B = L + 6 C + 8 MiB            checked against each task's peak RSS. glibc keeps freed buffers for
@@ -178,7 +181,14 @@ def rows_for(multiple: float, meta: RunMeta, n: int, cap: int) -> int:
 
 # -- timing ---------------------------------------------------------------------------------------------------
 def plain_read(run: Run, n_rows: int) -> int:
-    """Every chunk read through zarr, nothing else: the floor any reduce of this store pays. Returns bytes."""
+    """Every chunk read as the reduce reads it, its checksum checked, nothing computed: the floor any reduce of this
+    store pays. Returns bytes."""
+    blocks = streamed.layer_blocks(run.meta.n_layers, run.meta.layers_per_chunk)
+    return sum(acts.nbytes for _, _, acts in run.read_blocks(np.arange(n_rows), blocks))
+
+
+def zarr_read(run: Run, n_rows: int) -> int:
+    """Every chunk read through zarr's own path (how the store read before reading chunk objects itself)."""
     arr = run.array(mode="r")
     meta = run.meta
     total = 0
@@ -204,20 +214,21 @@ def run_reduce(
     return streamed.reduce_store(run, rows, mapper=mapper, **kwargs)
 
 
-def time_both(run: Run, rows: dict[str, np.ndarray], kwargs: dict[str, Any], repeats: int) -> dict[str, list[float]]:
-    """Plain read and reduce alternate, so drift in the machine hits both; one warm-up of each first."""
+def time_all(run: Run, rows: dict[str, np.ndarray], kwargs: dict[str, Any], repeats: int) -> dict[str, list[float]]:
+    """The reads and the reduce alternate, so drift in the machine hits each alike; one warm-up of each first."""
     n_rows = sum(v.size for v in rows.values())
-    plain_read(run, n_rows)
-    run_reduce(run, rows, kwargs)
-    times: dict[str, list[float]] = {"plain": [], "reduce": []}
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        plain_read(run, n_rows)
-        t1 = time.perf_counter()
-        run_reduce(run, rows, kwargs)
-        t2 = time.perf_counter()
-        times["plain"].append(t1 - t0)
-        times["reduce"].append(t2 - t1)
+    steps: dict[str, Callable[[], Any]] = {
+        "plain": lambda: plain_read(run, n_rows),
+        "zarr": lambda: zarr_read(run, n_rows),
+        "reduce": lambda: run_reduce(run, rows, kwargs),
+    }
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for repeat in range(repeats + 1):
+        for name, step in steps.items():
+            t0 = time.perf_counter()
+            step()
+            if repeat:
+                times[name].append(time.perf_counter() - t0)
     return times
 
 
@@ -384,7 +395,7 @@ def bench(args: argparse.Namespace, store: str) -> int:
         f"({'>= 10x' if multiple >= 10 else 'WARN: under 10x, raise --rows or leave it 0'})"
     )
 
-    times = time_both(run, rows, kwargs, args.repeats)
+    times = time_all(run, rows, kwargs, args.repeats)
     speed = report_speed(times, store_bytes)
     mapper, driver, result = measure_memory(run, rows, kwargs, args.workers)
     failures = report_memory(mapper, driver, b)
@@ -407,17 +418,22 @@ def print_budgets(b: Budget) -> None:
 
 
 def report_speed(times: dict[str, list[float]], store_bytes: int) -> dict[str, float]:
-    plain_s, reduce_s = statistics.median(times["plain"]), statistics.median(times["reduce"])
-    ratio = statistics.median(p / q for p, q in zip(times["plain"], times["reduce"], strict=True))
     gb = store_bytes / 1e9
-    for name, med in (("plain read", plain_s), ("reduce", reduce_s)):
-        runs = " ".join(f"{t:.2f}" for t in times[name.split()[0]])
-        print(f"{name}: {gb / med:.3f} GB/s of store bytes (median {med:.2f} s over {len(runs.split())} runs: {runs})")
-    print(
-        f"ratio reduce/plain read throughput: {ratio:.3f} (median of per-run ratios; the reduce reads each chunk "
-        "once, as the plain read does)"
-    )
-    return {"plain": gb / plain_s, "reduce": gb / reduce_s, "ratio": ratio}
+    speed = {name: gb / statistics.median(runs) for name, runs in times.items()}
+    for name, label in (("plain", "plain read"), ("zarr", "zarr read"), ("reduce", "reduce")):
+        runs = " ".join(f"{t:.2f}" for t in times[name])
+        print(
+            f"{label}: {speed[name]:.3f} GB/s of store bytes "
+            f"(median {statistics.median(times[name]):.2f} s over {len(times[name])} runs: {runs})"
+        )
+    for base in ("plain", "zarr"):
+        ratio = statistics.median(p / q for p, q in zip(times[base], times["reduce"], strict=True))
+        speed[f"ratio_{base}"] = ratio
+        print(
+            f"ratio reduce/{base} read throughput: {ratio:.3f} (median of per-run ratios; the reduce reads each chunk "
+            "once, as the reads do)"
+        )
+    return speed
 
 
 def report_memory(mapper: SubprocessMapper, driver: int, b: Budget) -> int:
@@ -463,7 +479,8 @@ def print_summary(
     )
     print(
         f"throughput (medians of {args.repeats}, one core of {os.cpu_count()}): plain read "
-        f"{speed['plain']:.3f} GB/s, reduce {speed['reduce']:.3f} GB/s, ratio {speed['ratio']:.3f}"
+        f"{speed['plain']:.3f} GB/s, reduce {speed['reduce']:.3f} GB/s, ratio {speed['ratio_plain']:.3f}; "
+        f"zarr read {speed['zarr']:.3f} GB/s, ratio reduce/zarr read {speed['ratio_zarr']:.3f}"
     )
     print(
         f"per-task peak RSS +{mb(rss)} (budget {mb(b.task)}), tracemalloc {mb(traced)} (live budget "

@@ -136,3 +136,93 @@ def test_a_nan_found_mid_chunk_leaves_no_file_of_that_chunk(tmp_path: Path, monk
         chunks.write_block(arr, block, (0, 0, 0), chunks.local_put(str(tmp_path / "a")), 1)
     assert (tmp_path / "a" / "c" / "0" / "0" / "0").is_file()  # the chunk before it: stored, uncommitted
     assert not (tmp_path / "a" / "c" / "0" / "1" / "0").exists()
+
+
+# -- reading ---------------------------------------------------------------------------------------------------
+def gets(tmp_path: Path, name: str) -> list[chunks.Get]:
+    """The local readv path and the fsspec path (an object store's GET), over the same folder."""
+    import fsspec
+
+    return [chunks.local_get(str(tmp_path / name)), chunks.fs_get(fsspec.filesystem("file"), str(tmp_path / name))]
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+@pytest.mark.parametrize("how", [0, 1], ids=["readv", "fsspec"])
+def test_read_block_equals_zarrs_read(tmp_path: Path, dtype: str, how: int) -> None:
+    """Whole chunks, a row-edge chunk (rows 8:10 of a 4-row chunk) and a layer-edge chunk (layer 6 of a 2-layer
+    chunk), each block starting on a chunk edge, read straight into the block as zarr reads them."""
+    shape, chunk_shape = (10, 7, 5), (4, 2, 5)
+    arr = make(tmp_path, "a", shape, chunk_shape, dtype)
+    arr[:] = np.random.default_rng(3).standard_normal(shape).astype(dtype)
+    get = gets(tmp_path, "a")[how]
+    for rows, layers in [(slice(0, 4), slice(0, 2)), (slice(4, 8), slice(0, 7)), (slice(8, 10), slice(2, 7))]:
+        out = np.empty((rows.stop - rows.start, layers.stop - layers.start, 5), dtype)
+        chunks.read_block(arr, out, (rows.start, layers.start, 0), get)
+        np.testing.assert_array_equal(out, arr[rows, layers])
+
+
+@pytest.mark.parametrize("how", [0, 1], ids=["readv", "fsspec"])
+def test_read_block_refuses_a_flipped_bit_and_a_wrong_size(tmp_path: Path, how: int) -> None:
+    arr = make(tmp_path, "a", (4, 2, 5), (4, 2, 5), "float16")
+    arr[:] = np.ones((4, 2, 5), "float16")
+    obj = tmp_path / "a" / "c" / "0" / "0" / "0"
+    good = obj.read_bytes()
+    out = np.empty((4, 2, 5), "float16")
+    flipped = bytearray(good)
+    flipped[7] ^= 0x01
+    obj.write_bytes(bytes(flipped))
+    with pytest.raises(ValueError, match="chunk c/0/0/0: stored and computed checksum do not match"):
+        chunks.read_block(arr, out, (0, 0, 0), gets(tmp_path, "a")[how])
+    for wrong in (good[:-1], good + b"\0"):
+        obj.write_bytes(wrong)
+        with pytest.raises(ValueError, match=f"holds {len(wrong)} bytes, not the {len(good)}"):
+            chunks.read_block(arr, out, (0, 0, 0), gets(tmp_path, "a")[how])
+
+
+def test_an_absent_chunk_reads_as_the_fill(tmp_path: Path) -> None:
+    arr = make(tmp_path, "a", (8, 2, 5), (4, 2, 5), "float32")
+    arr[:4] = np.ones((4, 2, 5), "float32")
+    out = np.zeros((8, 2, 5), "float32")
+    chunks.read_block(arr, out, (0, 0, 0), chunks.local_get(str(tmp_path / "a")))
+    assert (out[:4] == 1).all() and np.isnan(out[4:]).all()
+
+
+def test_short_reads_continue_where_they_stopped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """readv may return fewer bytes than asked (a signal, a network file system): the rest is read after."""
+    arr = make(tmp_path, "a", (4, 2, 5), (4, 2, 5), "float32")
+    values = np.arange(40, dtype="float32").reshape(4, 2, 5)
+    arr[:] = values
+    real = chunks.os.readv
+
+    def seven_bytes(fd: int, views: list) -> int:
+        first = views[0][:7]
+        return real(fd, [first])
+
+    monkeypatch.setattr(chunks.os, "readv", seven_bytes)
+    out = np.empty((4, 2, 5), "float32")
+    chunks.read_block(arr, out, (0, 0, 0), chunks.local_get(str(tmp_path / "a")))
+    np.testing.assert_array_equal(out, values)
+
+
+def test_store_reads_blocks_straight_and_through_zarr_alike(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`Run.read_rows` reads blocks on the layer-chunk grid directly and others through zarr: the same values."""
+    m = run_meta()
+    run = ActivationStore(str(tmp_path / "store")).open_run(m)
+    hashes = [f"{i:064x}" for i in range(5)]
+    (plan,) = run.plan(hashes)
+    acts = np.random.default_rng(4).standard_normal((5, m.n_layers, m.intermediate_size)).astype(m.dtype)
+    write_shard(run, plan, acts)
+    direct = []
+    real = chunks.read_block
+    monkeypatch.setattr(chunks, "read_block", lambda *a: direct.append(a[2]) or real(*a))
+    rows = np.array([4, 0, 2])
+    assert run.meta.layers_per_chunk == m.n_layers  # a small model: whole rows per chunk
+    aligned = slice(0, m.n_layers)
+    got = np.concatenate([a for _, a in run.read_rows(rows, aligned)])
+    np.testing.assert_array_equal(got, acts[np.sort(rows), aligned])
+    assert direct, "a block on the layer-chunk grid is read straight from its chunk objects"
+    direct.clear()
+    off_grid = slice(1, m.n_layers)
+    got = np.concatenate([a for _, a in run.read_rows(rows, off_grid)])
+    np.testing.assert_array_equal(got, acts[np.sort(rows), off_grid])
+    assert not direct

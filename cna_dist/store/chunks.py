@@ -31,6 +31,8 @@ from awscrt.checksums import crc32c
 
 # A chunk object's bytes as C-contiguous buffers, in order: stored with one writev locally, joined for a PUT.
 Put = Callable[[str, list[Any]], None]
+# Fills writable byte buffers, in order, with a chunk object's bytes (one readv locally); False if it is absent.
+Get = Callable[[str, list[memoryview]], bool]
 BLOCK_BYTES = 1 << 20  # bytes checked for NaN and hashed per step: the second read comes from a core's cache
 _pools: dict[int, cf.ThreadPoolExecutor] = {}
 _pools_lock = threading.Lock()
@@ -155,6 +157,94 @@ def write_block(arr: Any, block: np.ndarray, start: tuple[int, ...], put: Put, t
     futures = [pool(threads).submit(one, item) for item in work]
     cf.wait(futures)  # every chunk finished or failed before this returns, as with a pool of its own
     return sum(f.result() for f in futures)
+
+
+def read_block(arr: Any, out: np.ndarray, start: tuple[int, ...], get: Get) -> None:
+    """Fill `out` (C-contiguous) with the array's values from `start` (on chunk edges), each chunk's checksum checked.
+
+    A chunk that fills its region of `out` whole is read straight into it, row by row, with no copy (locally one
+    readv, the mirror of a write's writev); an edge chunk (past the array's end) is read into a buffer and its part
+    copied. An absent chunk reads as the fill value, as through zarr, and the reader's NaN probe says it is missing.
+    """
+    chunk_shape = tuple(arr.metadata.chunk_grid.chunk_shape)
+    for coords, where in regions(out.shape, chunk_shape, start):
+        key = arr.metadata.encode_chunk_key(coords)
+        part = out[where]
+        values = part if part.shape == chunk_shape else np.empty(chunk_shape, out.dtype)
+        stored = bytearray(4)
+        rows = [memoryview(values)] if values.flags.c_contiguous else [memoryview(row) for row in values]
+        views = [row.cast("B") for row in rows]
+        if not get(key, [*views, memoryview(stored)]):
+            part[...] = arr.metadata.fill_value
+            continue
+        crc = 0
+        for view in views:
+            crc = crc32c(view, crc)
+        if crc != int.from_bytes(stored, "little"):
+            raise ValueError(
+                f"chunk {key}: stored and computed checksum do not match "
+                f"(stored {int.from_bytes(stored, 'little'):#010x}, computed {crc:#010x})"
+            )
+        if values is not part:
+            part[...] = values[tuple(slice(0, n) for n in part.shape)]
+
+
+def local_get(folder: str) -> Get:
+    """Read a chunk object from a file under `folder` (the array's folder) with readv; a file of another size than
+    the chunk's is an error naming it (a truncated or foreign object is never decoded as values)."""
+
+    def get(key: str, views: list[memoryview]) -> bool:
+        path = os.path.join(folder, *key.split("/"))
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return False
+        try:
+            _check_size(path, os.fstat(fd).st_size, views)
+            _read_all(fd, path, views)
+        finally:
+            os.close(fd)
+        return True
+
+    return get
+
+
+def fs_get(fs: Any, folder: str) -> Get:
+    """Read a chunk object through an fsspec filesystem: one GET, its bytes copied once into the buffers."""
+
+    def get(key: str, views: list[memoryview]) -> bool:
+        path = f"{folder.rstrip('/')}/{key}"
+        try:
+            data = memoryview(fs.cat_file(path))
+        except FileNotFoundError:
+            return False
+        _check_size(path, len(data), views)
+        at = 0
+        for view in views:
+            view[:] = data[at : at + len(view)]
+            at += len(view)
+        return True
+
+    return get
+
+
+def _check_size(path: str, size: int, views: list[memoryview]) -> None:
+    expected = sum(len(v) for v in views)
+    if size != expected:
+        raise ValueError(f"chunk object {path} holds {size} bytes, not the {expected} of a chunk and its checksum")
+
+
+def _read_all(fd: int, path: str, views: list[memoryview]) -> None:
+    """os.readv until every buffer is full (a short read continues where it stopped), IOV_MAX buffers a call."""
+    while views:
+        done = os.readv(fd, views[:1024])
+        if done == 0:
+            raise ValueError(f"chunk object {path} ended early")
+        while views and done >= len(views[0]):
+            done -= len(views[0])
+            views = views[1:]
+        if done:
+            views = [views[0][done:], *views[1:]]
 
 
 def local_put(folder: str) -> Put:
