@@ -30,9 +30,8 @@ array, P = diverse prompts):
                                              bytes, checksum-stripped copy and output; read straight into the
                                              block, as the store reads its own layout: the block only) (5 C); a
                                              float16 chunk widened to float32 for the sums (2 C); the step's
-                                             accumulators and float64
-                                             temporaries of one row; row ids, their sort and labels (the only per-row
-                                             state).
+                                             accumulators and float64 temporaries of one row; row ids, their sort
+                                             and labels (the only per-row state).
     per task  B = L + 6 C + 8 MiB            checked against each task's peak RSS. glibc keeps freed buffers for
                                              reuse: up to 2 C (its dynamic trim threshold) in each of the arenas of the
                                              main, event-loop and codec threads; 8 MiB for thread stacks, the
