@@ -9,7 +9,8 @@ memory budget, then:
   the bytes and their checksum, nothing computed), a read of every chunk through zarr, and the whole
   ``reduce_store`` (moments, global-scope universal counting over a diverse set, top-k), one core each; it reports
   GB/s of store bytes and the ratios reduce / plain read and reduce / zarr read (medians of ``--repeats``; pages
-  are cached after the write, so all measure decode + compute, not disk);
+  are cached after the write, so all measure decode + compute, not disk); and the same reduce reading through
+  zarr (``Run.direct_reads`` off), for the gain of reading chunk objects straight;
 * runs the reduce once more with every task (``block_moments``, ``group_top_counts``) in a
   fresh spawned process and reports each task's peak RSS increase: VmHWM after the step minus VmRSS before it,
   with VmHWM reset through /proc/self/clear_refs first, and its tracemalloc peak. RSS is what a worker pays: it
@@ -54,6 +55,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
+import copy
 import hashlib
 import multiprocessing
 import os
@@ -216,10 +218,13 @@ def run_reduce(
 def time_all(run: Run, rows: dict[str, np.ndarray], kwargs: dict[str, Any], repeats: int) -> dict[str, list[float]]:
     """The reads and the reduce alternate, so drift in the machine hits each alike; one warm-up of each first."""
     n_rows = sum(v.size for v in rows.values())
+    through_zarr = copy.copy(run)
+    through_zarr.direct_reads = False
     steps: dict[str, Callable[[], Any]] = {
         "plain": lambda: plain_read(run, n_rows),
         "zarr": lambda: zarr_read(run, n_rows),
         "reduce": lambda: run_reduce(run, rows, kwargs),
+        "reduce_zarr": lambda: run_reduce(through_zarr, rows, kwargs),
     }
     times: dict[str, list[float]] = {name: [] for name in steps}
     for repeat in range(repeats + 1):
@@ -419,7 +424,8 @@ def print_budgets(b: Budget) -> None:
 def report_speed(times: dict[str, list[float]], store_bytes: int) -> dict[str, float]:
     gb = store_bytes / 1e9
     speed = {name: gb / statistics.median(runs) for name, runs in times.items()}
-    for name, label in (("plain", "plain read"), ("zarr", "zarr read"), ("reduce", "reduce")):
+    labels = {"plain": "plain read", "zarr": "zarr read", "reduce": "reduce", "reduce_zarr": "reduce through zarr"}
+    for name, label in labels.items():
         runs = " ".join(f"{t:.2f}" for t in times[name])
         print(
             f"{label}: {speed[name]:.3f} GB/s of store bytes "
@@ -432,6 +438,9 @@ def report_speed(times: dict[str, list[float]], store_bytes: int) -> dict[str, f
             f"ratio reduce/{base} read throughput: {ratio:.3f} (median of per-run ratios; the reduce reads each chunk "
             "once, as the reads do)"
         )
+    gain = statistics.median(z / d for d, z in zip(times["reduce"], times["reduce_zarr"], strict=True))
+    speed["gain"] = gain
+    print(f"reduce / reduce through zarr throughput: {gain:.3f} (median of per-run ratios)")
     return speed
 
 
@@ -479,7 +488,8 @@ def print_summary(
     print(
         f"throughput (medians of {args.repeats}, one core of {os.cpu_count()}): plain read "
         f"{speed['plain']:.3f} GB/s, reduce {speed['reduce']:.3f} GB/s, ratio {speed['ratio_plain']:.3f}; "
-        f"zarr read {speed['zarr']:.3f} GB/s, ratio reduce/zarr read {speed['ratio_zarr']:.3f}"
+        f"zarr read {speed['zarr']:.3f} GB/s, ratio reduce/zarr read {speed['ratio_zarr']:.3f}; "
+        f"reduce through zarr {speed['reduce_zarr']:.3f} GB/s, reduce / reduce through zarr {speed['gain']:.3f}"
     )
     print(
         f"per-task peak RSS +{mb(rss)} (budget {mb(b.task)}), tracemalloc {mb(traced)} (live budget "

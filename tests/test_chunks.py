@@ -226,3 +226,7 @@ def test_store_reads_blocks_straight_and_through_zarr_alike(tmp_path: Path, monk
     got = np.concatenate([a for _, a in run.read_rows(rows, off_grid)])
     np.testing.assert_array_equal(got, acts[np.sort(rows), off_grid])
     assert not direct
+    run.direct_reads = False
+    got = np.concatenate([a for _, a in run.read_rows(rows, aligned)])
+    np.testing.assert_array_equal(got, acts[np.sort(rows), aligned])
+    assert not direct

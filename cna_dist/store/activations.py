@@ -144,9 +144,12 @@ class Run:
     """One content-addressed run inside a store: its array, its commit markers, its row index.
 
     `write_threads`: how many chunks `write_rows` encodes and stores at once (benchmarks/write.py measures it).
+    `direct_reads`: `read_blocks` reads the store's own chunk objects itself (False: through zarr, as
+    benchmarks/reduce.py compares).
     """
 
     write_threads: int = WRITE_THREADS
+    direct_reads: bool = True
 
     def __init__(self, store_uri: str, run: str, meta: RunMeta, storage_options: dict[str, Any] | None = None):
         self.store_uri = store_uri
@@ -346,7 +349,7 @@ class Run:
         are the caller's to modify.
         """
         arr = self.array(mode="r")
-        get = self._get() if chunks.direct_layout(arr) else None
+        get = self._get() if self.direct_reads and chunks.direct_layout(arr) else None
         order = np.argsort(rows, kind="stable")
         sorted_rows = rows[order]
         bounds = np.flatnonzero(np.diff(sorted_rows // self.meta.rows_per_chunk)) + 1
