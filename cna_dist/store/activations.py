@@ -349,7 +349,6 @@ class Run:
         are the caller's to modify.
         """
         arr = self.array(mode="r")
-        get = self._get() if self.direct_reads and chunks.direct_layout(arr) else None
         order = np.argsort(rows, kind="stable")
         sorted_rows = rows[order]
         bounds = np.flatnonzero(np.diff(sorted_rows // self.meta.rows_per_chunk)) + 1
@@ -359,7 +358,7 @@ class Run:
             pending: deque[tuple[slice, np.ndarray, cf.Future]] = deque()
             try:
                 for layers, positions, wanted in work:
-                    pending.append((layers, positions, reader.submit(self._read_chunk, arr, wanted, layers, get)))
+                    pending.append((layers, positions, reader.submit(self._read_chunk, arr, wanted, layers)))
                     if len(pending) > prefetch:
                         done, at, future = pending.popleft()
                         yield done, at, future.result()
@@ -370,23 +369,29 @@ class Run:
                 for _, _, future in pending:
                     future.cancel()
 
-    def _read_chunk(self, arr: Any, wanted: np.ndarray, layers: slice, get: chunks.Get | None) -> np.ndarray:
-        """The wanted rows (sorted, all in one row chunk) of a layer block; a view when they are the whole range.
+    def read_region(self, arr: Any, rows: slice, layers: slice) -> np.ndarray:
+        """Rows and layers of the array (`array()`) as an array of their own, every chunk's checksum checked.
 
-        With `get` (the array has the store's own layout) and a block starting on a layer-chunk edge, the chunks
-        are read straight into the block (chunks.read_block): zarr's path decodes each chunk through copies on its
-        event loop and reads about 3x slower; any other block goes through zarr.
+        Where the array has the store's own layout and the region starts on chunk edges, its chunk objects are read
+        straight into it (chunks.read_block): zarr's path decodes each chunk through copies on its event loop and
+        reads about 3x slower. Any other region (or `direct_reads` off) goes through zarr.
         """
+        start, stop, step = layers.indices(self.meta.n_layers)
+        lo, hi = rows.start, rows.stop
+        edges = lo % self.meta.rows_per_chunk == 0 and start % self.meta.layers_per_chunk == 0
+        if self.direct_reads and step == 1 and stop > start and hi > lo and edges and chunks.direct_layout(arr):
+            block = np.empty((hi - lo, stop - start, arr.shape[2]), dtype=arr.dtype)
+            chunks.read_block(arr, block, (lo, start, 0), self._get())
+            return block
+        return np.asarray(arr[rows, layers])
+
+    def _read_chunk(self, arr: Any, wanted: np.ndarray, layers: slice) -> np.ndarray:
+        """The wanted rows (sorted, all in one row chunk) of a layer block; a view when they are the whole range."""
         r = self.meta.rows_per_chunk
         lo = int(wanted[0]) // r * r
         hi = min(lo + r, arr.shape[0])
-        start, stop, step = layers.indices(self.meta.n_layers)
         try:
-            if get is not None and step == 1 and stop > start and start % self.meta.layers_per_chunk == 0:
-                block = np.empty((hi - lo, stop - start, arr.shape[2]), dtype=arr.dtype)
-                chunks.read_block(arr, block, (lo, start, 0), get)
-            else:
-                block = np.asarray(arr[lo:hi, layers])
+            block = self.read_region(arr, slice(lo, hi), layers)
         except Exception as exc:  # noqa: BLE001
             raise RunFailure(
                 f"cannot read {self.root}/acts rows {lo}:{hi} layers "
