@@ -390,7 +390,7 @@ def main() -> None:
             f"({r['gb_s_offered']:.2f} GB/s offered), {r['shards']} shards of {min(len(acts), 32)} rows into "
             f"{args.dir or 'a temporary folder'}, "
             f"writer threads {max(args.threads)}: achieved rows/s {sorted(round(x['achieved_rows_s']) for x in runs)}, "
-            f"idle fraction median {statistics.median(fractions):.3f} of {fractions} "
+            f"idle fraction median {statistics.median(fractions):.3f} of {[round(x, 3) for x in fractions]} "
             f"(median write {statistics.median(x['write_s_median'] for x in runs):.2f} s vs compute "
             f"{statistics.median(x['compute_s_median'] for x in runs):.2f} s per shard)"
         )
