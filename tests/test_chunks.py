@@ -139,30 +139,21 @@ def test_a_nan_found_mid_chunk_leaves_no_file_of_that_chunk(tmp_path: Path, monk
 
 
 # -- reading ---------------------------------------------------------------------------------------------------
-def gets(tmp_path: Path, name: str) -> list[chunks.Get]:
-    """The local readv path and the fsspec path (an object store's GET), over the same folder."""
-    import fsspec
-
-    return [chunks.local_get(str(tmp_path / name)), chunks.fs_get(fsspec.filesystem("file"), str(tmp_path / name))]
-
-
 @pytest.mark.parametrize("dtype", ["float16", "float32"])
-@pytest.mark.parametrize("how", [0, 1], ids=["readv", "fsspec"])
-def test_read_block_equals_zarrs_read(tmp_path: Path, dtype: str, how: int) -> None:
+def test_read_block_equals_zarrs_read(tmp_path: Path, dtype: str) -> None:
     """Whole chunks, a row-edge chunk (rows 8:10 of a 4-row chunk) and a layer-edge chunk (layer 6 of a 2-layer
     chunk), each block starting on a chunk edge, read straight into the block as zarr reads them."""
     shape, chunk_shape = (10, 7, 5), (4, 2, 5)
     arr = make(tmp_path, "a", shape, chunk_shape, dtype)
     arr[:] = np.random.default_rng(3).standard_normal(shape).astype(dtype)
-    get = gets(tmp_path, "a")[how]
+    get = chunks.local_get(str(tmp_path / "a"))
     for rows, layers in [(slice(0, 4), slice(0, 2)), (slice(4, 8), slice(0, 7)), (slice(8, 10), slice(2, 7))]:
         out = np.empty((rows.stop - rows.start, layers.stop - layers.start, 5), dtype)
         chunks.read_block(arr, out, (rows.start, layers.start, 0), get)
         np.testing.assert_array_equal(out, arr[rows, layers])
 
 
-@pytest.mark.parametrize("how", [0, 1], ids=["readv", "fsspec"])
-def test_read_block_refuses_a_flipped_bit_and_a_wrong_size(tmp_path: Path, how: int) -> None:
+def test_read_block_refuses_a_flipped_bit_and_a_wrong_size(tmp_path: Path) -> None:
     arr = make(tmp_path, "a", (4, 2, 5), (4, 2, 5), "float16")
     arr[:] = np.ones((4, 2, 5), "float16")
     obj = tmp_path / "a" / "c" / "0" / "0" / "0"
@@ -172,11 +163,11 @@ def test_read_block_refuses_a_flipped_bit_and_a_wrong_size(tmp_path: Path, how: 
     flipped[7] ^= 0x01
     obj.write_bytes(bytes(flipped))
     with pytest.raises(ValueError, match="chunk c/0/0/0: stored and computed checksum do not match"):
-        chunks.read_block(arr, out, (0, 0, 0), gets(tmp_path, "a")[how])
+        chunks.read_block(arr, out, (0, 0, 0), chunks.local_get(str(tmp_path / "a")))
     for wrong in (good[:-1], good + b"\0"):
         obj.write_bytes(wrong)
         with pytest.raises(ValueError, match=f"holds {len(wrong)} bytes, not the {len(good)}"):
-            chunks.read_block(arr, out, (0, 0, 0), gets(tmp_path, "a")[how])
+            chunks.read_block(arr, out, (0, 0, 0), chunks.local_get(str(tmp_path / "a")))
 
 
 def test_an_absent_chunk_reads_as_the_fill(tmp_path: Path) -> None:

@@ -144,7 +144,7 @@ class Run:
     """One content-addressed run inside a store: its array, its commit markers, its row index.
 
     `write_threads`: how many chunks `write_rows` encodes and stores at once (benchmarks/write.py measures it).
-    `direct_reads`: `read_blocks` reads the store's own chunk objects itself (False: through zarr, as
+    `direct_reads`: `read_blocks` reads a local store's chunk files itself (False: through zarr, as
     benchmarks/reduce.py compares).
     """
 
@@ -229,12 +229,6 @@ class Run:
         if urimod.is_local(self.root):
             return chunks.local_put(self._path("acts"))
         return chunks.fs_put(self.fs, self._path("acts"))
-
-    def _get(self) -> chunks.Get:
-        """Where `read_blocks` reads chunk objects from: files under the array's folder, or the object store."""
-        if urimod.is_local(self.root):
-            return chunks.local_get(self._path("acts"))
-        return chunks.fs_get(self.fs, self._path("acts"))
 
     def plan(self, hashes: list[str]) -> list[ShardPlan]:
         """Shards for the prompts not yet committed, in free shard slots; grows the array to hold them."""
@@ -372,16 +366,18 @@ class Run:
     def read_region(self, arr: Any, rows: slice, layers: slice) -> np.ndarray:
         """Rows and layers of the array (`array()`) as an array of their own, every chunk's checksum checked.
 
-        Where the array has the store's own layout and the region starts on chunk edges, its chunk objects are read
-        straight into it (chunks.read_block): zarr's path decodes each chunk through copies on its event loop and
-        reads about 3x slower. Any other region (or `direct_reads` off) goes through zarr.
+        In a local store, where the array has the store's own layout and the region starts on chunk edges, its chunk
+        files are read straight into it (chunks.read_block): zarr's path decodes each chunk through copies on its
+        event loop and reads about 3x slower. Object stores, any other region, or `direct_reads` off: through zarr,
+        whose GETs of large chunks ran faster on moto than a GET through the run's own filesystem.
         """
         start, stop, step = layers.indices(self.meta.n_layers)
         lo, hi = rows.start, rows.stop
         edges = lo % self.meta.rows_per_chunk == 0 and start % self.meta.layers_per_chunk == 0
-        if self.direct_reads and step == 1 and stop > start and hi > lo and edges and chunks.direct_layout(arr):
+        local = self.direct_reads and urimod.is_local(self.root)
+        if local and step == 1 and stop > start and hi > lo and edges and chunks.direct_layout(arr):
             block = np.empty((hi - lo, stop - start, arr.shape[2]), dtype=arr.dtype)
-            chunks.read_block(arr, block, (lo, start, 0), self._get())
+            chunks.read_block(arr, block, (lo, start, 0), chunks.local_get(self._path("acts")))
             return block
         return np.asarray(arr[rows, layers])
 

@@ -10,8 +10,9 @@ awscrt's crc32c all release the GIL. The checksum is awscrt's, not google-crc32c
 memory it hashes twice as fast here (folding with carry-less multiplies), and google-crc32c holds the GIL, so its
 hashing in all writer threads together ran at one core's speed and stalled the replica's compute thread.
 
-Reads mirror writes: a chunk object is read straight into the caller's block (one readv locally, one GET copied
-once remotely) and its crc32c checked, where zarr's read decodes through copies on its event loop, about 3x slower.
+Reads mirror writes: a chunk file is read straight into the caller's block with one readv and its crc32c checked,
+where zarr's read decodes through copies on its event loop, about 3x slower. `read_block` takes any `Get`; the store
+uses it for local files only (object stores read through zarr).
 
 Only the plain layout the activation store creates is written this way: C order, little-endian bytes,
 crc32c, no other codec; `direct_layout` says whether an array has it, and other arrays go through zarr. The
@@ -34,7 +35,7 @@ from awscrt.checksums import crc32c
 
 # A chunk object's bytes as C-contiguous buffers, in order: stored with one writev locally, joined for a PUT.
 Put = Callable[[str, list[Any]], None]
-# Fills writable byte buffers, in order, with a chunk object's bytes (one readv locally); False if it is absent.
+# Fills writable byte buffers, in order, with a chunk object's bytes (one readv); False if it is absent.
 Get = Callable[[str, list[memoryview]], bool]
 BLOCK_BYTES = 1 << 20  # bytes checked for NaN and hashed per step: the second read comes from a core's cache
 _pools: dict[int, cf.ThreadPoolExecutor] = {}
@@ -207,25 +208,6 @@ def local_get(folder: str) -> Get:
             _read_all(fd, path, views)
         finally:
             os.close(fd)
-        return True
-
-    return get
-
-
-def fs_get(fs: Any, folder: str) -> Get:
-    """Read a chunk object through an fsspec filesystem: one GET, its bytes copied once into the buffers."""
-
-    def get(key: str, views: list[memoryview]) -> bool:
-        path = f"{folder.rstrip('/')}/{key}"
-        try:
-            data = memoryview(fs.cat_file(path))
-        except FileNotFoundError:
-            return False
-        _check_size(path, len(data), views)
-        at = 0
-        for view in views:
-            view[:] = data[at : at + len(view)]
-            at += len(view)
         return True
 
     return get
