@@ -351,9 +351,11 @@ def main() -> None:
     args.calls = [int(c) for c in args.calls.split(",")]
     rng = np.random.default_rng(0)
     acts = rng.standard_normal((args.rows, args.layers, args.width), dtype=np.float32).astype(np.float16)
+    s3_rows = min(args.s3_rows, args.rows)
     print(
-        f"rows {args.rows} x {args.layers} x {args.width} float16 = {acts.nbytes / 1e9:.2f} GB per write; "
-        f"{os.cpu_count()} CPUs; medians of {args.repeats}"
+        f"rows {args.rows} x {args.layers} x {args.width} float16 = {acts.nbytes / 1e9:.2f} GB per local write, "
+        f"{s3_rows} rows = {acts[:s3_rows].nbytes / 1e9:.2f} GB per S3 write; {os.cpu_count()} CPUs; "
+        f"medians of {args.repeats}"
     )
     results: list[dict[str, Any]] = []
     moto: subprocess.Popen | None = None
