@@ -11,6 +11,7 @@ import pytest
 from cna_dist.errors import BadInput, RunFailure
 from cna_dist.reduce import cna as r
 from cna_dist.reduce import streamed
+from cna_dist.store import chunks
 from cna_dist.store.activations import ActivationStore
 from tests.conftest import run_meta as meta
 from tests.helpers import write_shard
@@ -215,3 +216,20 @@ def test_an_unwritable_store_is_bad_input_but_an_outage_is_a_run_failure(
     monkeypatch.setattr(store.fs, "pipe_file", refuse)
     with pytest.raises(kind, match="s3://no-such-bucket-here/store|activation store"):
         store.check_writable()
+
+
+def test_local_stores_read_chunk_files_straight_object_stores_through_zarr(
+    store_uri: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same rows either way; only a local store's chunk files are read by chunks.read_block."""
+    m = meta()
+    run = ActivationStore(store_uri).open_run(m)
+    (plan,) = run.plan(hashes(5))
+    acts = np.random.default_rng(5).standard_normal((5, m.n_layers, m.intermediate_size)).astype(m.dtype)
+    write_shard(run, plan, acts)
+    straight = []
+    real = chunks.read_block
+    monkeypatch.setattr(chunks, "read_block", lambda *a: straight.append(a[2]) or real(*a))
+    got = np.concatenate([a for _, a in run.read_rows(np.array([3, 1]), slice(0, m.n_layers))])
+    np.testing.assert_array_equal(got, acts[[1, 3]])
+    assert bool(straight) == (not store_uri.startswith("s3://"))
