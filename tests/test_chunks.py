@@ -221,3 +221,15 @@ def test_store_reads_blocks_straight_and_through_zarr_alike(tmp_path: Path, monk
     got = np.concatenate([a for _, a in run.read_rows(rows, aligned)])
     np.testing.assert_array_equal(got, acts[np.sort(rows), aligned])
     assert not direct
+
+
+def test_short_writes_continue_where_they_stopped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """writev may store fewer bytes than given: the rest is written after, and the object is zarr's, byte for byte."""
+    block = np.arange(80, dtype="float32").reshape(8, 2, 5)
+    ours, theirs = (make(tmp_path, name, (8, 2, 5), (4, 2, 5), "float32") for name in ("ours", "theirs"))
+    real = chunks.os.writev
+    monkeypatch.setattr(chunks.os, "writev", lambda fd, views: real(fd, [views[0][:7]]))
+    chunks.write_block(ours, block, (0, 0, 0), chunks.local_put(str(tmp_path / "ours")), 1)
+    theirs[:] = block
+    for f in ("c/0/0/0", "c/1/0/0"):
+        assert (tmp_path / "ours" / f).read_bytes() == (tmp_path / "theirs" / f).read_bytes(), f

@@ -220,11 +220,16 @@ def _check_size(path: str, size: int, views: list[memoryview]) -> None:
 
 
 def _read_all(fd: int, path: str, views: list[memoryview]) -> None:
-    """os.readv until every buffer is full (a short read continues where it stopped), IOV_MAX buffers a call."""
+    _vectored(os.readv, fd, views, f"chunk object {path} ended early")
+
+
+def _vectored(call: Callable[[int, list[memoryview]], int], fd: int, views: list[memoryview], stalled: str) -> None:
+    """os.readv or os.writev until every buffer is done: a short call continues where it stopped, IOV_MAX buffers a
+    call; a call that moves nothing (a file that ended) raises `stalled`."""
     while views:
-        done = os.readv(fd, views[:1024])
+        done = call(fd, views[:1024])
         if done == 0:
-            raise ValueError(f"chunk object {path} ended early")
+            raise OSError(stalled)
         while views and done >= len(views[0]):
             done -= len(views[0])
             views = views[1:]
@@ -252,15 +257,7 @@ def local_put(folder: str) -> Put:
 
 
 def _write_all(fd: int, buffers: list[Any]) -> None:
-    """os.writev until every byte is written (a short write continues where it stopped), IOV_MAX buffers a call."""
-    views = [memoryview(b).cast("B") for b in buffers]
-    while views:
-        done = os.writev(fd, views[:1024])
-        while views and done >= len(views[0]):
-            done -= len(views[0])
-            views.pop(0)
-        if done:
-            views[0] = views[0][done:]
+    _vectored(os.writev, fd, [memoryview(b).cast("B") for b in buffers], "a write of a chunk object stored nothing")
 
 
 def fs_put(fs: Any, folder: str) -> Put:
