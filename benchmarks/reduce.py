@@ -183,20 +183,9 @@ def rows_for(multiple: float, meta: RunMeta, n: int, cap: int) -> int:
 # -- timing ---------------------------------------------------------------------------------------------------
 def plain_read(run: Run, n_rows: int) -> int:
     """Every chunk read as the reduce reads it, its checksum checked, nothing computed: the floor any reduce of this
-    store pays. Returns bytes."""
+    store pays (through zarr when `run.direct_reads` is off). Returns bytes."""
     blocks = streamed.layer_blocks(run.meta.n_layers, run.meta.layers_per_chunk)
     return sum(acts.nbytes for _, _, acts in run.read_blocks(np.arange(n_rows), blocks))
-
-
-def zarr_read(run: Run, n_rows: int) -> int:
-    """Every chunk read through zarr's own path (how the store read before reading chunk objects itself)."""
-    arr = run.array(mode="r")
-    meta = run.meta
-    total = 0
-    for layers in streamed.layer_blocks(meta.n_layers, meta.layers_per_chunk):
-        for lo in range(0, n_rows, meta.rows_per_chunk):
-            total += np.asarray(arr[lo : min(lo + meta.rows_per_chunk, n_rows), layers]).nbytes
-    return total
 
 
 def reduce_kwargs(meta: RunMeta, fraction: float) -> dict[str, Any]:
@@ -222,7 +211,7 @@ def time_all(run: Run, rows: dict[str, np.ndarray], kwargs: dict[str, Any], repe
     through_zarr.direct_reads = False
     steps: dict[str, Callable[[], Any]] = {
         "plain": lambda: plain_read(run, n_rows),
-        "zarr": lambda: zarr_read(run, n_rows),
+        "zarr": lambda: plain_read(through_zarr, n_rows),
         "reduce": lambda: run_reduce(run, rows, kwargs),
         "reduce_zarr": lambda: run_reduce(through_zarr, rows, kwargs),
     }
